@@ -1,0 +1,30 @@
+# One-command entry points. The environment lives in .venv/ (ignored by git) and is built from
+# requirements/lock.txt, the exact pin set this project is tested with.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup test bench lock clean
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/lock.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# pytest exits 5 when nothing was collected; that is a failure here, not a pass.
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_norm.py
+
+lock: setup
+	$(PY) -m pip freeze --exclude-editable > requirements/lock.new && mv requirements/lock.new requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

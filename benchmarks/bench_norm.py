@@ -1,0 +1,127 @@
+"""Layer benchmark: SN / SSN against the native PyTorch normalisers, as time ratios.
+
+For activation shapes typical of ResNet-50 (2-D) and a 3-D ResNet (video), times training
+(forward + backward) and evaluation (forward under no_grad) of:
+
+    SN (dense), SSN (dense)           against BatchNorm
+    SSN latched on BN                 against BatchNorm
+    SSN latched on IN                 against InstanceNorm (affine)
+    SSN latched on LN                 against GroupNorm(1, C)
+
+The candidates are timed alternately, one iteration each per round, and the median over rounds is
+reported, so drifts of the machine hit every row alike. Run:
+
+    python benchmarks/bench_norm.py            # full table (a few minutes on 2 CPU cores)
+    python benchmarks/bench_norm.py --quick    # one small shape per rank
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+import ssn
+from ssn.norm import BN, IN, LN
+
+SHAPES_2D = [(8, 64, 56, 56), (8, 256, 56, 56), (8, 512, 28, 28), (8, 1024, 14, 14), (8, 2048, 7, 7)]
+SHAPES_3D = [(2, 64, 8, 56, 56), (2, 256, 8, 28, 28), (2, 1024, 4, 14, 14)]
+QUICK_2D = [(8, 64, 56, 56)]
+QUICK_3D = [(2, 64, 8, 28, 28)]
+
+
+def _latched(dim: int, c: int, stat: int) -> nn.Module:
+    m = ssn.create_norm("ssn", c, dim=dim)
+    m.mean_latch.fill_(stat)
+    m.var_latch.fill_(stat)
+    return m
+
+
+def candidates(dim: int, c: int) -> dict[str, tuple[nn.Module, str]]:
+    """name -> (module, name of the native module it is compared with)."""
+    dense_ssn = ssn.create_norm("ssn", c, dim=dim, radius=0.3)
+    with torch.no_grad():  # ratios that stay dense at this radius
+        dense_ssn.mean_logits.copy_(torch.tensor([0.3, 0.2, 0.5]))
+        dense_ssn.var_logits.copy_(torch.tensor([0.2, 0.4, 0.3]))
+    return {
+        "BatchNorm": (ssn.create_norm("bn", c, dim=dim), "BatchNorm"),
+        "InstanceNorm": (ssn.create_norm("in", c, dim=dim), "InstanceNorm"),
+        "GroupNorm(1,C)": (ssn.create_norm("ln", c, dim=dim), "GroupNorm(1,C)"),
+        "SN": (ssn.create_norm("sn", c, dim=dim), "BatchNorm"),
+        "SSN dense": (dense_ssn, "BatchNorm"),
+        "SSN latched BN": (_latched(dim, c, BN), "BatchNorm"),
+        "SSN latched IN": (_latched(dim, c, IN), "InstanceNorm"),
+        "SSN latched LN": (_latched(dim, c, LN), "GroupNorm(1,C)"),
+    }
+
+
+def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, train: bool) -> Callable[[], None]:
+    if train:
+        module.train()
+
+        def run() -> None:
+            x.grad = None
+            module(x).backward(grad)
+
+    else:
+        module.eval()
+
+        def run() -> None:
+            with torch.no_grad():
+                module(x)
+
+    return run
+
+
+def measure(shape: tuple[int, ...], train: bool, rounds: int) -> list[tuple[str, float, float, str]]:
+    dim = len(shape) - 2
+    cands = candidates(dim, shape[1])
+    x = torch.randn(shape, requires_grad=train)
+    grad = torch.randn(shape)
+    runs = {name: _step(m, x, grad, train) for name, (m, _) in cands.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for name, run in runs.items():  # warm-up: allocator, lazy inits
+        run()
+        run()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return [(name, med[name], med[name] / med[ref], ref) for name, (_, ref) in cands.items()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one small shape per rank, few rounds")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 15, quick 5)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (5 if args.quick else 15)
+    shapes = (QUICK_2D + QUICK_3D) if args.quick else (SHAPES_2D + SHAPES_3D)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} alternating rounds, median")
+    print(f"{'shape':<22} {'mode':<6} {'layer':<16} {'ms':>8} {'ratio':>7}  vs")
+    worst: dict[tuple[str, str], float] = {}
+    for shape in shapes:
+        for train in (True, False):
+            mode = "train" if train else "eval"
+            for name, t, ratio, ref in measure(shape, train, rounds):
+                if name == ref:
+                    continue
+                print(f"{str(shape):<22} {mode:<6} {name:<16} {t * 1e3:8.2f} {ratio:6.2f}x  {ref}")
+                worst[(name, mode)] = max(worst.get((name, mode), 0.0), ratio)
+    print("\nworst ratio over shapes:")
+    for (name, mode), r in sorted(worst.items()):
+        print(f"  {name:<16} {mode:<6} {r:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""One name -> one normaliser: ``create_norm('ssn', 64)``, ``get_norm_layer('gn', groups=32)``.
+
+Every normaliser takes the channel count first and accepts ``eps`` and ``momentum`` keywords, so
+they are interchangeable in torchvision (``norm_layer(C)``), pytorchvideo
+(``norm(num_features=C, eps=..., momentum=...)``) and mmcv (``build_norm_layer``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from torch import nn
+
+from .norm import (
+    SparseSwitchNorm1d,
+    SparseSwitchNorm2d,
+    SparseSwitchNorm3d,
+    SwitchNorm1d,
+    SwitchNorm2d,
+    SwitchNorm3d,
+)
+
+__all__ = ["NORM_NAMES", "create_norm", "get_norm_layer"]
+
+_BY_DIM: dict[str, dict[int, type[nn.Module]]] = {
+    "bn": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+    "in": {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
+    "sn": {1: SwitchNorm1d, 2: SwitchNorm2d, 3: SwitchNorm3d},
+    "ssn": {1: SparseSwitchNorm1d, 2: SparseSwitchNorm2d, 3: SparseSwitchNorm3d},
+}
+NORM_NAMES = ("bn", "syncbn", "gn", "in", "ln", "sn", "ssn")
+
+
+def _check_name(name: str) -> str:
+    key = name.lower() if isinstance(name, str) else name
+    if key not in NORM_NAMES:
+        raise KeyError(f"unknown normalizer {name!r}; valid names: {', '.join(NORM_NAMES)}")
+    return key
+
+
+def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Module:
+    """Build the normaliser ``name`` for ``num_features`` channels of a ``dim``-D spatial input.
+
+    Args:
+        name: one of ``bn``, ``syncbn``, ``gn``, ``in``, ``ln``, ``sn``, ``ssn`` (any case).
+        num_features: channel count C.
+        dim: spatial dimensions of the input: 1 for (N, C, L), 2 for (N, C, H, W), 3 for
+            (N, C, T, H, W).
+        **kw: passed to the layer: ``eps``, ``momentum``, ``affine``; ``groups`` for ``gn``
+            (default 32); ``radius`` for ``sn``/``ssn``. GroupNorm-based ``gn`` and ``ln`` keep no
+            running statistics and ignore ``momentum``.
+
+    Raises:
+        KeyError: an unknown name (the message lists the valid ones).
+        ValueError: a bad ``dim`` or a channel count that ``groups`` does not divide.
+    """
+    key = _check_name(name)
+    if dim not in (1, 2, 3):
+        raise ValueError(f"dim must be 1, 2 or 3 (spatial dimensions), got {dim!r}")
+    if key in ("gn", "ln"):
+        kw.pop("momentum", None)
+        groups = 1 if key == "ln" else kw.pop("groups", 32)
+        if num_features % groups:
+            raise ValueError(f"gn: {groups} groups do not divide {num_features} channels; pass groups=")
+        return nn.GroupNorm(groups, num_features, eps=kw.pop("eps", 1e-5), affine=kw.pop("affine", True), **kw)
+    if key == "syncbn":
+        return nn.SyncBatchNorm(num_features, **kw)
+    if key == "in":
+        kw.setdefault("affine", True)  # a learnable normaliser like the others, as in the paper
+    return _BY_DIM[key][dim](num_features, **kw)
+
+
+def get_norm_layer(
+    name: str | type[nn.Module] | Callable[..., nn.Module], dim: int = 2, **defaults: Any
+) -> Callable[..., nn.Module]:
+    """A ``norm_layer`` callable: ``get_norm_layer('ssn')(64)`` builds ``SparseSwitchNorm2d(64)``.
+
+    A class or callable is returned as it is (with ``defaults`` bound), as in timm. Unknown names
+    fail here, not when the model is built.
+    """
+    if isinstance(name, str):
+        return functools.partial(create_norm, _check_name(name), dim=dim, **defaults)
+    if callable(name):
+        return functools.partial(name, **defaults) if defaults else name
+    raise TypeError(f"norm layer must be a name, a class or a callable, got {type(name).__name__}")
