@@ -24,7 +24,7 @@ bench: setup
 	$(PY) benchmarks/bench_norm.py
 
 lock: setup
-	$(PY) -m pip freeze --exclude-editable > requirements/lock.new && mv requirements/lock.new requirements/lock.txt
+	{ head -2 requirements/lock.txt; $(PY) -m pip freeze --all --exclude-editable | grep -v "^pip=="; } > requirements/lock.new && mv requirements/lock.new requirements/lock.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,6 +17,7 @@ costs).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -138,7 +139,9 @@ def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     s, b = scale.reshape(-1), shift.reshape(-1)
     ones = torch.ones_like(s)
     y = F.batch_norm(flat, torch.zeros_like(s), ones, s, b, False, 0.0, 0.0)
-    return y.view_as(x)
+    # NOTE: detach() drops the view relation, so the layer's output can be modified in place
+    # (torchvision's ReLU(inplace=True)); there is no graph inside the autograd.Function anyway.
+    return y.view_as(x).detach()
 
 
 def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,6 +269,12 @@ class _SwitchNorm(nn.Module):
                 f"momentum must be in [0, 1] (PyTorch's convention: the weight of the new batch), "
                 f"got {momentum}"
             )
+        if momentum is not None and momentum > 0.5:
+            warnings.warn(
+                f"momentum={momentum} weighs the new batch (PyTorch's convention); the SSN paper's "
+                f"code uses the weight of the old value (0.997), which is momentum={1 - momentum:.3g} here",
+                stacklevel=2,
+            )
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -364,13 +373,14 @@ class _SwitchNorm(nn.Module):
         return self._mixture(x, mean_ratio, var_ratio)
 
     def _native_ok(self, x: Tensor, stat: int) -> bool:
-        """Whether the native kernel accepts ``x``: in training, BatchNorm refuses a single value
-        per channel and InstanceNorm a single spatial element (DeepLab's image pooling at batch 1);
-        the mixture path handles both (zero variance, no NaN)."""
-        if not self.training or stat == LN:
-            return True
-        per_channel = x.numel() // x.shape[1] if stat == BN else math.prod(x.shape[2:])
-        return per_channel > 1
+        """Whether the native kernel accepts ``x``: InstanceNorm refuses a single spatial element
+        and, in training, BatchNorm a single value per channel (DeepLab's image pooling at batch
+        1); the mixture path handles both (zero variance, no NaN)."""
+        if stat == IN:
+            return math.prod(x.shape[2:]) > 1
+        if stat == BN and self.training:
+            return x.numel() // x.shape[1] > 1
+        return True
 
     def _native(self, x: Tensor, stat: int) -> Tensor:
         """Fully latched: the native kernel of the selected normaliser."""

@@ -1,0 +1,95 @@
+"""The factory and the three ways frameworks construct a norm: torchvision, pytorchvideo, mmcv."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import ssn
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_create_norm_builds_each_name(dim):
+    expected = {
+        "bn": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim],
+        "syncbn": nn.SyncBatchNorm,
+        "gn": nn.GroupNorm,
+        "in": {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dim],
+        "ln": nn.GroupNorm,
+        "sn": {1: ssn.SwitchNorm1d, 2: ssn.SwitchNorm2d, 3: ssn.SwitchNorm3d}[dim],
+        "ssn": {1: ssn.SparseSwitchNorm1d, 2: ssn.SparseSwitchNorm2d, 3: ssn.SparseSwitchNorm3d}[dim],
+    }
+    for name in ssn.NORM_NAMES:
+        m = ssn.create_norm(name.upper(), 64, dim=dim, eps=1e-3, momentum=0.2)
+        assert type(m) is expected[name], name
+        assert m.eps == 1e-3
+    assert ssn.create_norm("gn", 64).num_groups == 32
+    assert ssn.create_norm("gn", 64, groups=8).num_groups == 8
+    assert ssn.create_norm("ln", 64).num_groups == 1
+    assert ssn.create_norm("in", 64).affine
+
+
+def test_unknown_names_and_bad_arguments():
+    with pytest.raises(KeyError, match="valid names: bn, syncbn, gn, in, ln, sn, ssn"):
+        ssn.create_norm("batchnorm", 8)
+    with pytest.raises(KeyError, match="valid names"):
+        ssn.get_norm_layer("frn")  # fails when asked for, not when the model is built
+    with pytest.raises(ValueError, match="groups"):
+        ssn.create_norm("gn", 24, groups=32)
+    with pytest.raises(ValueError, match="dim must be 1, 2 or 3"):
+        ssn.create_norm("bn", 8, dim=4)
+
+
+def test_get_norm_layer_passes_classes_and_defaults():
+    assert ssn.get_norm_layer(nn.BatchNorm2d) is nn.BatchNorm2d
+    layer = ssn.get_norm_layer("gn", groups=4)(16)
+    assert isinstance(layer, nn.GroupNorm) and layer.num_groups == 4
+    layer = ssn.get_norm_layer("ssn", dim=3)(num_features=8, eps=1e-3, momentum=0.01)
+    assert isinstance(layer, ssn.SparseSwitchNorm3d) and layer.momentum == 0.01
+
+
+@pytest.mark.parametrize("name", ssn.NORM_NAMES)
+def test_torchvision_resnet_with_every_norm(name):
+    model = torchvision.models.resnet18(num_classes=5, norm_layer=ssn.get_norm_layer(name))
+    x = torch.randn(2, 3, 64, 64)
+    if name != "syncbn":  # SyncBatchNorm trains only inside a process group (tested with DDP)
+        loss = model(x).logsumexp(-1).sum()
+        loss.backward()  # through torchvision's ReLU(inplace=True) on our output
+        assert torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
+
+
+def test_torchvision_zero_init_residual_reaches_our_weight():
+    model = torchvision.models.resnet50(norm_layer=ssn.get_norm_layer("ssn"), zero_init_residual=True)
+    assert not model.layer1[0].bn3.weight.any()  # torchvision zeroes bn3.weight: shape (C,)
+    assert model.layer1[0].bn1.weight.eq(1).all()
+
+
+def test_pytorchvideo_builders_call_with_keywords():
+    from pytorchvideo.models.resnet import create_bottleneck_block
+
+    block = create_bottleneck_block(dim_in=8, dim_inner=4, dim_out=8, norm=ssn.get_norm_layer("ssn", dim=3))
+    norms = [m for m in block.modules() if isinstance(m, ssn.SparseSwitchNorm3d)]
+    assert norms and all(m.momentum == 0.1 and m.eps == 1e-5 for m in norms)
+    y = block(torch.randn(2, 8, 3, 6, 6))
+    y.sum().backward()
+    assert torch.isfinite(y).all()
+
+
+def test_mmcv_build_norm_layer_after_registration():
+    ssn.register_mmengine()
+    ssn.register_mmengine()  # idempotent
+    from mmcv.cnn import build_norm_layer
+
+    name, layer = build_norm_layer(dict(type="SSN", requires_grad=True), 16, postfix=1)
+    assert name == "ssn1" and isinstance(layer, ssn.SparseSwitchNorm2d) and layer.eps == 1e-5
+    name, layer = build_norm_layer(dict(type="SN", momentum=0.05), 16)
+    assert name == "sn" and isinstance(layer, ssn.SwitchNorm2d) and layer.momentum == 0.05
+    _, frozen = build_norm_layer(dict(type="SSN", requires_grad=False), 4)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    _, layer3d = build_norm_layer(dict(type="SSN3d"), 4)
+    assert isinstance(layer3d, ssn.SparseSwitchNorm3d)

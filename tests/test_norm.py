@@ -1,0 +1,301 @@
+"""SN / SSN layers against an independent float64 reference and against the native layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ssn
+from ssn import SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d, SwitchNorm2d
+from ssn.norm import BN, IN, LN
+
+SHAPES = {1: (4, 6, 9), 2: (4, 6, 5, 7), 3: (3, 6, 3, 4, 5)}
+CLASSES = {
+    ("sn", 1): ssn.SwitchNorm1d,
+    ("sn", 2): ssn.SwitchNorm2d,
+    ("sn", 3): ssn.SwitchNorm3d,
+    ("ssn", 1): SparseSwitchNorm1d,
+    ("ssn", 2): SparseSwitchNorm2d,
+    ("ssn", 3): SparseSwitchNorm3d,
+}
+
+
+def reference(x, mean_ratio, var_ratio, weight, bias, eps, running=None):
+    """The SN formula written out with plain reductions (biased variances, like the native layers)."""
+    sp = tuple(range(2, x.dim()))
+    mu_in, var_in = x.mean(sp, keepdim=True), x.var(sp, unbiased=False, keepdim=True)
+    ln = (1,) + sp
+    mu_ln, var_ln = x.mean(ln, keepdim=True), x.var(ln, unbiased=False, keepdim=True)
+    shape = (1, -1) + (1,) * len(sp)
+    if running is None:
+        bn = (0,) + sp
+        mu_bn, var_bn = x.mean(bn, keepdim=True), x.var(bn, unbiased=False, keepdim=True)
+    else:
+        mu_bn, var_bn = running[0].view(shape), running[1].view(shape)
+    mean = mean_ratio[0] * mu_in + mean_ratio[1] * mu_ln + mean_ratio[2] * mu_bn
+    var = var_ratio[0] * var_in + var_ratio[1] * var_ln + var_ratio[2] * var_bn
+    return (x - mean) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape)
+
+
+def _randomise(m: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+        m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+        m.mean_logits.copy_(torch.tensor([0.3, -0.2, 0.5]))
+        m.var_logits.copy_(torch.tensor([-0.1, 0.4, 0.2]))
+        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+        m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return m
+
+
+def _ref_ratios(m):
+    if isinstance(m, ssn.norm._Sparsest):
+        f = lambda z: ssn.sparsestmax(z, float(m.radius))  # noqa: E731  (tested on its own)
+    else:
+        f = lambda z: torch.softmax(z, -1)  # noqa: E731
+    return f(m.mean_logits), f(m.var_logits)
+
+
+@pytest.mark.parametrize("kind,dim", sorted(CLASSES))
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_backward_match_reference_float64(kind, dim, training):
+    m = _randomise(CLASSES[(kind, dim)](6)).double().train(training)
+    if kind == "ssn":
+        m.radius.fill_(0.25)  # dense but constrained: the sphere branch of SparsestMax
+    x = torch.randn(SHAPES[dim], dtype=torch.float64) * 2 + 0.5
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref_m = copy.deepcopy(m)
+    mr, vr = _ref_ratios(ref_m)
+    running = None if training else (ref_m.running_mean, ref_m.running_var)
+    y_ref = reference(x2, mr, vr, ref_m.weight, ref_m.bias, m.eps, running)
+    y = m(x1)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    for name in ("weight", "bias", "mean_logits", "var_logits"):
+        torch.testing.assert_close(getattr(m, name).grad, getattr(ref_m, name).grad, msg=name)
+
+
+def test_gradcheck_through_the_fused_kernel():
+    m = _randomise(SparseSwitchNorm2d(3)).double()
+    m.radius.fill_(0.2)
+    x = torch.randn(3, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    params = (m.weight, m.bias, m.mean_logits, m.var_logits)
+    assert torch.autograd.gradcheck(lambda x, *p: m(x), (x, *params))
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+def test_running_stats_match_batchnorm(momentum):
+    m = SwitchNorm2d(5, momentum=momentum)
+    bn = nn.BatchNorm2d(5, momentum=momentum)
+    for step in range(4):
+        x = torch.randn(3, 5, 4, 4) * (step + 1) + step
+        m(x)
+        bn(x)
+    torch.testing.assert_close(m.running_mean, bn.running_mean)
+    torch.testing.assert_close(m.running_var, bn.running_var)
+    assert int(m.num_batches_tracked) == int(bn.num_batches_tracked) == 4
+
+
+def _latched(cls, c, mean, var, **kw):
+    m = cls(c, **kw)
+    m.mean_latch.fill_(mean)
+    m.var_latch.fill_(var)
+    return m
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("stat,native", [(BN, "bn"), (IN, "in"), (LN, "ln")])
+def test_latched_layer_equals_native_layer(dim, stat, native):
+    cls = CLASSES[("ssn", dim)]
+    m = _randomise(_latched(cls, 6, stat, stat))
+    ref = ssn.create_norm(native, 6, dim=dim)
+    with torch.no_grad():
+        ref.weight.copy_(m.weight)
+        ref.bias.copy_(m.bias)
+        if stat == BN:
+            ref.running_mean.copy_(m.running_mean)
+            ref.running_var.copy_(m.running_var)
+    for training in (True, False, True):
+        m.train(training), ref.train(training)
+        x = torch.randn(SHAPES[dim]) * 3 + 1
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = m(x1), ref(x2)
+        torch.testing.assert_close(y, y_ref)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x1.grad, x2.grad)
+        torch.testing.assert_close(m.weight.grad, ref.weight.grad)
+        m.zero_grad(), ref.zero_grad()
+    if stat == BN:
+        torch.testing.assert_close(m.running_mean, ref.running_mean)
+        torch.testing.assert_close(m.running_var, ref.running_var)
+    assert m.mean_logits.grad is None and m.var_logits.grad is None  # latched: no gradient
+
+
+@pytest.mark.parametrize("mean,var", [(BN, IN), (IN, LN), (LN, BN)])
+def test_mixed_latches_match_reference(mean, var):
+    m = _randomise(_latched(SparseSwitchNorm2d, 6, mean, var)).double()
+    x = torch.randn(SHAPES[2], dtype=torch.float64)
+    mr, vr = torch.eye(3, dtype=torch.float64)[mean], torch.eye(3, dtype=torch.float64)[var]
+    for training in (True, False):
+        m.train(training)
+        running = None if training else (m.running_mean.clone(), m.running_var.clone())
+        torch.testing.assert_close(m(x), reference(x, mr, vr, m.weight, m.bias, m.eps, running))
+    assert m.latched == (ssn.STATS[mean], ssn.STATS[var])
+
+
+def test_latching_at_max_radius_persists_and_stops_gradients():
+    m = _randomise(SparseSwitchNorm2d(6))
+    with torch.no_grad():
+        m.mean_logits.copy_(torch.tensor([0.1, 0.2, 0.9]))  # BN largest
+        m.var_logits.copy_(torch.tensor([0.8, 0.1, 0.2]))  # IN largest
+    m.radius.fill_(m.max_radius)
+    x = torch.randn(SHAPES[2])
+    m(x).sum().backward()
+    assert m.latched == ("bn", "in")
+    assert int(m.mean_latch) == BN and int(m.var_latch) == IN
+    mr, vr = m.ratios()
+    assert torch.equal(mr, torch.tensor([0.0, 0.0, 1.0])) and torch.equal(vr, torch.tensor([1.0, 0.0, 0.0]))
+    # latches stay when the logits move or the radius drops
+    with torch.no_grad():
+        m.mean_logits.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    m.radius.fill_(0.0)
+    m.zero_grad()
+    m(x).sum().backward()
+    assert m.latched == ("bn", "in")
+    assert m.mean_logits.grad is None or not m.mean_logits.grad.any()
+    # persisted in the state_dict and restored by load_state_dict
+    sd = m.state_dict()
+    assert int(sd["mean_latch"]) == BN and int(sd["var_latch"]) == IN
+    fresh = SparseSwitchNorm2d(6)
+    assert fresh.latched == (None, None)
+    fresh.load_state_dict(sd)
+    assert fresh.latched == ("bn", "in")
+    fresh.eval(), m.eval()
+    torch.testing.assert_close(fresh(x), m(x))
+
+
+def test_ratios_contract_and_latch_at_sparse_point_before_max_radius():
+    m = SparseSwitchNorm2d(4)
+    assert m.mean_logits.shape == m.var_logits.shape == (3,)
+    assert m.weight.shape == m.bias.shape == m.running_mean.shape == m.running_var.shape == (4,)
+    assert m.radius.dim() == 0
+    mr, vr = m.ratios()
+    torch.testing.assert_close(mr, torch.full((3,), 1 / 3))
+    with torch.no_grad():
+        m.mean_logits.copy_(torch.tensor([3.0, 0.0, 0.0]))  # sparsemax already one-hot at r = 0
+    m(torch.randn(2, 4, 3, 3))
+    assert m.latched == ("in", None)
+    sn = SwitchNorm2d(4)
+    with torch.no_grad():
+        sn.mean_logits.copy_(torch.tensor([300.0, 0.0, 0.0]))  # softmax saturates but SN never latches
+    sn(torch.randn(2, 4, 3, 3))
+    assert sn.latched == (None, None)
+
+
+def test_eval_changes_no_state():
+    m = SparseSwitchNorm2d(4, radius=1.0).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m(torch.randn(2, 4, 3, 3))
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("cls", [SwitchNorm2d, SparseSwitchNorm2d])
+@pytest.mark.parametrize("latch", [None, BN, IN, LN])
+@pytest.mark.parametrize("shape", [(2, 4, 1, 1), (1, 4, 1, 1), (1, 4, 3, 3), (1, 4, 1, 5)])
+def test_degenerate_shapes_give_finite_outputs_and_grads(cls, latch, shape):
+    m = cls(4)
+    if latch is not None:
+        m.mean_latch.fill_(latch)
+        m.var_latch.fill_(latch)
+    for training in (True, False):
+        m.train(training)
+        x = torch.randn(shape, requires_grad=True)
+        y = m(x)
+        y.sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        assert torch.isfinite(m.running_var).all() and torch.isfinite(m.running_mean).all()
+
+
+def test_constant_input_is_finite_and_gives_bias():
+    m = _randomise(SparseSwitchNorm2d(3))
+    x = torch.full((2, 3, 4, 4), 7.0, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, m.bias.view(1, 3, 1, 1).expand_as(y), atol=1e-3, rtol=0)
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("latch", [None, BN, IN, LN])
+def test_channels_last_matches_contiguous(latch):
+    m = _randomise(SparseSwitchNorm2d(6))
+    m.radius.fill_(0.2)
+    if latch is not None:
+        m.mean_latch.fill_(latch), m.var_latch.fill_(latch)
+    m2 = copy.deepcopy(m)
+    x = torch.randn(3, 6, 5, 4)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().to(memory_format=torch.channels_last).requires_grad_()
+    ya, yb = m(xa), m2(xb)
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(m.weight.grad, m2.weight.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("latch", [None, BN, IN, LN])
+def test_autocast_and_half_inputs(dtype, latch):
+    m = _randomise(SparseSwitchNorm2d(8))
+    m.radius.fill_(0.2)
+    if latch is not None:
+        m.mean_latch.fill_(latch), m.var_latch.fill_(latch)
+    ref = copy.deepcopy(m)
+    conv = nn.Conv2d(3, 8, 3)
+    x = torch.randn(2, 3, 9, 9) * 10
+    with torch.autocast("cpu", dtype=dtype):
+        h = conv(x)
+        y = m(h)
+    assert y.dtype == h.dtype
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(conv.weight.grad).all()
+    y_ref = ref(h.detach().float())  # statistics are float32 inside, so only the rounding differs
+    torch.testing.assert_close(y.float(), y_ref, atol=0.1, rtol=0.05)
+
+
+def test_bad_inputs_give_clear_errors():
+    m = SparseSwitchNorm2d(4)
+    with pytest.raises(ValueError, match=r"4-D input \(N, C, H, W\)"):
+        m(torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match="got 5 channels"):
+        m(torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match=r"3-D input \(N, C, L\)"):
+        SparseSwitchNorm1d(4)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="num_features"):
+        SparseSwitchNorm2d(0)
+    with pytest.raises(ValueError, match="momentum"):
+        SparseSwitchNorm2d(4, momentum=1.5)
+    with pytest.warns(UserWarning, match="momentum=0.003"):
+        SparseSwitchNorm2d(4, momentum=0.997)
+
+
+def test_state_dict_round_trip_and_sn_ssn_share_layout():
+    m = _randomise(SparseSwitchNorm2d(4))
+    m(torch.randn(2, 4, 3, 3))
+    sd = m.state_dict()
+    other = SparseSwitchNorm2d(4)
+    other.load_state_dict(sd)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert set(SwitchNorm2d(4).state_dict()) == set(sd)
