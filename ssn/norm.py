@@ -120,6 +120,9 @@ def _mixture_coeffs_backward(
     return g_mu_in, g_var_in, g_mr, g_vr, g_weight, g_shift.sum(0)
 
 
+_BLOCK_ELEMS = 1 << 20  # elements of the temporary in _plane_moments (4 MB in float32)
+
+
 def _flat(x: Tensor) -> Tensor | None:
     """``x`` as a (1, N*C, M) view, each (n, c) plane a 'channel' of the native BN kernels."""
     return x.view(1, x.shape[0] * x.shape[1], -1) if x.is_contiguous() else None
@@ -148,7 +151,9 @@ def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(n, c) mean and biased variance over the spatial dims.
 
     NOTE: two passes (mean, then the centred squares) are exact where E[x^2] - E[x]^2 is not,
-    and on the CPU ~3x faster than torch.var_mean's Welford reduction.
+    and on the CPU ~3x faster than torch.var_mean's Welford reduction. The centred values are
+    formed a block of planes at a time, so the temporary stays in cache instead of costing a
+    fresh activation-sized allocation (page faults and zeroing) on every call.
     """
     spatial = tuple(range(2, x.dim()))
     mu = x.mean(spatial)
@@ -156,8 +161,14 @@ def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     if flat is None:
         xc = x - mu.view(mu.shape + (1,) * len(spatial))
         return mu, (xc * xc).mean(spatial)
-    xc = flat[0] - mu.view(-1, 1)
-    return mu, (torch.linalg.vecdot(xc, xc) / xc.shape[-1]).view_as(mu)
+    planes, m = flat.shape[1], flat.shape[2]
+    rows, mu_rows = flat[0], mu.view(-1, 1)
+    var = torch.empty_like(mu).view(-1)
+    step = max(1, _BLOCK_ELEMS // m)
+    for i in range(0, planes, step):
+        xc = rows[i : i + step] - mu_rows[i : i + step]
+        torch.linalg.vecdot(xc, xc, out=var[i : i + step])
+    return mu, (var / m).view_as(mu)
 
 
 def _plane_grad_sums(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
