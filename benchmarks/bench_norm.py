@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one small shape per rank, few rounds")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 15, quick 5)")
+    ap.add_argument("--markdown", action="store_true", help="also print a markdown table of the ratios")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} alternating rounds, median")
     print(f"{'shape':<22} {'mode':<6} {'layer':<16} {'ms':>8} {'ratio':>7}  vs")
-    worst: dict[tuple[str, str], float] = {}
+    table: dict[tuple[str, str, str], float] = {}  # (layer, mode, shape) -> ratio
     for shape in shapes:
         for train in (True, False):
             mode = "train" if train else "eval"
@@ -123,10 +124,20 @@ def main(argv: list[str] | None = None) -> None:
                 if name == ref:
                     continue
                 print(f"{str(shape):<22} {mode:<6} {name:<16} {t * 1e3:8.2f} {ratio:6.2f}x  {ref}")
-                worst[(name, mode)] = max(worst.get((name, mode), 0.0), ratio)
+                table[(name, mode, "x".join(map(str, shape)))] = ratio
+    rows = sorted({(name, mode) for name, mode, _ in table}, key=lambda r: (r[1] != "train", r[0]))
+    cols = list(dict.fromkeys(shape for _, _, shape in table))
     print("\nworst ratio over shapes:")
-    for (name, mode), r in sorted(worst.items()):
-        print(f"  {name:<16} {mode:<6} {r:5.2f}x")
+    for name, mode in rows:
+        print(f"  {name:<16} {mode:<6} {max(table[(name, mode, c)] for c in cols):5.2f}x")
+    if args.markdown:
+        print("\n| layer (vs native) | mode | " + " | ".join(cols) + " | worst |")
+        print("|---|---|" + "---:|" * (len(cols) + 1))
+        for name, mode in rows:
+            vals = [table[(name, mode, c)] for c in cols]
+            ref = candidates(2, 8)[name][1]
+            cells = " | ".join(f"{v:.2f}" for v in vals)
+            print(f"| {name} (vs {ref}) | {mode} | {cells} | **{max(vals):.2f}** |")
 
 
 if __name__ == "__main__":
