@@ -28,6 +28,7 @@ from .functional import max_radius, sparsestmax
 
 __all__ = [
     "STATS",
+    "LatchedNorm",
     "SwitchNorm1d",
     "SwitchNorm2d",
     "SwitchNorm3d",
@@ -62,6 +63,35 @@ class _Coeffs(NamedTuple):
     mus: tuple[Tensor, Tensor, Tensor]  # IN (N, C), LN (N, 1), BN (1, C) means
     vars: tuple[Tensor, Tensor, Tensor]
     batch_stats: bool  # BN statistics from the batch (training) or the running buffers
+    bn_share: float  # d mu_bn / d mu_in[n, c]: this plane's share of the pooled BN statistics
+    group: object  # process group the BN statistics are synchronised over, or None
+
+
+class _BatchStats(NamedTuple):
+    mean: Tensor  # (1, C), pooled over the batch (and the processes, when synchronised)
+    var: Tensor  # (1, C), biased
+    count: float  # elements per channel behind them
+
+
+def _batch_stats(mu_in: Tensor, var_in: Tensor, m: int, group: object) -> _BatchStats:
+    """BN statistics from per-plane moments; all-reduced over ``group`` (SyncBatchNorm-style).
+
+    Two small all-reduces (sum of means, then sum of centred second moments around the global
+    mean) keep the pooled variance free of the E[x^2] - E[x]^2 cancellation.
+    """
+    n = mu_in.shape[0]
+    if group is None:
+        mean, var = _moments(mu_in, var_in, 0)
+        return _BatchStats(mean, var, float(n * m))
+    import torch.distributed as dist
+
+    local = torch.cat([mu_in.sum(0) * m, mu_in.new_tensor([n * m])])
+    dist.all_reduce(local, group=group)
+    count = float(local[-1])
+    mean = (local[:-1] / count)[None]
+    second = ((var_in + (mu_in - mean) ** 2).sum(0) * m)
+    dist.all_reduce(second, group=group)
+    return _BatchStats(mean, (second / count)[None], count)
 
 
 def _mixture_coeffs(
@@ -74,11 +104,15 @@ def _mixture_coeffs(
     bn_mean: Tensor | None,
     bn_var: Tensor | None,
     eps: float,
-) -> _Coeffs:
+    m: int,
+    group: object,
+) -> tuple[_Coeffs, _BatchStats | None]:
     mu_ln, var_ln = _moments(mu_in, var_in, 1)
     batch_stats = bn_mean is None or bn_var is None
+    stats = None
     if batch_stats:
-        bn_mean, bn_var = _moments(mu_in, var_in, 0)
+        stats = _batch_stats(mu_in, var_in, m, group)
+        bn_mean, bn_var = stats.mean, stats.var
     else:
         bn_mean, bn_var = bn_mean.to(mu_in.dtype)[None], bn_var.to(mu_in.dtype)[None]
     mus, vars_ = (mu_in, mu_ln, bn_mean), (var_in, var_ln, bn_var)
@@ -88,7 +122,8 @@ def _mixture_coeffs(
     rstd = torch.rsqrt(var + eps)
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
     shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
-    return _Coeffs(scale, shift, mean, rstd, mus, vars_, batch_stats)
+    share = m / stats.count if stats is not None else 0.0
+    return _Coeffs(scale, shift, mean, rstd, mus, vars_, batch_stats, share, group), stats
 
 
 def _mixture_coeffs_backward(
@@ -97,7 +132,7 @@ def _mixture_coeffs_backward(
     """Hand-written backward of ``_mixture_coeffs``: grads of mu_in, var_in, the ratios, the
     weight and the bias. (Autograd over these ~30 tiny ops costs more than the big passes on
     small activations.)"""
-    n, ch = g_scale.shape
+    ch = g_scale.shape[1]
     mr, vr = mean_ratio.to(g_scale.dtype), var_ratio.to(g_scale.dtype)
     g_mean = -g_shift * c.scale
     g_sc = g_scale - g_shift * c.mean
@@ -112,9 +147,13 @@ def _mixture_coeffs_backward(
     gv_ln = (g_var * vr[LN]).sum(1, keepdim=True) / ch
     g_mu_in = mr[IN] * g_mean + gm_ln + 2 * gv_ln * (mu_in - mu_ln)
     g_var_in = vr[IN] * g_var + gv_ln
-    if c.batch_stats:  # BN statistics pool over the batch likewise
-        gm_bn = (g_mean * mr[BN]).sum(0, keepdim=True) / n
-        gv_bn = (g_var * vr[BN]).sum(0, keepdim=True) / n
+    if c.batch_stats:  # BN statistics pool over the batch (and the processes) likewise
+        g_bn = torch.cat([(g_mean * mr[BN]).sum(0), (g_var * vr[BN]).sum(0)])
+        if c.group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(g_bn, group=c.group)  # the pooled statistics depend on every rank's planes
+        gm_bn, gv_bn = (g_bn * c.bn_share).view(2, 1, ch).unbind(0)
         g_mu_in = g_mu_in + gm_bn + 2 * gv_bn * (mu_in - mu_bn)
         g_var_in = g_var_in + gv_bn
     return g_mu_in, g_var_in, g_mr, g_vr, g_weight, g_shift.sum(0)
@@ -147,8 +186,8 @@ def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return y.view_as(x).detach()
 
 
-def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and biased variance over the spatial dims.
+def _plane_moments(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and variance over the spatial dims (biased unless ``correction`` is 1).
 
     NOTE: two passes (mean, then the centred squares) are exact where E[x^2] - E[x]^2 is not,
     and on the CPU ~3x faster than torch.var_mean's Welford reduction. The centred values are
@@ -160,7 +199,7 @@ def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     flat = _flat(x)
     if flat is None:
         xc = x - mu.view(mu.shape + (1,) * len(spatial))
-        return mu, (xc * xc).mean(spatial)
+        return mu, (xc * xc).sum(spatial) / _dof(math.prod(x.shape[2:]), correction)
     planes, m = flat.shape[1], flat.shape[2]
     rows, mu_rows = flat[0], mu.view(-1, 1)
     var = torch.empty_like(mu).view(-1)
@@ -168,7 +207,12 @@ def _plane_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     for i in range(0, planes, step):
         xc = rows[i : i + step] - mu_rows[i : i + step]
         torch.linalg.vecdot(xc, xc, out=var[i : i + step])
-    return mu, (var / m).view_as(mu)
+    return mu, (var / _dof(m, correction)).view_as(mu)
+
+
+def _dof(m: int, correction: int) -> int:
+    # NOTE: a single element has no unbiased variance; use 0 rather than NaN (1x1 maps).
+    return max(m - correction, 1)
 
 
 def _plane_grad_sums(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,6 +229,28 @@ def _plane_grad_sums(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
         gf, xf, None, None, None, mu.reshape(-1), ones, True, 0.0, [False, True, True]
     )
     return g_xc.view_as(mu), g_sum.view_as(mu)
+
+
+def _batch_momentum(module: nn.Module) -> float:
+    """Weight of the current batch in the running averages (PyTorch's convention)."""
+    if module.momentum is None:  # cumulative moving average, as in nn.BatchNorm
+        return 1.0 / float(module.num_batches_tracked)
+    return module.momentum
+
+
+@torch.no_grad()
+def _update_running(module: nn.Module, mean: Tensor, var: Tensor, count: float) -> None:
+    """Running BN statistics after a training batch with biased pooled ``var`` over ``count``.
+
+    NOTE: like BatchNorm, the running variance is the unbiased one; a single value per channel
+    (1x1 maps at batch 1) has no unbiased estimate, so it is kept biased. With the authors'
+    unbiased instance variance the pooled variance is stored as is, as their code does.
+    """
+    module.num_batches_tracked.add_(1)
+    m = _batch_momentum(module)
+    unbias = count / (count - 1) if count > 1 and not module.in_var_correction else 1.0
+    module.running_mean.lerp_(mean.to(module.running_mean.dtype), m)
+    module.running_var.lerp_((var * unbias).to(module.running_var.dtype), m)
 
 
 class _SwitchNormFn(torch.autograd.Function):
@@ -207,18 +273,28 @@ class _SwitchNormFn(torch.autograd.Function):
         bn_mean: Tensor | None,
         bn_var: Tensor | None,
         eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        correction: int,
+        group: object,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # NOTE: statistics in float32 at least (fp16/bf16 inputs under autocast).
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        mu_in, var_in = _plane_moments(xs)
-        c = _mixture_coeffs(mu_in, var_in, mean_ratio, var_ratio, weight, bias, bn_mean, bn_var, eps)
+        m = math.prod(xs.shape[2:])
+        mu_in, var_in = _plane_moments(xs, correction)
+        c, stats = _mixture_coeffs(
+            mu_in, var_in, mean_ratio, var_ratio, weight, bias, bn_mean, bn_var, eps, m, group
+        )
         y = _plane_affine(xs, c.scale, c.shift)
         ctx.save_for_backward(xs, mean_ratio, var_ratio, weight)
         ctx.coeffs = c
         ctx.bias_dtype = None if bias is None else bias.dtype
-        batch_mean, batch_var = _moments(mu_in, var_in, 0)
-        ctx.mark_non_differentiable(batch_mean, batch_var)
-        return y.to(x.dtype), batch_mean.squeeze(0), batch_var.squeeze(0)
+        ctx.dof = _dof(m, correction)
+        if stats is None:
+            empty = mu_in.new_empty(0)
+            batch = (empty, empty, mu_in.new_tensor(0.0))
+        else:
+            batch = (stats.mean.squeeze(0), stats.var.squeeze(0), mu_in.new_tensor(stats.count))
+        ctx.mark_non_differentiable(*batch)
+        return (y.to(x.dtype), *batch)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -230,10 +306,10 @@ class _SwitchNormFn(torch.autograd.Function):
         g_xc, g_shift = _plane_grad_sums(g, xs, mu)
         g_scale = g_xc + mu * g_shift  # sum(g * x)
         g_mu, g_var, g_mr, g_vr, g_w, g_b = _mixture_coeffs_backward(c, g_scale, g_shift, mean_ratio, var_ratio, weight)
-        # d mu_in / dx = 1/M and d var_in / dx = 2 (x - mu_in) / M, so
-        # grad_x = g * scale + g_mu / M + (x - mu_in) * 2 g_var / M: one affine pass + one addcmul.
+        # d mu_in / dx = 1/M and d var_in / dx = 2 (x - mu_in) / dof, so
+        # grad_x = g * scale + g_mu / M + (x - mu_in) * 2 g_var / dof: one affine + one addcmul.
         m = math.prod(xs.shape[2:])
-        c2 = g_var * (2 / m)
+        c2 = g_var * (2 / ctx.dof)
         grad_x = _plane_affine(xs, c2, g_mu / m - c2 * mu)
         grad_x = grad_x.addcmul_(g, c.scale.view(c.scale.shape + (1,) * (xs.dim() - 2)))
         need = ctx.needs_input_grad
@@ -243,6 +319,8 @@ class _SwitchNormFn(torch.autograd.Function):
             g_vr.to(var_ratio.dtype) if need[2] else None,
             g_w.to(weight.dtype) if need[3] and weight is not None else None,
             g_b.to(ctx.bias_dtype) if need[4] else None,
+            None,
+            None,
             None,
             None,
             None,
@@ -271,7 +349,23 @@ class _SwitchNorm(nn.Module):
         momentum: float | None = 0.1,
         affine: bool = True,
         radius: float = 0.0,
+        sync: bool = False,
+        process_group: object = None,
+        in_var_correction: int = 0,
     ) -> None:
+        """
+        Args:
+            num_features: channels C.
+            eps: added to the variance.
+            momentum: weight of the new batch in the running BN statistics (PyTorch's
+                convention), or None for a cumulative average.
+            affine: learn a per-channel ``weight`` and ``bias``.
+            radius: initial SparsestMax radius (SSN only; SN keeps it for a shared layout).
+            sync: all-reduce the BN statistics over ``process_group`` (the default group when
+                None) in training, like ``nn.SyncBatchNorm``; a no-op without a process group.
+            in_var_correction: 0 for the biased instance variance of ``InstanceNorm`` (default),
+                1 for the unbiased one of the authors' released layers (imported checkpoints).
+        """
         super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -286,7 +380,12 @@ class _SwitchNorm(nn.Module):
                 f"code uses the weight of the old value (0.997), which is momentum={1 - momentum:.3g} here",
                 stacklevel=2,
             )
+        if in_var_correction not in (0, 1):
+            raise ValueError(f"in_var_correction must be 0 or 1, got {in_var_correction!r}")
         self.num_features = num_features
+        self.sync = sync
+        self.process_group = process_group
+        self.in_var_correction = in_var_correction
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
@@ -363,12 +462,6 @@ class _SwitchNorm(nn.Module):
                 f"(input shape {tuple(x.shape)})"
             )
 
-    def _batch_momentum(self) -> float:
-        """Weight of the current batch in the running averages (PyTorch's convention)."""
-        if self.momentum is None:  # cumulative moving average, as in nn.BatchNorm
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
-
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         ml, vl = self._latches()
@@ -381,52 +474,83 @@ class _SwitchNorm(nn.Module):
             ml, vl = self._maybe_latch(mean_ratio, var_ratio)
             if ml == vl != UNLATCHED and self._native_ok(x, ml):
                 return self._native(x, ml)
+        if UNLATCHED not in (ml, vl):
+            mean_ratio = self._tie_unused(mean_ratio)
         return self._mixture(x, mean_ratio, var_ratio)
 
+    def _sync_group(self) -> object:
+        """The process group to synchronise BN statistics over, or None (no sync this call)."""
+        if not (self.sync and self.training):
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
     def _native_ok(self, x: Tensor, stat: int) -> bool:
-        """Whether the native kernel accepts ``x``: InstanceNorm refuses a single spatial element
-        and, in training, BatchNorm a single value per channel (DeepLab's image pooling at batch
-        1); the mixture path handles both (zero variance, no NaN)."""
+        """Whether the native kernel computes exactly this layer on ``x``.
+
+        InstanceNorm refuses a single spatial element and, in training, BatchNorm a single value
+        per channel (DeepLab's image pooling at batch 1); synchronised BN statistics and the
+        unbiased instance variance have no native kernel here. The mixture path covers all of
+        these (zero variance rather than NaN).
+        """
+        if stat == BN and not self.training:
+            return True
+        if self.in_var_correction or (stat == BN and self._sync_group() is not None):
+            return False
         if stat == IN:
             return math.prod(x.shape[2:]) > 1
-        if stat == BN and self.training:
+        if stat == BN:
             return x.numel() // x.shape[1] > 1
         return True
 
+    def _tie_unused(self, t: Tensor) -> Tensor:
+        """Under DDP, keep the (latched, unused) logits in the graph with a zero gradient.
+
+        NOTE: DistributedDataParallel without find_unused_parameters fails on the step after a
+        parameter gets no gradient; a single process leaves the grads None (no optimizer update).
+        """
+        if not (self.training and torch.is_grad_enabled() and torch.distributed.is_available()):
+            return t
+        if not torch.distributed.is_initialized():
+            return t
+        return t + 0.0 * (self.mean_logits.sum() + self.var_logits.sum()).to(t.dtype)
+
     def _native(self, x: Tensor, stat: int) -> Tensor:
         """Fully latched: the native kernel of the selected normaliser."""
+        weight = self._tie_unused(self.weight) if self.weight is not None else None
         if stat == BN:
             if self.training:
                 self.num_batches_tracked.add_(1)
             return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias,
-                self.training, self._batch_momentum() if self.training else 0.0, self.eps,
+                x, self.running_mean, self.running_var, weight, self.bias,
+                self.training, _batch_momentum(self) if self.training else 0.0, self.eps,
             )
         if stat == IN:
-            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
-        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+            return F.instance_norm(x, weight=weight, bias=self.bias, eps=self.eps)
+        return F.group_norm(x, 1, weight, self.bias, self.eps)
 
     def _mixture(self, x: Tensor, mean_ratio: Tensor, var_ratio: Tensor) -> Tensor:
         training = self.training
         bn_mean = None if training else self.running_mean
         bn_var = None if training else self.running_var
-        y, batch_mean, batch_var = _SwitchNormFn.apply(
-            x, mean_ratio, var_ratio, self.weight, self.bias, bn_mean, bn_var, self.eps
+        y, batch_mean, batch_var, count = _SwitchNormFn.apply(
+            x, mean_ratio, var_ratio, self.weight, self.bias, bn_mean, bn_var, self.eps,
+            self.in_var_correction, self._sync_group(),
         )
         if training:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self._batch_momentum()
-                n = x.numel() // x.shape[1]
-                # NOTE: like BatchNorm, the running variance is the unbiased one; a single value
-                # per channel (1x1 maps at batch 1) has no unbiased estimate, so keep it biased.
-                unbias = n / (n - 1) if n > 1 else 1.0
-                self.running_mean.lerp_(batch_mean.to(self.running_mean.dtype), m)
-                self.running_var.lerp_((batch_var * unbias).to(self.running_var.dtype), m)
+            _update_running(self, batch_mean, batch_var, float(count))
         return y
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        if self.sync:
+            s += ", sync=True"
+        if self.in_var_correction:
+            s += ", in_var_correction=1"
         ml, vl = self.latched
         if ml or vl:
             s += f", latched=(mean={ml}, var={vl})"
@@ -503,3 +627,62 @@ class SparseSwitchNorm3d(_Sparsest):
 
     spatial_dims = 3
     _layout = "(N, C, T, H, W)"
+
+
+class LatchedNorm(nn.Module):
+    """A normaliser whose mean and variance use fixed, possibly different, statistics.
+
+    What ``ssn.export_norm`` turns an SSN layer into when its mean and variance latched to
+    different statistics (e.g. mean from BN, variance from IN): no logits, no ratios, only the
+    selected statistics, the same arithmetic as the layer it replaces.
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+    mean_stat: Tensor
+    var_stat: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        mean_stat: str,
+        var_stat: str,
+        *,
+        spatial_dims: int = 2,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        in_var_correction: int = 0,
+    ) -> None:
+        super().__init__()
+        for s in (mean_stat, var_stat):
+            if s not in STATS:
+                raise KeyError(f"unknown statistic {s!r}; valid: {', '.join(STATS)}")
+        self.num_features, self.spatial_dims = num_features, spatial_dims
+        self.eps, self.momentum, self.affine = eps, momentum, affine
+        self.in_var_correction = in_var_correction
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("mean_stat", torch.tensor(STATS.index(mean_stat)))
+        self.register_buffer("var_stat", torch.tensor(STATS.index(var_stat)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"LatchedNorm expects a {self.spatial_dims + 2}-D input, got {tuple(x.shape)}")
+        eye = torch.eye(len(STATS), device=x.device)
+        training = self.training
+        y, batch_mean, batch_var, count = _SwitchNormFn.apply(
+            x, eye[int(self.mean_stat)], eye[int(self.var_stat)], self.weight, self.bias,
+            None if training else self.running_mean, None if training else self.running_var,
+            self.eps, self.in_var_correction, None,
+        )
+        if training:
+            _update_running(self, batch_mean, batch_var, float(count))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, mean={STATS[int(self.mean_stat)]}, var={STATS[int(self.var_stat)]}, eps={self.eps}"
