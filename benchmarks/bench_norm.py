@@ -39,8 +39,7 @@ QUICK_3D = [(2, 64, 8, 28, 28)]
 
 def _latched(dim: int, c: int, stat: int) -> nn.Module:
     m = ssn.create_norm("ssn", c, dim=dim)
-    m.mean_latch.fill_(stat)
-    m.var_latch.fill_(stat)
+    m.latch(ssn.STATS[stat], ssn.STATS[stat])
     return m
 
 

@@ -12,8 +12,11 @@ from .norm import (
     SwitchNorm3d,
 )
 from .integrations import register_mmengine
+from .norm import LatchedNorm
+from .surgery import convert_norm, export_norm, param_groups, set_radius, switch_norms
 
 __all__ = [
+    "LatchedNorm",
     "NORM_NAMES",
     "STATS",
     "SparseSwitchNorm1d",
@@ -22,10 +25,15 @@ __all__ = [
     "SwitchNorm1d",
     "SwitchNorm2d",
     "SwitchNorm3d",
+    "convert_norm",
     "create_norm",
+    "export_norm",
     "get_norm_layer",
     "max_radius",
+    "param_groups",
     "register_mmengine",
+    "set_radius",
     "sparsemax",
     "sparsestmax",
+    "switch_norms",
 ]

@@ -29,7 +29,7 @@ _BY_DIM: dict[str, dict[int, type[nn.Module]]] = {
     "sn": {1: SwitchNorm1d, 2: SwitchNorm2d, 3: SwitchNorm3d},
     "ssn": {1: SparseSwitchNorm1d, 2: SparseSwitchNorm2d, 3: SparseSwitchNorm3d},
 }
-NORM_NAMES = ("bn", "syncbn", "gn", "in", "ln", "sn", "ssn")
+NORM_NAMES = ("bn", "syncbn", "gn", "in", "ln", "sn", "ssn", "syncsn", "syncssn")
 
 
 def _check_name(name: str) -> str:
@@ -43,7 +43,8 @@ def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Mod
     """Build the normaliser ``name`` for ``num_features`` channels of a ``dim``-D spatial input.
 
     Args:
-        name: one of ``bn``, ``syncbn``, ``gn``, ``in``, ``ln``, ``sn``, ``ssn`` (any case).
+        name: one of ``bn``, ``syncbn``, ``gn``, ``in``, ``ln``, ``sn``, ``ssn``, and ``syncsn``,
+            ``syncssn`` (BN statistics all-reduced across processes), in any case.
         num_features: channel count C.
         dim: spatial dimensions of the input: 1 for (N, C, L), 2 for (N, C, H, W), 3 for
             (N, C, T, H, W).
@@ -66,6 +67,8 @@ def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Mod
         return nn.GroupNorm(groups, num_features, eps=kw.pop("eps", 1e-5), affine=kw.pop("affine", True), **kw)
     if key == "syncbn":
         return nn.SyncBatchNorm(num_features, **kw)
+    if key in ("syncsn", "syncssn"):
+        key, kw["sync"] = key[4:], True
     if key == "in":
         kw.setdefault("affine", True)  # a learnable normaliser like the others, as in the paper
     return _BY_DIM[key][dim](num_features, **kw)

@@ -405,26 +405,36 @@ class _SwitchNorm(nn.Module):
         self.register_buffer("radius", torch.tensor(float(radius)))
         self.register_buffer("mean_latch", torch.tensor(UNLATCHED, dtype=torch.long))
         self.register_buffer("var_latch", torch.tensor(UNLATCHED, dtype=torch.long))
-        self._latch_cache: tuple[int, int] | None = None
+        self._latch_cache: tuple[int, int] | None = (UNLATCHED, UNLATCHED)
 
     # ----------------------------------------------------------------------------- ratios
     def _map_logits(self, logits: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _latches(self) -> tuple[int, int]:
-        # NOTE: cached on the host so the latched fast path needs no device sync; the cache is
-        # dropped whenever the buffers may have changed (load_state_dict, latching, .to()).
+        # NOTE: mirrored on the host so the latched fast path needs no device sync and
+        # torch.compile sees plain ints; refreshed whenever the buffers change through this
+        # class (latching, latch(), load_state_dict). Code that writes the buffers directly
+        # must reset it to None.
         if self._latch_cache is None:
             self._latch_cache = (int(self.mean_latch), int(self.var_latch))
         return self._latch_cache
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        self._latch_cache = None
-        return super()._apply(fn, recurse)
-
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self._latch_cache = None
         super()._load_from_state_dict(*args, **kwargs)
+        self._latch_cache = None
+        self._latches()
+
+    @torch.no_grad()
+    def latch(self, mean: str | None, var: str | None) -> None:
+        """Fix the mean and/or variance to one statistic (``'in'``, ``'ln'``, ``'bn'``; None
+        unlatches), as training does when a ratio becomes one-hot."""
+        for buf, stat in ((self.mean_latch, mean), (self.var_latch, var)):
+            if stat is not None and stat not in STATS:
+                raise KeyError(f"unknown statistic {stat!r}; valid: {', '.join(STATS)}")
+            buf.fill_(UNLATCHED if stat is None else STATS.index(stat))
+        self._latch_cache = None
+        self._latches()
 
     def _ratio(self, logits: Tensor, latch: int) -> Tensor:
         if latch != UNLATCHED:

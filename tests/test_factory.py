@@ -20,6 +20,8 @@ def test_create_norm_builds_each_name(dim):
         "ln": nn.GroupNorm,
         "sn": {1: ssn.SwitchNorm1d, 2: ssn.SwitchNorm2d, 3: ssn.SwitchNorm3d}[dim],
         "ssn": {1: ssn.SparseSwitchNorm1d, 2: ssn.SparseSwitchNorm2d, 3: ssn.SparseSwitchNorm3d}[dim],
+        "syncsn": {1: ssn.SwitchNorm1d, 2: ssn.SwitchNorm2d, 3: ssn.SwitchNorm3d}[dim],
+        "syncssn": {1: ssn.SparseSwitchNorm1d, 2: ssn.SparseSwitchNorm2d, 3: ssn.SparseSwitchNorm3d}[dim],
     }
     for name in ssn.NORM_NAMES:
         m = ssn.create_norm(name.upper(), 64, dim=dim, eps=1e-3, momentum=0.2)
@@ -29,10 +31,11 @@ def test_create_norm_builds_each_name(dim):
     assert ssn.create_norm("gn", 64, groups=8).num_groups == 8
     assert ssn.create_norm("ln", 64).num_groups == 1
     assert ssn.create_norm("in", 64).affine
+    assert ssn.create_norm("syncssn", 64).sync and not ssn.create_norm("ssn", 64).sync
 
 
 def test_unknown_names_and_bad_arguments():
-    with pytest.raises(KeyError, match="valid names: bn, syncbn, gn, in, ln, sn, ssn"):
+    with pytest.raises(KeyError, match="valid names: bn, syncbn, gn, in, ln, sn, ssn, syncsn, syncssn"):
         ssn.create_norm("batchnorm", 8)
     with pytest.raises(KeyError, match="valid names"):
         ssn.get_norm_layer("frn")  # fails when asked for, not when the model is built

@@ -105,8 +105,7 @@ def test_running_stats_match_batchnorm(momentum):
 
 def _latched(cls, c, mean, var, **kw):
     m = cls(c, **kw)
-    m.mean_latch.fill_(mean)
-    m.var_latch.fill_(var)
+    m.latch(ssn.STATS[mean], ssn.STATS[var])
     return m
 
 
@@ -215,8 +214,7 @@ def test_eval_changes_no_state():
 def test_degenerate_shapes_give_finite_outputs_and_grads(cls, latch, shape):
     m = cls(4)
     if latch is not None:
-        m.mean_latch.fill_(latch)
-        m.var_latch.fill_(latch)
+        m.latch(ssn.STATS[latch], ssn.STATS[latch])
     for training in (True, False):
         m.train(training)
         x = torch.randn(shape, requires_grad=True)
@@ -240,7 +238,7 @@ def test_channels_last_matches_contiguous(latch):
     m = _randomise(SparseSwitchNorm2d(6))
     m.radius.fill_(0.2)
     if latch is not None:
-        m.mean_latch.fill_(latch), m.var_latch.fill_(latch)
+        m.latch(ssn.STATS[latch], ssn.STATS[latch])
     m2 = copy.deepcopy(m)
     x = torch.randn(3, 6, 5, 4)
     xa = x.clone().requires_grad_()
@@ -260,7 +258,7 @@ def test_autocast_and_half_inputs(dtype, latch):
     m = _randomise(SparseSwitchNorm2d(8))
     m.radius.fill_(0.2)
     if latch is not None:
-        m.mean_latch.fill_(latch), m.var_latch.fill_(latch)
+        m.latch(ssn.STATS[latch], ssn.STATS[latch])
     ref = copy.deepcopy(m)
     conv = nn.Conv2d(3, 8, 3)
     x = torch.randn(2, 3, 9, 9) * 10

@@ -1,0 +1,200 @@
+"""Model surgery: swap normalisers, export latched SSN to native layers, radius, optimizer groups.
+
+Each function walks ``named_children()`` recursively and returns the (possibly new) module, in the
+style of timm's ``convert_sync_batchnorm``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .factory import create_norm
+from .norm import BN, IN, LN, STATS, UNLATCHED, LatchedNorm, _Sparsest, _SwitchNorm
+
+__all__ = ["convert_norm", "export_norm", "set_radius", "param_groups", "switch_norms"]
+
+_BN_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+def switch_norms(model: nn.Module) -> Iterator[tuple[str, _SwitchNorm]]:
+    """Every SN/SSN layer of ``model`` with its qualified name."""
+    for name, m in model.named_modules():
+        if isinstance(m, _SwitchNorm):
+            yield name, m
+
+
+def _source_dim(m: nn.Module, default: int) -> int:
+    if isinstance(m, _SwitchNorm):
+        return m.spatial_dims
+    return _BN_DIMS.get(type(m), default)  # SyncBatchNorm: the rank is only known at run time
+
+
+@torch.no_grad()
+def _convert_one(m: nn.Module, name: str, dim: int, kw: dict[str, Any]) -> nn.Module:
+    sync = isinstance(m, nn.SyncBatchNorm) or getattr(m, "sync", False)
+    target = name.lower()
+    if sync and target in ("bn", "sn", "ssn"):  # a synchronised model stays synchronised
+        target = "sync" + target
+    args: dict[str, Any] = {"eps": m.eps, "momentum": m.momentum, "affine": m.affine, **kw}
+    new = create_norm(target, m.num_features, dim=_source_dim(m, dim), **args)
+    if m.affine and getattr(new, "weight", None) is not None:
+        new.weight.copy_(m.weight)
+        new.bias.copy_(m.bias)
+    if getattr(m, "running_mean", None) is not None and getattr(new, "running_mean", None) is not None:
+        new.running_mean.copy_(m.running_mean)
+        new.running_var.copy_(m.running_var)
+        new.num_batches_tracked.copy_(m.num_batches_tracked)
+    if isinstance(m, _SwitchNorm) and isinstance(new, _SwitchNorm):
+        for key in ("mean_logits", "var_logits", "radius", "mean_latch", "var_latch"):
+            getattr(new, key).copy_(getattr(m, key))
+        new._latch_cache = None
+        new._latches()
+    ref = next(t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
+    return new.to(device=ref.device, dtype=ref.dtype).train(m.training)
+
+
+def convert_norm(model: nn.Module, name: str, *, dim: int = 2, **kw: Any) -> nn.Module:
+    """Replace every BatchNorm{1,2,3}d / SyncBatchNorm / SN / SSN layer with normaliser ``name``.
+
+    Affine parameters and running statistics are copied (and logits, radius and latches between
+    SN/SSN layers); eps and momentum are kept unless given in ``kw``. A SyncBatchNorm (or a
+    synchronised SN/SSN) becomes the synchronised variant of ``bn``/``sn``/``ssn``.
+
+    Args:
+        model: any module; returned converted (the root itself may be replaced).
+        name: a name of ``ssn.create_norm`` (``ssn``, ``sn``, ``bn``, ``gn``, ...).
+        dim: spatial rank assumed for SyncBatchNorm, whose rank the module does not record.
+        **kw: passed to the new layers (e.g. ``groups`` for ``gn``, ``radius``).
+    """
+    if isinstance(model, (_BatchNorm, _SwitchNorm)):
+        return _convert_one(model, name, dim, kw)
+    for child_name, child in model.named_children():
+        new = convert_norm(child, name, dim=dim, **kw)
+        if new is not child:
+            setattr(model, child_name, new)
+    return model
+
+
+_NATIVE = {
+    BN: {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+    IN: {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
+}
+
+
+@torch.no_grad()
+def _export_one(m: _SwitchNorm, qualname: str, force: bool) -> nn.Module:
+    latches = list(m._latches())
+    if UNLATCHED in latches:
+        if not force:
+            raise ValueError(
+                f"layer {qualname or '<root>'} ({type(m).__name__}) is not latched (ratios "
+                f"{[r.tolist() for r in m.ratios()]}); train until every ratio is one-hot, or "
+                f"pass force=True to export the argmax of its ratios"
+            )
+        ratios = m.ratios()
+        latches = [int(r.argmax()) if latch == UNLATCHED else latch for latch, r in zip(latches, ratios)]
+    mean_stat, var_stat = latches
+    dim, c = m.spatial_dims, m.num_features
+    # NOTE: with the authors' unbiased instance variance, IN and LN have no native equivalent;
+    # BN in eval uses the running statistics only, so BatchNorm stays exact there.
+    native_ok = mean_stat == var_stat and not (m.in_var_correction and mean_stat != BN)
+    if native_ok and mean_stat == BN:
+        new: nn.Module = _NATIVE[BN][dim](c, eps=m.eps, momentum=m.momentum, affine=m.affine)
+    elif native_ok and mean_stat == IN:
+        new = _NATIVE[IN][dim](c, eps=m.eps, affine=m.affine)
+    elif native_ok and mean_stat == LN:
+        new = nn.GroupNorm(1, c, eps=m.eps, affine=m.affine)
+    else:
+        new = LatchedNorm(c, STATS[mean_stat], STATS[var_stat], spatial_dims=dim, eps=m.eps,
+                          momentum=m.momentum, affine=m.affine, in_var_correction=m.in_var_correction)
+    if m.affine:
+        new.weight.copy_(m.weight)
+        new.bias.copy_(m.bias)
+    if getattr(new, "running_mean", None) is not None:
+        new.running_mean.copy_(m.running_mean)
+        new.running_var.copy_(m.running_var)
+        new.num_batches_tracked.copy_(m.num_batches_tracked)
+    return new.to(device=m.running_mean.device, dtype=m.running_mean.dtype).train(m.training)
+
+
+def export_norm(model: nn.Module, *, force: bool = False) -> nn.Module:
+    """Replace every latched SN/SSN layer with the cheapest exact equivalent.
+
+    Both ratios on BN -> ``BatchNorm{1,2,3}d`` (with the running statistics), on IN ->
+    ``InstanceNorm{1,2,3}d(affine=True)``, on LN -> ``GroupNorm(1, C)``; mean and variance on
+    different statistics -> :class:`ssn.LatchedNorm`. A ResNet whose layers all chose BN exports
+    to a plain torchvision ResNet (same state_dict keys; BN folds into the convolutions).
+
+    Raises:
+        ValueError: a layer that has not latched, named, unless ``force=True`` (then its ratios'
+            argmax is exported, which is not exact).
+    """
+
+    def walk(module: nn.Module, prefix: str) -> nn.Module:
+        if isinstance(module, _SwitchNorm):
+            return _export_one(module, prefix, force)
+        for child_name, child in module.named_children():
+            new = walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    return walk(model, "")
+
+
+@torch.no_grad()
+def set_radius(model: nn.Module, radius: float) -> int:
+    """Set the SparsestMax radius of every SSN layer; returns how many layers were set."""
+    if not radius >= 0:
+        raise ValueError(f"radius must be a non-negative number, got {radius!r}")
+    count = 0
+    for _, m in switch_norms(model):
+        if isinstance(m, _Sparsest):
+            m.radius.fill_(radius)
+            count += 1
+    return count
+
+
+_NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, _SwitchNorm, LatchedNorm)
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    ratio_lr_scale: float = 0.1,
+    ratio_weight_decay: float = 0.0,
+    norm_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups following the paper's recipe.
+
+    Groups: the SN/SSN ratio logits (``lr * ratio_lr_scale``, ``ratio_weight_decay``; the paper
+    uses lr/10 and no decay), the affine parameters of every normaliser (``norm_weight_decay``,
+    ``weight_decay`` when None), and everything else. Empty groups are left out; each group has a
+    ``name`` for logging and schedulers.
+    """
+    ratios, norms, rest = [], [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, _SwitchNorm) and pname in ("mean_logits", "var_logits"):
+                ratios.append(p)
+            elif isinstance(module, _NORM_TYPES):
+                norms.append(p)
+            else:
+                rest.append(p)
+    groups = [
+        {"name": "params", "params": rest, "lr": lr, "weight_decay": weight_decay},
+        {"name": "norm", "params": norms, "lr": lr,
+         "weight_decay": weight_decay if norm_weight_decay is None else norm_weight_decay},
+        {"name": "ratios", "params": ratios, "lr": lr * ratio_lr_scale, "weight_decay": ratio_weight_decay},
+    ]
+    return [g for g in groups if g["params"]]
