@@ -1,0 +1,168 @@
+"""Import of the SSN authors' released ImageNet ResNet-50 checkpoints (their model zoo).
+
+Their format, read from their code: a ResNet laid out like torchvision's but with each norm named
+``sn1``/``sn2``/``sn3`` (stem ``sn1``; shortcut ``downsample.0`` conv, ``downsample.1`` norm),
+possibly under a ``module.`` prefix and a ``state_dict`` key. Each norm holds ``weight``/``bias`` of
+shape (1, C, 1, 1), ``mean_weight``/``var_weight`` (3,) in IN, LN, BN order, ``running_mean``/
+``running_var`` of shape (1, C, 1), ``mean_fixed``/``var_fixed`` latch flags and ``radius``. A fixed
+ratio's ``mean_weight`` holds the one-hot ratio itself (their code overwrites the logits when it
+latches). Their instance variance is unbiased and their running averages keep 0.997 of the old
+value; their network has a max-pool with padding 0 and ceil mode, and dropout 0.5 before ``fc``.
+
+    python -m ssn.authors their_checkpoint.pth ours.pt      # convert to our state_dict
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .io import save_atomic
+from .norm import STATS, SparseSwitchNorm2d
+
+__all__ = ["authors_resnet50", "convert_authors_state_dict", "load_authors_checkpoint"]
+
+AUTHORS_MOMENTUM = 0.997  # weight of the old value in their running averages
+_NORM_KEYS = ("weight", "bias", "mean_weight", "var_weight", "running_mean", "running_var",
+              "mean_fixed", "var_fixed", "radius")
+
+
+def authors_resnet50(num_classes: int = 1000) -> nn.Module:
+    """torchvision's ResNet-50 rebuilt as the authors' network, with our SSN layers.
+
+    Their differences are reproduced: unbiased instance variance, momentum 0.997 on the old value
+    (0.003 in PyTorch's convention), max-pool with padding 0 and ceil mode, dropout 0.5 before the
+    classifier (placed after the average pool, which keeps torchvision's ``fc.*`` keys).
+    """
+    from torchvision.models import resnet50
+
+    def norm(c: int) -> nn.Module:
+        return SparseSwitchNorm2d(c, momentum=1 - AUTHORS_MOMENTUM, in_var_correction=1)
+
+    model = resnet50(num_classes=num_classes, norm_layer=norm)
+    model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+    model.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Dropout(0.5))
+    return model
+
+
+def _our_norm_name(theirs: str) -> str:
+    """``sn1`` -> ``bn1``, ``layer2.0.sn3`` -> ``layer2.0.bn3``; ``downsample.1`` is unchanged."""
+    return re.sub(r"(^|\.)sn(\d)$", r"\1bn\2", theirs)
+
+
+def _latch_of(flag: torch.Tensor, ratio: torch.Tensor, where: str) -> str | None:
+    if not bool(flag.reshape(-1)[0]):
+        return None
+    if not (torch.isclose(ratio.max(), ratio.new_tensor(1.0)) and torch.isclose(ratio.sum(), ratio.new_tensor(1.0))):
+        raise ValueError(f"{where}: marked fixed but its ratio {ratio.tolist()} is not one-hot")
+    return STATS[int(ratio.argmax())]
+
+
+def convert_authors_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Their state_dict (or checkpoint dict) -> the state_dict of :func:`authors_resnet50`.
+
+    Raises:
+        ValueError: anything that is not their ResNet-50 SSN layout, with what differs.
+    """
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError("not a state_dict: some values are not tensors")
+    norms = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith(".mean_weight")})
+    if "sn1" not in norms or "fc.weight" not in sd:
+        raise ValueError(
+            "not an SSN ResNet checkpoint in the authors' layout: expected keys like 'sn1.mean_weight', "
+            f"'layer1.0.sn1.weight', 'fc.weight'; found e.g. {sorted(sd)[:6]}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name in norms:
+        missing = [k for k in _NORM_KEYS if f"{name}.{k}" not in sd]
+        if missing:
+            raise ValueError(f"norm {name}: missing {missing}")
+        g = {k: sd.pop(f"{name}.{k}") for k in _NORM_KEYS}
+        ours = _our_norm_name(name)
+        c = g["weight"].numel()
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            if g[k].numel() != c:
+                raise ValueError(f"norm {name}: {k} has {g[k].numel()} values for {c} channels")
+            out[f"{ours}.{k}"] = g[k].reshape(c).float()
+        for k in ("mean_weight", "var_weight"):
+            if g[k].shape != (3,):
+                raise ValueError(f"norm {name}: {k} must have 3 entries (IN, LN, BN), got {tuple(g[k].shape)}")
+        out[f"{ours}.mean_logits"] = g["mean_weight"].float()
+        out[f"{ours}.var_logits"] = g["var_weight"].float()
+        mean = _latch_of(g["mean_fixed"], g["mean_weight"], f"norm {name} mean")
+        var = _latch_of(g["var_fixed"], g["var_weight"], f"norm {name} var")
+        out[f"{ours}.mean_latch"] = torch.tensor(-1 if mean is None else STATS.index(mean))
+        out[f"{ours}.var_latch"] = torch.tensor(-1 if var is None else STATS.index(var))
+        out[f"{ours}.radius"] = g["radius"].reshape(-1)[0].float()
+        out[f"{ours}.num_batches_tracked"] = torch.tensor(0)
+    out.update(sd)  # convolutions and fc, same names as torchvision's
+    return out
+
+
+def load_authors_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> nn.Module:
+    """Build :func:`authors_resnet50` and load the authors' checkpoint file into it.
+
+    Args:
+        path: their ``.pth`` file.
+        trusted: allow unpickling arbitrary objects (their files may hold training state such as
+            numpy scalars, which ``torch.load(weights_only=True)`` refuses). Only for files you trust.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing, corrupt or mismatching file, with the reason.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e):  # weights_only names the global it refused; anything else is junk
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[-3:]})") from e
+        raise ValueError(
+            f"{path}: holds objects besides tensors (e.g. numpy scalars of training state); if you "
+            "trust the file, pass trusted=True (or --trusted)"
+        ) from e
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict, got {type(state).__name__}")
+    ours = convert_authors_state_dict(state)
+    model = authors_resnet50(num_classes=ours["fc.weight"].shape[0])
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ours))
+    unexpected = sorted(set(ours) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: not the authors' ResNet-50: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    bad = [k for k, v in ours.items() if v.shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{path}: shape mismatch for {bad[:5]}, e.g. {bad[0]}: "
+                         f"{tuple(ours[bad[0]].shape)} vs {tuple(expected[bad[0]].shape)}")
+    model.load_state_dict(ours)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Convert an SSN authors' ResNet-50 checkpoint to ours.")
+    ap.add_argument("src", help="their .pth file")
+    ap.add_argument("dst", help="where to write our state_dict (loads into ssn.authors.authors_resnet50())")
+    ap.add_argument("--trusted", action="store_true", help="allow non-tensor objects in the file")
+    args = ap.parse_args(argv)
+    model = load_authors_checkpoint(args.src, trusted=args.trusted)
+    save_atomic(model.state_dict(), args.dst)
+    latched = sum(all(m.latched) for m in model.modules() if isinstance(m, SparseSwitchNorm2d))
+    total = sum(isinstance(m, SparseSwitchNorm2d) for m in model.modules())
+    print(f"wrote {args.dst}: ResNet-50, {model.fc.out_features} classes, {latched}/{total} SSN layers latched")
+
+
+if __name__ == "__main__":
+    main()

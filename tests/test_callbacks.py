@@ -1,0 +1,101 @@
+"""RadiusSchedule in real Lightning runs: the ramp, latching at the end, exact resume."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ssn
+from ssn.callbacks import RadiusSchedule, radius_at
+
+STEPS_PER_EPOCH = 6
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3), ssn.SparseSwitchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3), ssn.SparseSwitchNorm2d(4), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(ssn.param_groups(self, lr=0.1, weight_decay=1e-4), lr=0.1, momentum=0.9)
+
+
+class Record(pl.Callback):
+    def __init__(self) -> None:
+        self.radii: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.radii.append(float(pl_module.net[1].radius))
+
+
+class StopAfterEpoch(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.epoch:
+            trainer.should_stop = True  # a run cut off here; the checkpoint is its last state
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS_PER_EPOCH * 4, 1, 10, 10, generator=g)
+    y = torch.randint(0, 3, (STEPS_PER_EPOCH * 4,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+
+
+def _trainer(tmp_path, callbacks, epochs=2) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+    )
+
+
+def test_radius_at():
+    assert radius_at(0, 4, 0.0, 0.8) == pytest.approx(0.2)
+    assert radius_at(3, 4, 0.0, 0.8) == pytest.approx(0.8)
+    assert radius_at(10, 4, 0.0, 0.8) == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        RadiusSchedule(ramp_fraction=0.0)
+
+
+def test_ramp_over_the_run_latches_every_layer_and_resume_is_exact(tmp_path):
+    record = Record()
+    full = Tiny()
+    _trainer(tmp_path / "full", [RadiusSchedule(), record]).fit(full, _loader())
+    total = 2 * STEPS_PER_EPOCH
+    end = ssn.max_radius(3)
+    assert record.radii == pytest.approx([end * (s + 1) / total for s in range(total)])
+    assert all(m.latched[0] and m.latched[1] for _, m in ssn.switch_norms(full))
+
+    # the same run, cut off after the first epoch and resumed from its last checkpoint
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first, rec1 = Tiny(), Record()
+    _trainer(tmp_path / "a", [RadiusSchedule(), rec1, ckpt, StopAfterEpoch(1)]).fit(first, _loader())
+    assert len(rec1.radii) == STEPS_PER_EPOCH
+    second, rec2 = Tiny(), Record()
+    _trainer(tmp_path / "b", [RadiusSchedule(), rec2]).fit(second, _loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert rec1.radii + rec2.radii == pytest.approx(record.radii, abs=0, rel=0)
+    for (name, a), b in zip(full.state_dict().items(), second.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_partial_ramp_reaches_the_end_early(tmp_path):
+    record = Record()
+    _trainer(tmp_path, [RadiusSchedule(end=0.5, ramp_fraction=0.5), record]).fit(Tiny(), _loader())
+    assert record.radii[STEPS_PER_EPOCH - 1] == pytest.approx(0.5)
+    assert record.radii[-1] == pytest.approx(0.5)
