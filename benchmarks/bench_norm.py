@@ -11,6 +11,9 @@ For activation shapes typical of ResNet-50 (2-D) and a 3-D ResNet (video), times
 The candidates are timed alternately, one iteration each per round, and the median over rounds is
 reported, so drifts of the machine hit every row alike. Run:
 
+Then whole ResNet-50s (batch 8 at 112 px): dense SSN, SSN latched on BN, and the latter exported
+with ssn.export_norm, each against torchvision's BatchNorm ResNet-50.
+
     python benchmarks/bench_norm.py            # full table (a few minutes on 2 CPU cores)
     python benchmarks/bench_norm.py --quick    # one small shape per rank
 """
@@ -18,6 +21,7 @@ reported, so drifts of the machine hit every row alike. Run:
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
 import time
@@ -85,8 +89,61 @@ def measure(shape: tuple[int, ...], train: bool, rounds: int) -> list[tuple[str,
     x = torch.randn(shape, requires_grad=train)
     grad = torch.randn(shape)
     runs = {name: _step(m, x, grad, train) for name, (m, _) in cands.items()}
+    med = _alternate(runs, rounds)
+    return [(name, med[name], med[name] / med[ref], ref) for name, (_, ref) in cands.items()]
+
+
+def model_candidates() -> dict[str, nn.Module]:
+    """ResNet-50s: native BN; dense SSN; SSN latched on BN everywhere; that one exported."""
+    import torchvision
+
+    torch.manual_seed(0)
+    native = torchvision.models.resnet50()
+    dense = ssn.convert_norm(copy.deepcopy(native), "ssn", radius=0.3)
+    latched = ssn.convert_norm(copy.deepcopy(native), "ssn")
+    for _, m in ssn.switch_norms(latched):
+        m.latch("bn", "bn")
+    exported = ssn.export_norm(copy.deepcopy(latched))
+    return {"native ResNet-50": native, "SSN dense": dense, "SSN latched (BN)": latched,
+            "SSN exported": exported}
+
+
+def measure_models(rounds: int, batch: int, size: int) -> list[tuple[str, str, float, float]]:
+    """Whole-model train step (forward, backward, SGD) and eval forward, ratios to native."""
+    cands = model_candidates()
+    x = torch.randn(batch, 3, size, size)
+    target = torch.randint(0, 1000, (batch,))
+    rows = []
+    for mode in ("train", "eval"):
+        runs = {}
+        for name, model in cands.items():
+            if mode == "train":
+                model.train()
+                opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+                def run(model=model, opt=opt) -> None:
+                    opt.zero_grad(set_to_none=True)
+                    nn.functional.cross_entropy(model(x), target).backward()
+                    opt.step()
+
+            else:
+                model.eval()
+
+                def run(model=model) -> None:
+                    with torch.no_grad():
+                        model(x)
+
+            runs[name] = run
+        times = _alternate(runs, rounds)
+        base = times["native ResNet-50"]
+        rows += [(name, mode, t, t / base) for name, t in times.items() if name != "native ResNet-50"]
+    return rows
+
+
+def _alternate(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median time of each run, candidates interleaved in a shuffled order every round."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for name, run in runs.items():  # warm-up: allocator, lazy inits
+    for run in runs.values():  # warm-up: allocator, lazy inits
         run()
         run()
     order = list(runs.items())
@@ -97,8 +154,7 @@ def measure(shape: tuple[int, ...], train: bool, rounds: int) -> list[tuple[str,
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    return [(name, med[name], med[name] / med[ref], ref) for name, (_, ref) in cands.items()]
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="one small shape per rank, few rounds")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 15, quick 5)")
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table of the ratios")
+    ap.add_argument("--no-models", action="store_true", help="skip the whole-ResNet-50 comparison")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -129,6 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     print("\nworst ratio over shapes:")
     for name, mode in rows:
         print(f"  {name:<16} {mode:<6} {max(table[(name, mode, c)] for c in cols):5.2f}x")
+    if not args.no_models:
+        batch, size = (2, 64) if args.quick else (8, 112)
+        model_rows = measure_models(rounds, batch, size)
+        print(f"\nwhole ResNet-50, batch {batch} at {size}px, ratio to torchvision's BN ResNet-50:")
+        for name, mode, t, ratio in model_rows:
+            print(f"  {name:<18} {mode:<6} {t * 1e3:8.1f} ms {ratio:6.2f}x")
     if args.markdown:
         print("\n| layer (vs native) | mode | " + " | ".join(cols) + " | worst |")
         print("|---|---|" + "---:|" * (len(cols) + 1))
@@ -137,6 +200,11 @@ def main(argv: list[str] | None = None) -> None:
             ref = candidates(2, 8)[name][1]
             cells = " | ".join(f"{v:.2f}" for v in vals)
             print(f"| {name} (vs {ref}) | {mode} | {cells} | **{max(vals):.2f}** |")
+        if not args.no_models:
+            print(f"\n| ResNet-50 (batch {batch}, {size}px) | train step | eval |\n|---|---:|---:|")
+            by = {(n, m): r for n, m, _, r in model_rows}
+            for name in dict.fromkeys(n for n, _, _, _ in model_rows):
+                print(f"| {name} vs native | {by[(name, 'train')]:.2f} | {by[(name, 'eval')]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -48,9 +48,9 @@ def _moments(mu_in: Tensor, var_in: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     The pooled variance is the mean of the variances plus the variance of the means, which avoids
     the cancellation of ``E[x^2] - E[x]^2``.
     """
+    # NOTE: not torch.var_mean, whose Welford reduction is ~4x slower on the CPU
     mu = mu_in.mean(dim, keepdim=True)
-    var = (var_in + (mu_in - mu) ** 2).mean(dim, keepdim=True)
-    return mu, var
+    return mu, (var_in + (mu_in - mu).square_()).mean(dim, keepdim=True)
 
 
 class _Coeffs(NamedTuple):
@@ -62,6 +62,8 @@ class _Coeffs(NamedTuple):
     rstd: Tensor
     mus: tuple[Tensor, Tensor, Tensor]  # IN (N, C), LN (N, 1), BN (1, C) means
     vars: tuple[Tensor, Tensor, Tensor]
+    dev_ln: Tensor  # mu_in - mu_ln
+    dev_bn: Tensor  # mu_in - mu_bn
     batch_stats: bool  # BN statistics from the batch (training) or the running buffers
     bn_share: float  # d mu_bn / d mu_in[n, c]: this plane's share of the pooled BN statistics
     group: object  # process group the BN statistics are synchronised over, or None
@@ -117,13 +119,16 @@ def _mixture_coeffs(
         bn_mean, bn_var = bn_mean.to(mu_in.dtype)[None], bn_var.to(mu_in.dtype)[None]
     mus, vars_ = (mu_in, mu_ln, bn_mean), (var_in, var_ln, bn_var)
     mr, vr = mean_ratio.to(mu_in.dtype), var_ratio.to(mu_in.dtype)
-    mean = mr[IN] * mu_in + mr[LN] * mu_ln + mr[BN] * bn_mean
-    var = vr[IN] * var_in + vr[LN] * var_ln + vr[BN] * bn_var
-    rstd = torch.rsqrt(var + eps)
+    # NOTE: few ops on the (N, C) tensors: at 7x7 maps they are as large as a tenth of the
+    # activation, and each one costs a dispatch; the LN and BN terms are broadcast first.
+    mean = torch.addcmul(mr[LN] * mu_ln + mr[BN] * bn_mean, mu_in, mr[IN])
+    var = torch.addcmul(vr[LN] * var_ln + vr[BN] * bn_var, var_in, vr[IN])
+    rstd = var.add_(eps).rsqrt_()
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+    shift = torch.addcmul(torch.zeros_like(scale) if bias is None else bias.to(scale.dtype), mean, scale, value=-1)
     share = m / stats.count if stats is not None else 0.0
-    return _Coeffs(scale, shift, mean, rstd, mus, vars_, batch_stats, share, group), stats
+    coeffs = _Coeffs(scale, shift, mean, rstd, mus, vars_, mu_in - mu_ln, mu_in - bn_mean, batch_stats, share, group)
+    return coeffs, stats
 
 
 def _mixture_coeffs_backward(
@@ -134,28 +139,31 @@ def _mixture_coeffs_backward(
     small activations.)"""
     ch = g_scale.shape[1]
     mr, vr = mean_ratio.to(g_scale.dtype), var_ratio.to(g_scale.dtype)
-    g_mean = -g_shift * c.scale
-    g_sc = g_scale - g_shift * c.mean
-    g_weight = (g_sc * c.rstd).sum(0)
-    g_rstd = g_sc if weight is None else g_sc * weight.to(g_sc.dtype)
-    g_var = -0.5 * g_rstd * c.rstd**3
-    g_mr = torch.stack([(g_mean * mu).sum() for mu in c.mus])
-    g_vr = torch.stack([(g_var * v).sum() for v in c.vars])
     mu_in, mu_ln, mu_bn = c.mus
-    # LN statistics pool over channels: mu_ln = mean_c mu_in, var_ln = mean_c(var_in + mu_in^2) - mu_ln^2
-    gm_ln = (g_mean * mr[LN]).sum(1, keepdim=True) / ch
-    gv_ln = (g_var * vr[LN]).sum(1, keepdim=True) / ch
-    g_mu_in = mr[IN] * g_mean + gm_ln + 2 * gv_ln * (mu_in - mu_ln)
-    g_var_in = vr[IN] * g_var + gv_ln
+    g_mean = torch.mul(g_shift, c.scale).neg_()
+    g_sc = torch.addcmul(g_scale, g_shift, c.mean, value=-1)
+    g_weight = torch.linalg.vecdot(g_sc, c.rstd, dim=0)
+    r3 = c.rstd.pow(3)
+    g_var = (g_sc if weight is None else g_sc * weight.to(g_sc.dtype)).mul_(r3).mul_(-0.5)
+    # ratio grads: <g_mean, mu> for each statistic, the LN/BN ones reduced over their broadcast dim
+    gm_n, gm_c = g_mean.sum(1, keepdim=True), g_mean.sum(0, keepdim=True)
+    gv_n, gv_c = g_var.sum(1, keepdim=True), g_var.sum(0, keepdim=True)
+    g_mr = torch.stack([torch.vdot(g_mean.reshape(-1), mu_in.reshape(-1)), (gm_n * mu_ln).sum(), (gm_c * mu_bn).sum()])
+    var_in, var_ln, var_bn = c.vars
+    g_vr = torch.stack([torch.vdot(g_var.reshape(-1), var_in.reshape(-1)), (gv_n * var_ln).sum(), (gv_c * var_bn).sum()])
+    # LN statistics pool over channels: mu_ln = mean_c mu_in, var_ln = mean_c(var_in) + var_c(mu_in)
+    gm_ln, gv_ln = gm_n * (mr[LN] / ch), gv_n * (vr[LN] / ch)
+    g_mu_in = torch.addcmul(gm_ln, g_mean, mr[IN]).addcmul_(c.dev_ln, gv_ln, value=2)
+    g_var_in = torch.addcmul(gv_ln, g_var, vr[IN])
     if c.batch_stats:  # BN statistics pool over the batch (and the processes) likewise
-        g_bn = torch.cat([(g_mean * mr[BN]).sum(0), (g_var * vr[BN]).sum(0)])
+        g_bn = torch.cat([gm_c * mr[BN], gv_c * vr[BN]])
         if c.group is not None:
             import torch.distributed as dist
 
             dist.all_reduce(g_bn, group=c.group)  # the pooled statistics depend on every rank's planes
-        gm_bn, gv_bn = (g_bn * c.bn_share).view(2, 1, ch).unbind(0)
-        g_mu_in = g_mu_in + gm_bn + 2 * gv_bn * (mu_in - mu_bn)
-        g_var_in = g_var_in + gv_bn
+        gm_bn, gv_bn = (g_bn * c.bn_share).unbind(0)
+        g_mu_in = g_mu_in.add_(gm_bn).addcmul_(c.dev_bn, gv_bn, value=2)
+        g_var_in = g_var_in.add_(gv_bn)
     return g_mu_in, g_var_in, g_mr, g_vr, g_weight, g_shift.sum(0)
 
 
@@ -206,7 +214,7 @@ def _plane_moments(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
     step = max(1, _BLOCK_ELEMS // m)
     for i in range(0, planes, step):
         xc = rows[i : i + step] - mu_rows[i : i + step]
-        torch.linalg.vecdot(xc, xc, out=var[i : i + step])
+        torch.sum(xc.square_(), -1, out=var[i : i + step])
     return mu, (var / _dof(m, correction)).view_as(mu)
 
 
