@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench lock clean
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO   := --config configs/base/trainer.yaml --config configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml
+
+.PHONY: setup data demo test bench lock clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	python3 -m venv $(VENV)
@@ -16,8 +19,17 @@ $(STAMP): pyproject.toml requirements/lock.txt
 
 setup: $(STAMP)
 
+# Fashion-MNIST, the embedded default data: Debian's dataset-fashion-mnist package (needs root).
+data: $(FMNIST)
+$(FMNIST):
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+# The main job: SSN ResNet on Fashion-MNIST, on the CPU, then test, native export, test again.
+demo: setup data
+	$(VENV)/bin/ssn-bench fit $(DEMO) $(DEMO_ARGS)
+
 # pytest exits 5 when nothing was collected; that is a failure here, not a pass.
-test: setup
+test: setup data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup

@@ -115,9 +115,9 @@ def _sparsestmax_forward(z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, 
     cumulative sums, and the feasible (non-negative) candidate nearest z is kept.
 
     Returns:
-        p, and per row: the support mask, the Jacobian scale ``r_k / ||w||`` (1 for sparsemax,
-        0 where p is locally constant), the unit direction ``w / ||w||`` (0 for sparsemax), and
-        ``dp/dr = rfac * direction`` 's factor ``r / r_k``.
+        p, and what the backward needs: the support mask; per row the Jacobian scale ``r_k/||w||``
+        (1 for sparsemax and on a flat face, 0 where p is one-hot); the unit direction ``w/||w||``
+        of the sphere Jacobian (0 for sparsemax and flat faces); and ``dp/dr``.
     """
     kk = z.shape[-1]
     dt = z.dtype
@@ -174,15 +174,20 @@ def _sparsestmax_forward(z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, 
     p = torch.where(onehot, top, p)
 
     live = ~onehot & (rkb > 0)
-    coef = torch.where(outside, torch.ones_like(rkb), torch.where(live & ~flatb, rkb / nb.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(rkb)))
+    tiny = torch.finfo(dt).tiny
+    # NOTE: on a flat face (tied logits, e.g. the uniform initialisation) the argmin is a whole
+    # circle and has no derivative; the gradient there is taken as sparsemax's (the centring
+    # projection on the support), so training can leave the tie instead of staying on it forever.
+    sphere_coef = torch.where(flatb, torch.ones_like(rkb), rkb / nb.clamp_min(tiny))
+    coef = torch.where(outside, torch.ones_like(rkb), torch.where(live, sphere_coef, torch.zeros_like(rkb)))
     coef = torch.where(onehot, torch.zeros_like(coef), coef)
     mask = torch.where(outside, p_sm > 0, on_sp)
-    direction = torch.where(outside, torch.zeros_like(dir_sp), dir_sp)
-    rfac = torch.where(~outside & live, r / rkb.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(rkb))
-    return p, mask, coef, direction, rfac
+    dz = torch.where(outside | flatb, torch.zeros_like(dir_sp), dir_sp)
+    dr = torch.where(~outside & live, r / rkb.clamp_min(tiny), torch.zeros_like(rkb)) * dir_sp
+    return p, mask, coef, dz, dr
 
 
-def _sparsestmax_row(z: list[float], r: float) -> tuple[list[float], list[float], float, list[float], float]:
+def _sparsestmax_row(z: list[float], r: float) -> tuple[list[float], list[float], float, list[float], list[float]]:
     """The same algorithm as ``_sparsestmax_forward`` for one row, in float64 Python scalars.
 
     NOTE: a layer's ratios are two rows of three logits; on the CPU the ~70 tensor ops of the
@@ -197,12 +202,12 @@ def _sparsestmax_row(z: list[float], r: float) -> tuple[list[float], list[float]
     if r >= max_radius(kk):
         p = zero.copy()
         p[order[0]] = 1.0
-        return p, p.copy(), 0.0, zero, 0.0
+        return p, p.copy(), 0.0, zero, zero
     support = max(k for k in range(1, kk + 1) if k * zs[k - 1] > cs[k - 1] - 1)
     tau = (cs[support - 1] - 1) / support
     p_sm = [max(v - tau, 0.0) for v in z]
     if math.sqrt(sum((v - 1 / kk) ** 2 for v in p_sm)) >= r:
-        return p_sm, [float(v > 0) for v in p_sm], 1.0, zero, 0.0
+        return p_sm, [float(v > 0) for v in p_sm], 1.0, zero, zero
     scale = max(abs(v) for v in zs) + 1
     tail = sum(v * v for v in zs)
     n2, prev, best, best_d = 0.0, zs[0], (1, zs[0], 0.0, 0.0, True), math.inf
@@ -232,29 +237,31 @@ def _sparsestmax_row(z: list[float], r: float) -> tuple[list[float], list[float]
     p = [max(mask[j] / k + rk * direction[j], 0.0) for j in range(kk)]
     total = sum(p)
     p = [v / total for v in p]
-    coef = rk / norm if rk > 0 and not flat else 0.0
-    return p, mask, coef, direction, (r / rk if rk > 0 else 0.0)
+    coef = (1.0 if flat else rk / norm) if rk > 0 else 0.0  # flat: see _sparsestmax_forward
+    dz = zero if flat else direction
+    dr = [r / rk * d for d in direction] if rk > 0 else zero
+    return p, mask, coef, dz, dr
 
 
 def _sparsestmax_small_cpu(z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = z.reshape(-1, z.shape[-1]).tolist()
     radii = r.expand(z.shape[:-1] + (1,)).reshape(-1).tolist()
     out = list(zip(*(_sparsestmax_row(row, rad) for row, rad in zip(rows, radii))))
-    shape = z.shape[:-1] + (1,)
 
     def t(values: tuple, trailing: tuple[int, ...]) -> Tensor:
         return torch.tensor(values, dtype=z.dtype).reshape(z.shape[:-1] + trailing)
 
-    p, mask, coef, direction, rfac = out
-    return t(p, z.shape[-1:]), t(mask, z.shape[-1:]) > 0, t(coef, (1,)), t(direction, z.shape[-1:]), t(rfac, (1,)).reshape(shape)
+    p, mask, coef, dz, dr = out
+    last = z.shape[-1:]
+    return t(p, last), t(mask, last) > 0, t(coef, (1,)), t(dz, last), t(dr, last)
 
 
 class _SparsestMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, r: Tensor) -> Tensor:  # type: ignore[override]
         small = z.device.type == "cpu" and z.numel() <= SMALL_CPU and not _force_batched
-        p, mask, coef, direction, rfac = (_sparsestmax_small_cpu if small else _sparsestmax_forward)(z, r)
-        ctx.save_for_backward(mask, coef, direction, rfac)
+        p, mask, coef, dz, dr = (_sparsestmax_small_cpu if small else _sparsestmax_forward)(z, r)
+        ctx.save_for_backward(mask, coef, dz, dr)
         ctx.r_shape = r.shape
         return p
 
@@ -262,14 +269,13 @@ class _SparsestMax(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None]:  # type: ignore[override]
         # On the support S: sparsemax's Jacobian is I - 11^T/|S|; the sphere point's is
         # (r_k/||w||)(I - 11^T/|S| - d d^T) with d the unit direction (symmetric, so J^T = J).
-        mask, coef, direction, rfac = ctx.saved_tensors
+        mask, coef, dz, dr = ctx.saved_tensors
         g = grad * mask
         centred = g - g.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)
-        along = (direction * g).sum(-1, keepdim=True)
-        grad_z = coef * (centred - direction * along) * mask
+        grad_z = coef * (centred - dz * (dz * g).sum(-1, keepdim=True)) * mask
         grad_r = None
         if ctx.needs_input_grad[1]:
-            grad_r = (rfac * along).sum_to_size(ctx.r_shape)
+            grad_r = (dr * grad).sum(-1, keepdim=True).sum_to_size(ctx.r_shape)
         return grad_z, grad_r
 
 
@@ -284,8 +290,9 @@ def sparsestmax(z: Tensor, radius: float | Tensor, dim: int = -1) -> Tensor:
     code centres the later stages on the support's centroid, which is not). For
     ``radius >= sqrt((K - 1) / K)`` the result is one-hot at the (first) largest logit. Ties between
     equally near points go to the lowest index, as an infinitesimal decreasing perturbation of
-    ``z`` would; where the choice is a tie the gradient is that of the chosen branch (zero on a
-    flat face), so it is finite everywhere.
+    ``z`` would. Gradients are exact Jacobians everywhere but at such ties, where the argmin has
+    none: there (e.g. at the uniform initialisation) the gradient is sparsemax's centring
+    projection, finite, so the logits can still learn their way off the tie.
 
     Args:
         z: logits, any shape with at least 2 categories along ``dim``.

@@ -69,6 +69,10 @@ def test_radius_at():
     assert radius_at(0, 4, 0.0, 0.8) == pytest.approx(0.2)
     assert radius_at(3, 4, 0.0, 0.8) == pytest.approx(0.8)
     assert radius_at(10, 4, 0.0, 0.8) == pytest.approx(0.8)
+    assert radius_at(2, 4, 0.0, 0.8, delay=3) == 0.0
+    assert radius_at(3, 4, 0.0, 0.8, delay=3) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        RadiusSchedule(ramp_fraction=0.6, delay_fraction=0.5)
     with pytest.raises(ValueError):
         RadiusSchedule(ramp_fraction=0.0)
 
@@ -94,8 +98,9 @@ def test_ramp_over_the_run_latches_every_layer_and_resume_is_exact(tmp_path):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
-def test_partial_ramp_reaches_the_end_early(tmp_path):
+def test_delayed_partial_ramp(tmp_path):
     record = Record()
-    _trainer(tmp_path, [RadiusSchedule(end=0.5, ramp_fraction=0.5), record]).fit(Tiny(), _loader())
-    assert record.radii[STEPS_PER_EPOCH - 1] == pytest.approx(0.5)
+    _trainer(tmp_path, [RadiusSchedule(end=0.5, ramp_fraction=0.5, delay_fraction=0.25), record]).fit(Tiny(), _loader())
+    assert record.radii[:3] == [0.0, 0.0, 0.0]  # 12 steps: 3 at zero, then 6 of ramp
+    assert record.radii[8] == pytest.approx(0.5) and record.radii[7] < 0.5
     assert record.radii[-1] == pytest.approx(0.5)

@@ -232,3 +232,11 @@ def test_sparsestmax_half_input():
     z = torch.randn(10, 3).half()
     p = sparsestmax(z, 0.5)
     assert p.dtype == torch.float16 and torch.isfinite(p).all()
+
+
+def test_tie_gradient_is_sparsemax_centring_so_training_can_leave_a_tie():
+    for r in (0.1, 0.3, 0.4):  # below sqrt(1/6) the whole simplex is the only face reaching the sphere
+        z = torch.zeros(3, requires_grad=True)  # the layers' initialisation
+        g = torch.tensor([1.0, 0.0, -2.0])
+        sparsestmax(z, r).backward(g)
+        torch.testing.assert_close(z.grad, g - g.mean())

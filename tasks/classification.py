@@ -1,0 +1,132 @@
+"""Image classification: torchvision ResNets (and a small ResNet for 28x28) with any normalizer."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from .base import NormTask
+
+__all__ = ["ImageClassifier", "SmallResNet", "build_classifier", "ARCHS"]
+
+ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class SmallResNet(nn.Module):
+    """A ResNet for 28x28 inputs: 3x3 stem, three stages of BasicBlocks (16/32/64 channels at
+    28/14/7 pixels), global pooling. ~0.2M parameters; the same blocks as torchvision's."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: tuple[int, ...] = (16, 32, 64),
+        blocks: tuple[int, ...] = (1, 1, 1),
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = norm_layer(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        layers, c = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or c != w:
+                down = nn.Sequential(nn.Conv2d(c, w, 1, stride=stride, bias=False), norm_layer(w))
+            stage = [BasicBlock(c, w, stride, down, norm_layer=norm_layer)]
+            stage += [BasicBlock(w, w, norm_layer=norm_layer) for _ in range(n - 1)]
+            layers.append(nn.Sequential(*stage))
+            c = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.flatten(self.pool(self.layers(x)), 1))
+
+
+def build_classifier(
+    arch: str, num_classes: int, in_channels: int, norm_layer: Callable[..., nn.Module], zero_init_residual: bool
+) -> nn.Module:
+    if arch not in ARCHS:
+        raise KeyError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    if arch == "resnet_small":
+        model: nn.Module = SmallResNet(num_classes, in_channels, norm_layer=norm_layer)
+    else:
+        model = getattr(torchvision.models, arch)(num_classes=num_classes, norm_layer=norm_layer)
+        if in_channels != 3:
+            model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    if zero_init_residual:  # each block starts as identity: its last norm's gamma is 0
+        for m in model.modules():
+            last = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+            if last is not None and getattr(last, "weight", None) is not None:
+                nn.init.zeros_(last.weight)
+    return model
+
+
+class ImageClassifier(NormTask):
+    """ImageNet-style classification with a chosen normalizer (see :class:`NormTask` for the
+    normalizer and optimisation arguments).
+
+    Args:
+        arch: ``resnet_small`` (28x28 inputs), ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``.
+        num_classes, in_channels: linked from the data module by the CLI.
+        zero_init_residual: zero the gamma of each residual block's last norm.
+        label_smoothing: of the cross-entropy.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        zero_init_residual: bool = True,
+        label_smoothing: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.net = build_classifier(arch, num_classes, in_channels, self.norm_layer(), zero_init_residual)
+        top5 = min(5, num_classes)
+        self.metrics = nn.ModuleDict({
+            f"{split}_acc{k}": MulticlassAccuracy(num_classes, top_k=k)
+            for split in ("val", "test") for k in sorted({1, top5})
+        })
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> Tensor | None:
+        if batch is None:  # every image of the batch was unreadable (counted by the data module)
+            return None
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor] | None, split: str) -> None:
+        if batch is None:
+            return
+        x, y = batch
+        logits = self(x)
+        self.log(f"{split}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        for name, metric in self.metrics.items():
+            if name.startswith(split):
+                metric(logits, y)
+                self.log(f"{split}/{name.split('_')[1]}", metric, prog_bar=name.endswith("acc1"))
+
+    def validation_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> None:
+        self._eval_step(batch, "test")

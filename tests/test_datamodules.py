@@ -1,0 +1,140 @@
+"""Data modules on fixtures written in the real on-disk layouts (idx files, ImageNet JPEG folders)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules import FashionMNISTDataModule, ImageNetDataModule
+from datamodules import fashion_mnist as fm
+
+
+def _write_idx(path, array: np.ndarray, gz: bool = True) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def _fmnist_fixture(root, n_train=60, n_test=20, gz=True):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(root / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), gz)
+        _write_idx(root / f"{split}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, (n,)), gz)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_from_a_folder(tmp_path, monkeypatch, gz):
+    monkeypatch.setattr(fm, "DEBIAN_ROOT", tmp_path / "nowhere")
+    _fmnist_fixture(tmp_path, gz=gz)
+    dm = FashionMNISTDataModule(root=str(tmp_path), batch_size=8, val_size=10)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert (len(dm.data["train"]), len(dm.data["val"]), len(dm.data["test"])) == (50, 10, 20)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    x2, _ = dm.on_after_batch_transfer((x, y), 0)  # no trainer: normalised, not augmented
+    torch.testing.assert_close(x2, (x.float() / 255 - fm.MEAN) / fm.STD)
+
+
+def test_fashion_mnist_missing_and_corrupt_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "DEBIAN_ROOT", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNISTDataModule(root=str(tmp_path)).prepare_data()
+    _fmnist_fixture(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = gzip.open(path).read()
+    gzip.open(path, "wb").write(raw[:-100])  # truncated
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        FashionMNISTDataModule(root=str(tmp_path)).setup("fit")
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unreadable|not an idx"):
+        FashionMNISTDataModule(root=str(tmp_path)).setup("fit")
+
+
+def test_shift_and_flip_moves_pixels_not_content():
+    x = torch.randn(64, 1, 28, 28)
+    y = fm._shift_and_flip(x)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    # every output row is a (possibly flipped) shifted copy: the centre pixel of some output
+    # equals an input pixel within 2 pixels of the centre
+    for i in range(8):
+        window = x[i, 0, 12:17, 12:17].flatten()
+        assert torch.isclose(window, y[i, 0, 14, 14]).any()
+
+
+@pytest.mark.skipif(not (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists(), reason="Debian dataset absent")
+def test_real_fashion_mnist_from_the_debian_package():
+    dm = FashionMNISTDataModule()
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.data["train"]) == 55000 and len(dm.data["val"]) == 5000 and len(dm.data["test"]) == 10000
+    labels = dm.data["test"].tensors[1]
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 1000))
+
+
+# --------------------------------------------------------------------------------- ImageNet
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def _imagenet_fixture(root, per_class=(4, 2), corrupt=True):
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c, wnid in enumerate(WNIDS):
+            d = root / split / wnid
+            d.mkdir(parents=True)
+            for i in range(n):
+                size = (40 + 7 * i, 30 + 5 * c)
+                img = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+                name = f"{wnid}_{i}.JPEG" if split == "train" else f"ILSVRC2012_val_{c:05d}{i:03d}.JPEG"
+                img.save(d / name, "JPEG")
+    if corrupt:
+        (root / "train" / WNIDS[0] / "broken.JPEG").write_bytes(b"\xff\xd8\xff not really a jpeg")
+        good = (root / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG").read_bytes()
+        (root / "train" / WNIDS[1] / "truncated.JPEG").write_bytes(good[:50])
+
+
+def test_imagenet_layout_transforms_and_skipped_images(tmp_path):
+    _imagenet_fixture(tmp_path)
+    dm = ImageNetDataModule(str(tmp_path), batch_size=4, num_workers=0, crop_size=32, resize_size=36)
+    assert dm.num_classes == 3 and dm.classes == WNIDS
+    dm.setup("fit")
+    assert len(dm.data["train"]) == 14 and len(dm.data["val"]) == 6
+    seen = 0
+    for batch in dm.train_dataloader():
+        if batch is None:
+            continue
+        x, y = batch
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32
+        seen += len(y)
+    assert seen + dm.skipped_images == 12 + (14 - 12) and dm.skipped_images == 2  # drop_last aside
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1]
+
+
+def test_imagenet_skip_count_is_shared_with_workers(tmp_path):
+    _imagenet_fixture(tmp_path)
+    dm = ImageNetDataModule(str(tmp_path), batch_size=2, num_workers=2, crop_size=16, resize_size=18)
+    dm.setup("fit")
+    loader = torch.utils.data.DataLoader(dm.data["train"], batch_size=2, num_workers=2,
+                                         collate_fn=dm.train_dataloader().collate_fn)
+    n = sum(len(b[1]) for b in loader if b is not None)
+    assert n == 12 and dm.skipped_images == 2
+
+
+def test_imagenet_bad_roots_fail_early_with_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train/<wnid>/\*\.JPEG"):
+        ImageNetDataModule(str(tmp_path / "missing")).num_classes
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no class folders"):
+        ImageNetDataModule(str(tmp_path / "empty")).setup("fit")
+    _imagenet_fixture(tmp_path / "extra", corrupt=False)
+    (tmp_path / "extra" / "val" / "n99999999").mkdir()
+    with pytest.raises(ValueError, match="not in train"):
+        ImageNetDataModule(str(tmp_path / "extra")).setup("fit")

@@ -1,0 +1,135 @@
+"""The classification task and the ssn-bench CLI: smoke runs, resume, learning on real data, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ssn
+from datamodules import fashion_mnist as fm
+from tasks import ImageClassifier
+from tasks.base import lr_factor
+from tasks.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = str(ROOT / "configs/base/trainer.yaml")
+FMNIST = str(ROOT / "configs/fashion_mnist/resnet_small_{}_fashionmnist-28.yaml")
+HAVE_FMNIST = (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists()
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist` (make test does it)")
+
+
+def test_lr_factor_warmup_cosine_and_step():
+    assert lr_factor(0, 100, 10, "cosine", [], 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine", [], 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine", [], 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine", [], 0.1) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", [], 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(29, 100, 0, "step", [30, 60], 0.1) == 1.0
+    assert lr_factor(30, 100, 0, "step", [30, 60], 0.1) == pytest.approx(0.1)
+    assert lr_factor(75, 100, 0, "step", [30, 60], 0.1) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("arch", ["resnet_small", "resnet18", "resnet50"])
+def test_classifier_builds_with_zero_init_and_groups(arch):
+    model = ImageClassifier(arch=arch, num_classes=10, in_channels=1 if arch == "resnet_small" else 3, norm="ssn")
+    blocks = [m for m in model.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
+    last = [b.bn3 if hasattr(b, "bn3") else b.bn2 for b in blocks]
+    assert last and all(not n.weight.any() for n in last)
+    names = {g["name"] for g in ssn.param_groups(model, 0.1, 1e-4)}
+    assert names == {"params", "norm", "ratios"}
+    with pytest.raises(KeyError, match="valid names"):
+        ImageClassifier(arch=arch, norm="batchnorm")
+    with pytest.raises(KeyError, match="unknown arch"):
+        ImageClassifier(arch="vgg", norm="bn")
+
+
+def _args(tmp_path: Path, norm: str = "ssn", *extra: str) -> list[str]:
+    out = str(tmp_path / "out")
+    return [
+        "--config", BASE, "--config", FMNIST.format(norm),
+        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
+        "--data.batch_size=16", *extra,
+    ]
+
+
+@needs_fmnist
+def test_cli_fit_writes_checkpoint_dashboards_and_export(tmp_path, capsys):
+    cli = main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1")])
+    out = tmp_path / "out"
+    assert cli.trainer.global_step == 6 and cli.model.hparams.num_classes == 10  # linked from data
+    assert (out / "ssn" / "selection.json").is_file() and list((out / "ssn").glob("heatmap-epoch*.png"))
+    rows = json.loads((out / "ssn" / "selection.json").read_text())
+    assert len(rows) == 9 and all(r["mean_latch"] and r["var_latch"] for r in rows)  # ramp ended
+    assert list(out.rglob("last.ckpt"))
+    program = torch.export.load(out / "exported" / "model.pt2").module()
+    assert program(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb"))  # an offline wandb run, uploadable with wandb sync
+    printed = capsys.readouterr().out
+    assert "9/9 layers latched" in printed and "test (exported): test/acc1" in printed
+    accs = [line.split("test/acc1 ")[1].split(",")[0] for line in printed.splitlines() if "test/acc1" in line]
+    assert len(accs) == 2 and accs[0] == accs[1]  # exporting changed nothing
+
+
+@needs_fmnist
+def test_cli_resume_continues_from_last_checkpoint(tmp_path):
+    main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false")])
+    cli = main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=2", "--export=false", "--ckpt_path=last")])
+    assert cli.trainer.global_step == 12 and cli.trainer.current_epoch == 2
+    radius = cli.trainer.callbacks  # the schedule kept its ramp length (12 steps from the first run's 6)
+    sched = next(c for c in radius if type(c).__name__ == "RadiusSchedule")
+    assert sched.ramp_steps == round(6 * 0.6)  # fixed by the first run (1 epoch), restored on resume
+
+
+@needs_fmnist
+def test_cli_validate_and_test_subcommands(tmp_path):
+    main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--export=false")])
+    ckpt = next((tmp_path / "out").rglob("last.ckpt"))
+    main(["validate", *_args(tmp_path, "bn"), f"--ckpt_path={ckpt}"])
+    main(["test", *_args(tmp_path, "bn"), f"--ckpt_path={ckpt}"])
+
+
+def test_cli_rejects_unknown_normalizer(tmp_path):
+    with pytest.raises((KeyError, SystemExit)):
+        main(["fit", *_args(tmp_path, "ssn", "--model.init_args.norm=batchnorm")])
+
+
+@needs_fmnist
+@pytest.mark.timeout(300)
+def test_short_real_training_learns_fashion_mnist(tmp_path):
+    """~40 s on 2 cores: SSN ResNet on real Fashion-MNIST, far above chance (0.10) at the end,
+    with every SSN layer latched."""
+    cli = main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=300",
+                              "--trainer.limit_val_batches=10", "--trainer.limit_test_batches=20",
+                              "--data.batch_size=64", "--export=false")])
+    res = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    assert res["test/acc1"] > 0.75, res
+    assert all(all(m.latched) for _, m in ssn.switch_norms(cli.model))
+
+
+@needs_fmnist
+@pytest.mark.timeout(400)
+def test_ddp_two_cpu_processes_sync_and_scale_lr(tmp_path):
+    probe = tmp_path / "probe"
+    cmd = [sys.executable, "-m", "tasks.cli", "fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false"),
+           "--config", str(ROOT / "configs/base/ddp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
+           "--trainer.callbacks+=ddp_probe.Probe", f"--trainer.callbacks.out_dir={probe}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    for rec in ranks:
+        assert rec["world_size"] == 2 and all(rec["sync"]) and rec["global_step"] == 6
+        assert rec["global_batch_size"] == 32
+        assert math.isclose(rec["effective_lr"], 0.2 * 32 / 256)
+    assert ranks[0]["running_mean"] == ranks[1]["running_mean"]  # synchronised statistics
+    assert ranks[0]["running_var"] == ranks[1]["running_var"]
