@@ -658,8 +658,6 @@ class LatchedNorm(nn.Module):
     running_mean: Tensor
     running_var: Tensor
     num_batches_tracked: Tensor
-    mean_stat: Tensor
-    var_stat: Tensor
 
     def __init__(
         self,
@@ -685,22 +683,51 @@ class LatchedNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("mean_stat", torch.tensor(STATS.index(mean_stat)))
-        self.register_buffer("var_stat", torch.tensor(STATS.index(var_stat)))
+        # NOTE: plain ints (kept in the state_dict as extra state), so torch.export and
+        # torch.compile see constants rather than data-dependent tensor reads.
+        self.mean_stat, self.var_stat = STATS.index(mean_stat), STATS.index(var_stat)
+
+    def get_extra_state(self) -> dict[str, str]:
+        return {"mean": STATS[self.mean_stat], "var": STATS[self.var_stat]}
+
+    def set_extra_state(self, state: dict[str, str]) -> None:
+        self.mean_stat, self.var_stat = STATS.index(state["mean"]), STATS.index(state["var"])
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(f"LatchedNorm expects a {self.spatial_dims + 2}-D input, got {tuple(x.shape)}")
+        if not self.training:
+            return self._eval(x)
         eye = torch.eye(len(STATS), device=x.device)
-        training = self.training
         y, batch_mean, batch_var, count = _SwitchNormFn.apply(
-            x, eye[int(self.mean_stat)], eye[int(self.var_stat)], self.weight, self.bias,
-            None if training else self.running_mean, None if training else self.running_var,
+            x, eye[self.mean_stat], eye[self.var_stat], self.weight, self.bias, None, None,
             self.eps, self.in_var_correction, None,
         )
-        if training:
-            _update_running(self, batch_mean, batch_var, float(count))
+        _update_running(self, batch_mean, batch_var, float(count))
         return y
 
+    def _eval(self, x: Tensor) -> Tensor:
+        """Only the selected statistics, in plain ops (exportable with a dynamic batch)."""
+        sp = tuple(range(2, x.dim()))
+        shape = (1, -1) + (1,) * len(sp)
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        need_in = IN in (self.mean_stat, self.var_stat) or LN in (self.mean_stat, self.var_stat)
+        if need_in:
+            var_in, mu_in = torch.var_mean(xs, sp, correction=self.in_var_correction, keepdim=True)
+        if self.mean_stat == BN:
+            mean = self.running_mean.to(xs.dtype).view(shape)
+        else:
+            mean = mu_in if self.mean_stat == IN else mu_in.mean(1, keepdim=True)
+        if self.var_stat == BN:
+            var = self.running_var.to(xs.dtype).view(shape)
+        elif self.var_stat == IN:
+            var = var_in
+        else:  # LN pooled from the planes, as the layer defines it
+            var = var_in.mean(1, keepdim=True) + mu_in.var(1, correction=0, keepdim=True)
+        y = (xs - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
     def extra_repr(self) -> str:
-        return f"{self.num_features}, mean={STATS[int(self.mean_stat)]}, var={STATS[int(self.var_stat)]}, eps={self.eps}"
+        return f"{self.num_features}, mean={STATS[self.mean_stat]}, var={STATS[self.var_stat]}, eps={self.eps}"

@@ -8,6 +8,7 @@ Everything goes to wandb when a WandbLogger is attached, and always to local fil
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,15 @@ class NormRatioMonitor(pl.Callback):
         self.print_selection = print_selection
         self.history: list[dict[str, Any]] = []
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # NOTE: trainer.log_dir is a collective under DDP: resolve it here, on every rank, never
+        # inside the rank-zero-only hooks below (that deadlocks).
+        self._out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "ssn")
+        self._run = time.strftime("%Y%m%d-%H%M%S")  # tells apart runs appending to ratios.jsonl
+
     def _dir(self, trainer: pl.Trainer) -> Path:
-        path = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "ssn")
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        self._out.mkdir(parents=True, exist_ok=True)
+        return self._out
 
     @staticmethod
     def _wandb(trainer: pl.Trainer) -> WandbLogger | None:
@@ -116,7 +122,7 @@ class NormRatioMonitor(pl.Callback):
         out = self._dir(trainer)
         with open(out / "ratios.jsonl", "a") as f:
             for r in rows:
-                f.write(json.dumps({"step": step, "epoch": epoch, **r}) + "\n")
+                f.write(json.dumps({"run": self._run, "step": step, "epoch": epoch, **r}) + "\n")
         fig = heatmap(rows, f"epoch {epoch}, step {step}")
         fig.savefig(out / f"heatmap-epoch{epoch:03d}.png", dpi=80, bbox_inches="tight")
         wb = self._wandb(trainer)

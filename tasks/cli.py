@@ -12,11 +12,14 @@ loaded back and tested again, so the two accuracies can be compared.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 import ssn
 from ssn.io import save_atomic
@@ -24,6 +27,8 @@ from ssn.io import save_atomic
 from .base import NormTask
 
 __all__ = ["SSNCLI", "main", "export_model"]
+
+say = rank_zero_only(print)  # the report after fit, printed once under DDP
 
 
 class ExportedProgram(torch.nn.Module):
@@ -40,9 +45,9 @@ class ExportedProgram(torch.nn.Module):
         return self._program(x.cpu()).to(x.device)
 
 
-def export_model(task: NormTask, path: Path, example: torch.Tensor) -> torch.nn.Module:
-    """Export ``task.net`` to native layers, save it as a ``torch.export`` program (loadable
-    without this package) and its state_dict, and return the program's module."""
+def export_model(task: NormTask, path: Path, example: torch.Tensor) -> None:
+    """Export ``task.net`` to native layers and save it as a ``torch.export`` program (loadable
+    without this package, dynamic batch size) and as a state_dict beside it."""
     net = ssn.export_norm(copy.deepcopy(task.net).cpu().eval())
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(net, (example.cpu(),), dynamic_shapes=({0: batch},))
@@ -51,7 +56,6 @@ def export_model(task: NormTask, path: Path, example: torch.Tensor) -> torch.nn.
     torch.export.save(program, tmp)
     tmp.replace(path)  # atomic: a crash leaves no half-written program
     save_atomic(net.state_dict(), path.with_suffix(".state_dict.pt"))
-    return ExportedProgram(torch.export.load(path).module())
 
 
 class SSNCLI(LightningCLI):
@@ -61,25 +65,38 @@ class SSNCLI(LightningCLI):
         parser.add_argument("--export", type=bool, default=True,
                             help="after fit: test, export latched SSN layers to native ones, test again")
 
+    def before_fit(self) -> None:
+        # NOTE: checkpoints go to <default_root_dir>/checkpoints unless a dirpath is configured:
+        # the logger's per-run folder (a new wandb run id each time) would hide the previous run's
+        # last.ckpt from `--ckpt_path last`, and a resume would silently start over.
+        for cb in self.trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                cb.dirpath = os.path.realpath(Path(self.trainer.default_root_dir) / "checkpoints")
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("export", True) or self.trainer.interrupted:
             return
         trainer, model, dm = self.trainer, self.model, self.datamodule
+        # NOTE: every rank runs this (trainer.test is collective under DDP); only rank 0 writes.
         results = {"model": trainer.test(model, datamodule=dm, verbose=False)}
         switch = list(ssn.switch_norms(model))
         if switch and not all(all(m.latched) for _, m in switch):
-            print("\nnot every SN/SSN layer has latched: no native export (train longer or ramp the radius to its end)")
-        elif trainer.is_global_zero:
-            dm.setup("test")
-            example = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)[0][:2]
-            path = Path(trainer.log_dir or trainer.default_root_dir) / "exported" / "model.pt2"
+            say("\nnot every SN/SSN layer has latched: no native export "
+                           "(train longer, or let the radius ramp reach its end)")
+        else:
+            path = Path(trainer.default_root_dir) / "exported" / "model.pt2"
+            if trainer.is_global_zero:
+                dm.setup("test")
+                example = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)[0][:2]
+                export_model(model, path, example)
+                say(f"\nexported native model: {path}")
+            trainer.strategy.barrier()
             exported = copy.deepcopy(model)
-            exported.net = export_model(model, path, example)
-            print(f"\nexported native model: {path}")
+            exported.net = ExportedProgram(torch.export.load(path).module())
             results["exported"] = trainer.test(exported, datamodule=dm, verbose=False)
         for name, res in results.items():
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(res[0].items()) if "acc" in k)
-            print(f"test ({name}): {metrics}")
+            say(f"test ({name}): {metrics}")
 
 
 def main(args: list[str] | None = None) -> SSNCLI:

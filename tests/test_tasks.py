@@ -83,11 +83,14 @@ def test_cli_fit_writes_checkpoint_dashboards_and_export(tmp_path, capsys):
 @needs_fmnist
 def test_cli_resume_continues_from_last_checkpoint(tmp_path):
     main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false")])
+    first = next((tmp_path / "out" / "checkpoints").glob("last.ckpt"))
+    assert torch.load(first, weights_only=False)["global_step"] == 6
     cli = main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=2", "--export=false", "--ckpt_path=last")])
     assert cli.trainer.global_step == 12 and cli.trainer.current_epoch == 2
-    radius = cli.trainer.callbacks  # the schedule kept its ramp length (12 steps from the first run's 6)
-    sched = next(c for c in radius if type(c).__name__ == "RadiusSchedule")
-    assert sched.ramp_steps == round(6 * 0.6)  # fixed by the first run (1 epoch), restored on resume
+    assert cli.trainer.ckpt_path == str(first)  # it really resumed (not a silent fresh start)
+    # the schedule keeps the ramp fixed when the run started (1 epoch of 6 steps), not the new length
+    sched = next(c for c in cli.trainer.callbacks if type(c).__name__ == "RadiusSchedule")
+    assert (sched.delay_steps, sched.ramp_steps) == (round(6 * 0.2), round(6 * 0.5))
 
 
 @needs_fmnist
@@ -99,20 +102,20 @@ def test_cli_validate_and_test_subcommands(tmp_path):
 
 
 def test_cli_rejects_unknown_normalizer(tmp_path):
-    with pytest.raises((KeyError, SystemExit)):
+    with pytest.raises((KeyError, ValueError), match="valid names: bn, syncbn"):
         main(["fit", *_args(tmp_path, "ssn", "--model.init_args.norm=batchnorm")])
 
 
 @needs_fmnist
 @pytest.mark.timeout(300)
 def test_short_real_training_learns_fashion_mnist(tmp_path):
-    """~40 s on 2 cores: SSN ResNet on real Fashion-MNIST, far above chance (0.10) at the end,
-    with every SSN layer latched."""
+    """~20 s on 2 cores: 300 steps of an SSN ResNet on real Fashion-MNIST, radius ramped to one-hot
+    inside them, end far above chance (0.10 accuracy, loss ln 10 = 2.30) with every layer latched."""
     cli = main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=300",
                               "--trainer.limit_val_batches=10", "--trainer.limit_test_batches=20",
                               "--data.batch_size=64", "--export=false")])
     res = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    assert res["test/acc1"] > 0.75, res
+    assert res["test/acc1"] > 0.5 and res["test/loss"] < 1.2, res
     assert all(all(m.latched) for _, m in ssn.switch_norms(cli.model))
 
 
