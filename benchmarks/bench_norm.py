@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import math
 import random
 import statistics
 import time
@@ -140,20 +142,45 @@ def measure_models(rounds: int, batch: int, size: int) -> list[tuple[str, str, f
     return rows
 
 
-def _alternate(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median time of each run, candidates interleaved in a shuffled order every round."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+def steady_allocator() -> bool:
+    """Make glibc's large allocations cost the same every round.
+
+    By default glibc moves its mmap threshold as blocks are freed and trims the heap, so an
+    activation-sized tensor is sometimes fresh pages (page faults, zeroing) and sometimes reused
+    memory: timings of one kernel then come out bimodal. A fixed 32 MB threshold and no trimming
+    give every candidate, native or ours, the same allocation cost. No effect off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def _alternate(runs: dict[str, Callable[[], None]], rounds: int, min_sample: float = 0.02) -> dict[str, float]:
+    """Median time of each run, candidates interleaved in a shuffled order every round.
+
+    Each timed sample repeats a run enough times (the same count for every candidate) to last
+    about ``min_sample`` seconds, so sub-millisecond kernels are not lost in timer jitter.
+    """
+    fastest = math.inf
     for run in runs.values():  # warm-up: allocator, lazy inits
         run()
+        t0 = time.perf_counter()
         run()
+        fastest = min(fastest, time.perf_counter() - t0)
+    inner = max(1, math.ceil(min_sample / max(fastest, 1e-6)))
+    times: dict[str, list[float]] = {name: [] for name in runs}
     order = list(runs.items())
     shuffle = random.Random(0).shuffle
     for _ in range(rounds):
         shuffle(order)  # no candidate always follows the same one (allocator and cache state)
         for name, run in order:
             t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(inner):
+                run()
+            times[name].append((time.perf_counter() - t0) / inner)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -170,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (5 if args.quick else 15)
     shapes = (QUICK_2D + QUICK_3D) if args.quick else (SHAPES_2D + SHAPES_3D)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} alternating rounds, median")
+    steady = steady_allocator()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} alternating rounds, median"
+          f"{', steady glibc allocator' if steady else ''}")
     print(f"{'shape':<22} {'mode':<6} {'layer':<16} {'ms':>8} {'ratio':>7}  vs")
     table: dict[tuple[str, str, str], float] = {}  # (layer, mode, shape) -> ratio
     for shape in shapes:
