@@ -136,3 +136,20 @@ def test_ddp_two_cpu_processes_sync_and_scale_lr(tmp_path):
         assert math.isclose(rec["effective_lr"], 0.2 * 32 / 256)
     assert ranks[0]["running_mean"] == ranks[1]["running_mean"]  # synchronised statistics
     assert ranks[0]["running_var"] == ranks[1]["running_var"]
+
+
+def test_cli_imagenet_config_on_a_fixture_in_the_real_layout(tmp_path):
+    from test_datamodules import _imagenet_fixture
+
+    _imagenet_fixture(tmp_path / "imagenet")
+    out = str(tmp_path / "out")
+    cli = main([
+        "fit", "--config", BASE, "--config", str(ROOT / "configs/imagenet/resnet50_ssn_imagenet-224.yaml"),
+        "--model.init_args.arch=resnet18", f"--data.init_args.root={tmp_path / 'imagenet'}",
+        "--data.init_args.crop_size=32", "--data.init_args.resize_size=36", "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0", "--trainer.max_epochs=1", f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false", "--export=false",
+    ])
+    assert cli.model.hparams.num_classes == 3  # linked from the class folders
+    assert cli.trainer.global_step == 3  # 14 images (2 unreadable, skipped) in batches of 4, last dropped
+    assert cli.datamodule.skipped_images >= 1
