@@ -5,7 +5,8 @@
     ssn-bench validate|test ... --ckpt_path PATH
 
 After ``fit`` the trained model is tested, and when every SSN layer has latched it is exported to
-native layers (``ssn.export_norm``), saved as a ``torch.export`` program beside the checkpoints,
+native layers (``ssn.export_norm``), saved as a ``torch.export`` program under
+``<default_root_dir>/exported/``,
 loaded back and tested again, so the two accuracies can be compared.
 """
 
