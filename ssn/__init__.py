@@ -4,6 +4,7 @@ from .factory import NORM_NAMES, create_norm, get_norm_layer
 from .functional import max_radius, sparsemax, sparsestmax
 from .norm import (
     STATS,
+    LatchedNorm,
     SparseSwitchNorm1d,
     SparseSwitchNorm2d,
     SparseSwitchNorm3d,
@@ -12,7 +13,6 @@ from .norm import (
     SwitchNorm3d,
 )
 from .integrations import register_mmengine
-from .norm import LatchedNorm
 from .surgery import convert_norm, export_norm, param_groups, set_radius, switch_norms
 
 __all__ = [

@@ -74,14 +74,11 @@ class RadiusSchedule(pl.Callback):
         set_radius(pl_module, self.radius)
         pl_module.log("ssn/radius", self.radius, on_step=True, on_epoch=False)
 
+    _STATE = ("ramp_steps", "delay_steps", "start", "end", "ramp_fraction", "delay_fraction", "radius")
+
     def state_dict(self) -> dict[str, Any]:
-        return {"ramp_steps": self.ramp_steps, "delay_steps": self.delay_steps, "start": self.start,
-                "end": self.end, "ramp_fraction": self.ramp_fraction, "delay_fraction": self.delay_fraction,
-                "radius": self.radius}
+        return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.ramp_steps = state_dict["ramp_steps"]
-        self.delay_steps = state_dict.get("delay_steps", 0)
-        self.delay_fraction = state_dict.get("delay_fraction", 0.0)
-        self.start, self.end = state_dict["start"], state_dict["end"]
-        self.ramp_fraction, self.radius = state_dict["ramp_fraction"], state_dict["radius"]
+        for k in self._STATE:
+            setattr(self, k, state_dict[k])

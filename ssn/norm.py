@@ -423,15 +423,19 @@ class _SwitchNorm(nn.Module):
         # NOTE: mirrored on the host so the latched fast path needs no device sync and
         # torch.compile sees plain ints; refreshed whenever the buffers change through this
         # class (latching, latch(), load_state_dict). Code that writes the buffers directly
-        # must reset it to None.
+        # must call _refresh_latches().
         if self._latch_cache is None:
             self._latch_cache = (int(self.mean_latch), int(self.var_latch))
         return self._latch_cache
 
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(*args, **kwargs)
+    def _refresh_latches(self) -> None:
+        """Re-read the latch buffers into the host-side mirror (after writing them directly)."""
         self._latch_cache = None
         self._latches()
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_latches()
 
     @torch.no_grad()
     def latch(self, mean: str | None, var: str | None) -> None:
@@ -441,8 +445,7 @@ class _SwitchNorm(nn.Module):
             if stat is not None and stat not in STATS:
                 raise KeyError(f"unknown statistic {stat!r}; valid: {', '.join(STATS)}")
             buf.fill_(UNLATCHED if stat is None else STATS.index(stat))
-        self._latch_cache = None
-        self._latches()
+        self._refresh_latches()
 
     def _ratio(self, logits: Tensor, latch: int) -> Tensor:
         if latch != UNLATCHED:
@@ -711,9 +714,11 @@ class LatchedNorm(nn.Module):
         sp = tuple(range(2, x.dim()))
         shape = (1, -1) + (1,) * len(sp)
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        need_in = IN in (self.mean_stat, self.var_stat) or LN in (self.mean_stat, self.var_stat)
-        if need_in:
-            var_in, mu_in = torch.var_mean(xs, sp, correction=self.in_var_correction, keepdim=True)
+        # NOTE: mean and variance differ here, so at least one needs the per-plane moments; the
+        # variance uses the layer's degrees of freedom (no NaN for 1x1 maps when unbiased).
+        m = math.prod(x.shape[2:])
+        var_in, mu_in = torch.var_mean(xs, sp, correction=0, keepdim=True)
+        var_in = var_in * (m / _dof(m, self.in_var_correction))
         if self.mean_stat == BN:
             mean = self.running_mean.to(xs.dtype).view(shape)
         else:

@@ -52,8 +52,7 @@ def _convert_one(m: nn.Module, name: str, dim: int, kw: dict[str, Any]) -> nn.Mo
     if isinstance(m, _SwitchNorm) and isinstance(new, _SwitchNorm):
         for key in ("mean_logits", "var_logits", "radius", "mean_latch", "var_latch"):
             getattr(new, key).copy_(getattr(m, key))
-        new._latch_cache = None
-        new._latches()
+        new._refresh_latches()
     ref = next(t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
     return new.to(device=ref.device, dtype=ref.dtype).train(m.training)
 

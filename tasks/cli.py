@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 import ssn
-from ssn.io import save_atomic
+from ssn.io import atomic_write, save_atomic
 
 from .base import NormTask
 
@@ -52,10 +52,7 @@ def export_model(task: NormTask, path: Path, example: torch.Tensor) -> None:
     net = ssn.export_norm(copy.deepcopy(task.net).cpu().eval())
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(net, (example.cpu(),), dynamic_shapes=({0: batch},))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.pt2")
-    torch.export.save(program, tmp)
-    tmp.replace(path)  # atomic: a crash leaves no half-written program
+    atomic_write(path, lambda f: torch.export.save(program, f))
     save_atomic(net.state_dict(), path.with_suffix(".state_dict.pt"))
 
 
@@ -83,7 +80,7 @@ class SSNCLI(LightningCLI):
         switch = list(ssn.switch_norms(model))
         if switch and not all(all(m.latched) for _, m in switch):
             say("\nnot every SN/SSN layer has latched: no native export "
-                           "(train longer, or let the radius ramp reach its end)")
+                "(train longer, or let the radius ramp reach its end)")
         else:
             path = Path(trainer.default_root_dir) / "exported" / "model.pt2"
             if trainer.is_global_zero:
