@@ -15,6 +15,7 @@ value; their network has a max-pool with padding 0 and ceil mode, and dropout 0.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import re
@@ -25,17 +26,23 @@ import torch
 from torch import nn
 
 from .io import save_atomic
+from .functional import authors_sparsestmax, sparsestmax
 from .norm import STATS, SparseSwitchNorm2d
 
-__all__ = ["authors_resnet50", "convert_authors_state_dict", "load_authors_checkpoint"]
+__all__ = ["authors_resnet50", "convert_authors_state_dict", "load_authors_checkpoint", "unfixed_layers"]
+
+log = logging.getLogger(__name__)
 
 AUTHORS_MOMENTUM = 0.997  # weight of the old value in their running averages
 _NORM_KEYS = ("weight", "bias", "mean_weight", "var_weight", "running_mean", "running_var",
               "mean_fixed", "var_fixed", "radius")
 
 
-def authors_resnet50(num_classes: int = 1000) -> nn.Module:
+def authors_resnet50(num_classes: int = 1000, *, projection: str = "exact") -> nn.Module:
     """torchvision's ResNet-50 rebuilt as the authors' network, with our SSN layers.
+
+    ``projection`` is the SparsestMax of the SSN layers: ``"exact"`` (ours) or ``"authors"``
+    (their approximation; see :func:`unfixed_layers`).
 
     Their differences are reproduced: unbiased instance variance, momentum 0.997 on the old value
     (0.003 in PyTorch's convention), max-pool with padding 0 and ceil mode, dropout 0.5 before the
@@ -44,7 +51,7 @@ def authors_resnet50(num_classes: int = 1000) -> nn.Module:
     from torchvision.models import resnet50
 
     def norm(c: int) -> nn.Module:
-        return SparseSwitchNorm2d(c, momentum=1 - AUTHORS_MOMENTUM, in_var_correction=1)
+        return SparseSwitchNorm2d(c, momentum=1 - AUTHORS_MOMENTUM, in_var_correction=1, projection=projection)
 
     model = resnet50(num_classes=num_classes, norm_layer=norm)
     model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
@@ -109,13 +116,39 @@ def convert_authors_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]
     return out
 
 
-def load_authors_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> nn.Module:
+@torch.no_grad()
+def unfixed_layers(model: nn.Module) -> list[tuple[str, float, float]]:
+    """The SSN layers with a ratio not yet fixed (latched) at a radius above 0, each with its
+    radius and how far apart the two projections put its ratios (max abs difference).
+
+    Their ratios depend on the projection: the authors' code measures the radius from the centroid
+    of sparsemax's support (the midpoint of an edge when two statistics are left) rather than the
+    simplex centre, so ``projection="exact"`` builds a different network from a mid-training
+    checkpoint than their code did; ``projection="authors"`` reproduces theirs.
+    """
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, SparseSwitchNorm2d) and None in m.latched and float(m.radius) > 0:
+            logits = torch.stack([m.mean_logits, m.var_logits]).double()
+            r = float(m.radius)
+            diff = (sparsestmax(logits, r) - authors_sparsestmax(logits, r)).abs().max()
+            out.append((name, r, float(diff)))
+    return out
+
+
+def load_authors_checkpoint(
+    path: str | os.PathLike, *, trusted: bool = False, projection: str = "exact"
+) -> nn.Module:
     """Build :func:`authors_resnet50` and load the authors' checkpoint file into it.
 
     Args:
         path: their ``.pth`` file.
         trusted: allow unpickling arbitrary objects (their files may hold training state such as
             numpy scalars, which ``torch.load(weights_only=True)`` refuses). Only for files you trust.
+        projection: SparsestMax of the rebuilt layers. Irrelevant for a fully fixed (released)
+            model; for a mid-training one ``"authors"`` reproduces their network, ``"exact"``
+            (default) continues with the exact projection. Unfixed layers are logged with the
+            difference it makes (:func:`unfixed_layers`).
 
     Raises:
         FileNotFoundError, ValueError: a missing, corrupt or mismatching file, with the reason.
@@ -137,7 +170,7 @@ def load_authors_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a dict, got {type(state).__name__}")
     ours = convert_authors_state_dict(state)
-    model = authors_resnet50(num_classes=ours["fc.weight"].shape[0])
+    model = authors_resnet50(num_classes=ours["fc.weight"].shape[0], projection=projection)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
@@ -148,6 +181,16 @@ def load_authors_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -
         raise ValueError(f"{path}: shape mismatch for {bad[:5]}, e.g. {bad[0]}: "
                          f"{tuple(ours[bad[0]].shape)} vs {tuple(expected[bad[0]].shape)}")
     model.load_state_dict(ours)
+    unfixed = unfixed_layers(model)
+    if unfixed:
+        worst = max(d for _, _, d in unfixed)
+        log.warning(
+            "%s: %d SSN layers are not fixed yet (a mid-training checkpoint): %s. Their ratios depend on "
+            "the projection (max difference between the exact and the authors' one: %.3g); loaded with "
+            "projection=%r%s.", path, len(unfixed), ", ".join(f"{n} (r={r:.3f})" for n, r, _ in unfixed),
+            worst, projection,
+            "" if projection == "authors" else ", pass projection='authors' to reproduce their network",
+        )
     return model
 
 
@@ -156,8 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("src", help="their .pth file")
     ap.add_argument("dst", help="where to write our state_dict (loads into ssn.authors.authors_resnet50())")
     ap.add_argument("--trusted", action="store_true", help="allow non-tensor objects in the file")
+    ap.add_argument("--projection", choices=("exact", "authors"), default="exact",
+                    help="SparsestMax of layers not yet fixed (mid-training checkpoints)")
     args = ap.parse_args(argv)
-    model = load_authors_checkpoint(args.src, trusted=args.trusted)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = load_authors_checkpoint(args.src, trusted=args.trusted, projection=args.projection)
     save_atomic(model.state_dict(), args.dst)
     latched = sum(all(m.latched) for m in model.modules() if isinstance(m, SparseSwitchNorm2d))
     total = sum(isinstance(m, SparseSwitchNorm2d) for m in model.modules())

@@ -12,7 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["sparsemax", "sparsestmax", "max_radius"]
+__all__ = ["sparsemax", "sparsestmax", "authors_sparsestmax", "max_radius", "PROJECTIONS"]
+
+PROJECTIONS = ("exact", "authors")
 
 # Inputs of at most this many elements on the CPU take the scalar path (see _sparsestmax_row).
 SMALL_CPU = 64
@@ -313,3 +315,55 @@ def sparsestmax(z: Tensor, radius: float | Tensor, dim: int = -1) -> Tensor:
     zt = zt - (zt.sum(-1, keepdim=True) - 1) / kk
     p = _SparsestMax.apply(zt, r)
     return p.to(z.dtype).movedim(-1, dim)
+
+
+def _authors_row(v: Tensor, rad: float, u_in: Tensor | None = None) -> Tensor:
+    """One row of the released code's ``sparsestmax`` (``utils/ssn_utils.py`` of
+    switchablenorms/Sparse_SwitchNorm), step for step, differentiable by autograd.
+
+    NOTE: the sphere is centred on the centroid ``u`` of sparsemax's support, not on the simplex
+    centre: with a two-element support the radius is measured from the midpoint of that edge. A
+    negative coordinate recurses with the radius reduced by Pythagoras around the new centroid,
+    and the final clamp can leave the simplex near one-hot (their output, kept as it is).
+    """
+    w = sparsemax(v)
+    if bool(w.max() - w.min() == 1):
+        return w
+    ind = (w > 0).to(v.dtype)
+    u = ind / ind.sum()
+    if u_in is not None:
+        rad = math.sqrt(max(rad**2 - float(((u - u_in) ** 2).sum()), 0.0))
+    distance = torch.linalg.vector_norm(w - u)
+    if bool(distance >= rad):
+        return w
+    if bool(distance == 0):
+        # NOTE: their code divides by zero here (sparsemax at the support's centroid, e.g. the
+        # uniform initialisation) and returns NaN; take the exact projection's answer instead.
+        return sparsestmax(v, rad) if u_in is None else w
+    p = rad * (w - u) / distance + u
+    if bool(p.min() < 0):
+        return _authors_row(p, rad, u)
+    return p.clamp(min=0, max=1)
+
+
+def authors_sparsestmax(z: Tensor, radius: float | Tensor, dim: int = -1) -> Tensor:
+    """The released code's SparsestMax, reproduced for imported checkpoints.
+
+    Not the Euclidean projection of :func:`sparsestmax`: it differs when sparsemax(z) has a
+    two-element support inside the ball (the radius is measured from that edge's midpoint), and
+    near one-hot the final clamp may leave the simplex. Use it to rebuild, exactly, a network the
+    authors' code trained and saved before every layer was fixed (``projection="authors"``).
+    Differentiable by autograd through the same operations as theirs.
+
+    Args:
+        z: logits, any shape with the categories along ``dim``; rows are mapped one at a time.
+        radius: a float, or a tensor broadcastable to the shape of ``z`` without ``dim``.
+        dim: the dimension holding the categories.
+    """
+    if z.dim() == 0 or z.shape[dim] < 2:
+        raise ValueError(f"sparsestmax needs at least 2 categories along dim {dim}, got {tuple(z.shape)}")
+    zt = z.movedim(dim, -1).to(_compute_dtype(z))
+    r = _as_radius(radius, zt).expand(zt.shape[:-1] + (1,)).reshape(-1).tolist()
+    rows = zt.reshape(-1, zt.shape[-1])
+    out = torch.stack([_authors_row(row, rad) for row, rad in zip(rows.unbind(0), r)]) if rows.shape[0] else rows
+    return out.reshape(zt.shape).to(z.dtype).movedim(-1, dim)

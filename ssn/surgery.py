@@ -53,6 +53,8 @@ def _convert_one(m: nn.Module, name: str, dim: int, kw: dict[str, Any]) -> nn.Mo
         for key in ("mean_logits", "var_logits", "radius", "mean_latch", "var_latch"):
             getattr(new, key).copy_(getattr(m, key))
         new._refresh_latches()
+    if isinstance(m, _Sparsest) and isinstance(new, _Sparsest) and "projection" not in kw:
+        new.projection = m.projection
     ref = next(t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
     return new.to(device=ref.device, dtype=ref.dtype).train(m.training)
 
