@@ -1,6 +1,11 @@
 """LightningDataModules: ImageNet (real on-disk layout) and Fashion-MNIST (the embedded default)."""
 
+from .ade20k import ADE20KDataModule
+from .cityscapes import CityscapesDataModule
 from .fashion_mnist import FashionMNISTDataModule
 from .imagenet import ImageNetDataModule
+from .kinetics import KineticsDataModule
+from .segmentation import SegFolderDataModule
 
-__all__ = ["FashionMNISTDataModule", "ImageNetDataModule"]
+__all__ = ["ADE20KDataModule", "CityscapesDataModule", "FashionMNISTDataModule", "ImageNetDataModule",
+           "KineticsDataModule", "SegFolderDataModule"]

@@ -2,5 +2,7 @@
 
 from .base import NormTask
 from .classification import ImageClassifier
+from .segmentation import SemanticSegmenter
+from .video import VideoClassifier
 
-__all__ = ["ImageClassifier", "NormTask"]
+__all__ = ["ImageClassifier", "NormTask", "SemanticSegmenter", "VideoClassifier"]

@@ -1,0 +1,266 @@
+"""What the segmentation data modules share: mmseg datasets and pipelines, skipping of unreadable
+files, loaders.
+
+The pipelines are mmseg's standard ones (``mmseg/.mim/configs/_base_/datasets/cityscapes*.py``,
+``ade20k.py``): training RandomResize + RandomCrop(cat_max_ratio) + RandomFlip +
+PhotoMetricDistortion; evaluation Resize and the label at its original size.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["CheckLabelSize", "SegDataModule", "SegFolderDataModule", "SkippingSegDataset", "collate_skipping",
+           "readable"]
+
+log = logging.getLogger(__name__)
+_IMAGE, _LABEL = 1, 2  # flags of a sample's unreadable files
+
+
+def readable(path: str | Path) -> bool:
+    """Whether OpenCV (mmcv's default image backend) can decode the image file."""
+    import cv2
+
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return False
+    return data.size > 0 and cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is not None
+
+
+class CheckLabelSize:
+    """Pipeline step after ``LoadAnnotations``: the label must have the image's original size.
+
+    NOTE: mmseg would otherwise resize/crop image and label with the wrong correspondence, or fail
+    deep inside a transform with a message that names neither file.
+    """
+
+    def __call__(self, results: dict[str, Any]) -> dict[str, Any]:
+        label, image = results["gt_seg_map"].shape[:2], tuple(results["ori_shape"][:2])
+        if tuple(label) != image:
+            raise ValueError(
+                f"label {results['seg_map_path']} is {label[1]}x{label[0]} (w x h) but its image "
+                f"{results['img_path']} is {image[1]}x{image[0]}: a label must have its image's size"
+            )
+        return results
+
+    def __repr__(self) -> str:
+        return "CheckLabelSize()"
+
+
+def train_pipeline(
+    scale: tuple[int, int],
+    crop_size: tuple[int, int],
+    *,
+    ratio_range: tuple[float, float] = (0.5, 2.0),
+    cat_max_ratio: float = 0.75,
+    photometric: bool = True,
+    color_type: str = "color",
+) -> list[Any]:
+    """mmseg's standard training pipeline (``crop_size`` is (h, w), ``scale`` mmseg's (w, h))."""
+    steps: list[Any] = [
+        dict(type="LoadImageFromFile", color_type=color_type),
+        dict(type="LoadAnnotations"),
+        CheckLabelSize(),
+        dict(type="RandomResize", scale=tuple(scale), ratio_range=tuple(ratio_range), keep_ratio=True),
+        dict(type="RandomCrop", crop_size=tuple(crop_size), cat_max_ratio=cat_max_ratio),
+        dict(type="RandomFlip", prob=0.5),
+    ]
+    if photometric:
+        steps.append(dict(type="PhotoMetricDistortion"))
+    return [*steps, dict(type="PackSegInputs")]
+
+
+def test_pipeline(scale: tuple[int, int] | None, *, color_type: str = "color") -> list[Any]:
+    """mmseg's evaluation pipeline: resize the image (keep ratio), the label stays at full size."""
+    resize = [dict(type="Resize", scale=tuple(scale), keep_ratio=True)] if scale else []
+    return [dict(type="LoadImageFromFile", color_type=color_type), *resize, dict(type="LoadAnnotations"),
+            CheckLabelSize(), dict(type="PackSegInputs")]
+
+
+class SkippingSegDataset(Dataset):
+    """An mmseg dataset whose samples with an unreadable image or label are skipped (``None``).
+
+    Each unreadable file is logged once with its path and counted once (:attr:`skipped`), over
+    every DataLoader worker; any other failure (e.g. a label of the wrong size) is raised.
+    """
+
+    def __init__(self, dataset: Any, repeat: int = 1) -> None:
+        self.dataset, self.repeat = dataset, repeat
+        # NOTE: per-sample flags in shared memory: workers see each other's finds, so a file is
+        # counted once however many epochs or workers meet it.
+        self._bad = mp.Array("b", len(dataset))
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.repeat
+
+    @property
+    def skipped(self) -> int:
+        """Distinct unreadable files met so far (image and label of a sample count apart)."""
+        return sum(bin(f).count("1") for f in self._bad[:])
+
+    def __getitem__(self, index: int) -> Any:
+        index %= len(self.dataset)
+        info = self.dataset.get_data_info(index)
+        if self._bad[index]:
+            return None
+        try:
+            return self.dataset.pipeline(info)
+        except Exception:
+            flags = (_IMAGE * (not readable(info["img_path"]))) | (_LABEL * (not readable(info["seg_map_path"])))
+            if not flags:
+                raise  # both files decode: a real error, not a corrupt file
+            with self._bad.get_lock():
+                new = flags & ~self._bad[index]
+                self._bad[index] |= flags
+            for flag, key in ((_IMAGE, "img_path"), (_LABEL, "seg_map_path")):
+                if new & flag:
+                    log.warning("skipping unreadable %s %s", "image" if flag == _IMAGE else "label", info[key])
+            return None
+
+
+def collate_skipping(batch: list[Any]) -> dict[str, list[Any]] | None:
+    """mmengine's ``pseudo_collate`` (lists of images and SegDataSamples) without skipped samples."""
+    from mmengine.dataset import pseudo_collate
+
+    kept = [b for b in batch if b is not None]
+    return pseudo_collate(kept) if kept else None
+
+
+class SegDataModule(pl.LightningDataModule):
+    """Base of the segmentation data modules: an mmseg dataset per split, skipping, loaders.
+
+    Subclasses set ``num_classes`` and implement :meth:`_check_layout` (fail early with the
+    expected layout) and :meth:`_dataset`. ``batch_size`` is per device (training); evaluation
+    runs ``val_batch_size`` whole images (1, as mmseg: images may differ in size).
+    """
+
+    num_classes: int
+    in_channels: int = 3
+
+    def __init__(self, root: str, batch_size: int, num_workers: int, val_batch_size: int = 1, repeat: int = 1) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.repeat = repeat
+        self.data: dict[str, SkippingSegDataset] = {}
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        raise NotImplementedError
+
+    def _dataset(self, split: str) -> Any:
+        """The mmseg dataset of ``split`` (``train`` or ``val``) with its pipeline."""
+        raise NotImplementedError
+
+    @property
+    def skipped_images(self) -> int:
+        """Distinct unreadable files skipped so far, over every split and worker."""
+        return sum(ds.skipped for ds in self.data.values())
+
+    def setup(self, stage: str | None = None) -> None:
+        from ssn.integrations import bridge_mmcv_lite
+
+        bridge_mmcv_lite()
+        from mmengine.registry import init_default_scope
+
+        init_default_scope("mmseg")
+        for split in ("train", "val"):
+            if split not in self.data:
+                self.data[split] = SkippingSegDataset(self._dataset(split), self.repeat if split == "train" else 1)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        w = self.num_workers
+        return DataLoader(self.data[split], batch_size=self.batch_size if train else self.val_batch_size,
+                          shuffle=train, drop_last=train, num_workers=w, persistent_workers=w > 0,
+                          pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", False)  # Cityscapes' and ADE20K's test labels are not public
+
+
+FOLDER_LAYOUT = """expected mmseg's custom-dataset layout:
+  {root}/img_dir/{{train,val}}/NAME{img_suffix}
+  {root}/ann_dir/{{train,val}}/NAME{seg_map_suffix}   (one class index per pixel, 255 = ignore)"""
+
+
+class SegFolderDataModule(SegDataModule):
+    """Any images + label maps in mmseg's custom layout (``img_dir``/``ann_dir``), through mmseg's
+    ``BaseSegDataset`` and the standard pipeline.
+
+    Args:
+        root: folder holding ``img_dir/{train,val}`` and ``ann_dir/{train,val}``.
+        classes: class names, in label order.
+        batch_size, num_workers, val_batch_size: as in :class:`SegDataModule`.
+        crop_size, scale, ratio_range, cat_max_ratio: the training pipeline (see ``train_pipeline``);
+            evaluation resizes images to fit ``scale`` (w, h), keeping their aspect ratio.
+        grayscale: read images as one channel (``in_channels`` 1).
+        photometric: PhotoMetricDistortion in training (colour images only).
+        repeat: the training split is seen this many times per epoch (for a few large images).
+        img_suffix, seg_map_suffix: file name endings.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        classes: list[str],
+        batch_size: int = 8,
+        num_workers: int = 0,
+        crop_size: tuple[int, int] = (128, 128),
+        scale: tuple[int, int] = (512, 512),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        grayscale: bool = False,
+        photometric: bool = True,
+        repeat: int = 1,
+        img_suffix: str = ".png",
+        seg_map_suffix: str = ".png",
+        val_batch_size: int = 1,
+    ) -> None:
+        if len(classes) < 2:
+            raise ValueError(f"classes needs at least two names (e.g. background, object), got {classes}")
+        self.classes = list(classes)
+        self.num_classes = len(classes)
+        self.in_channels = 1 if grayscale else 3
+        self.color_type = "grayscale" if grayscale else "color"
+        self.crop_size, self.scale = tuple(crop_size), tuple(scale)
+        self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
+        self.photometric = photometric and not grayscale
+        self.suffixes = (img_suffix, seg_map_suffix)
+        super().__init__(root, batch_size, num_workers, val_batch_size, repeat)
+
+    def _check_layout(self) -> None:
+        layout = FOLDER_LAYOUT.format(root=self.root, img_suffix=self.suffixes[0], seg_map_suffix=self.suffixes[1])
+        for sub, suffix in zip(("img_dir", "ann_dir"), self.suffixes):
+            for split in ("train", "val"):
+                folder = self.root / sub / split
+                if not folder.is_dir() or not any(folder.glob(f"*{suffix}")):
+                    raise FileNotFoundError(f"no *{suffix} files in {folder}; {layout}")
+
+    def _dataset(self, split: str) -> Any:
+        from mmseg.datasets import BaseSegDataset
+
+        train = split == "train"
+        pipeline = (train_pipeline(self.scale, self.crop_size, ratio_range=self.ratio_range, cat_max_ratio=self.cat_max_ratio,
+                                   photometric=self.photometric, color_type=self.color_type)
+                    if train else test_pipeline(self.scale, color_type=self.color_type))
+        return BaseSegDataset(data_root=str(self.root), pipeline=pipeline, test_mode=not train,
+                              metainfo=dict(classes=tuple(self.classes)), img_suffix=self.suffixes[0],
+                              seg_map_suffix=self.suffixes[1],
+                              data_prefix=dict(img_path=f"img_dir/{split}", seg_map_path=f"ann_dir/{split}"))
