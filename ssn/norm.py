@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -340,7 +340,9 @@ class _SwitchNorm(nn.Module):
 
     spatial_dims: ClassVar[int]
     _layout: ClassVar[str]
-    _abbr_: ClassVar[str] = "sn"  # mmcv's build_norm_layer names the module after this
+    # NOTE: mmcv's build_norm_layer names the module after this: "bn" gives an mmcv ResNet
+    # torchvision's keys (bn1, bn2, downsample.1), so classification checkpoints load into it.
+    _abbr_: ClassVar[str] = "bn"
 
     running_mean: Tensor
     running_var: Tensor
@@ -413,7 +415,7 @@ class _SwitchNorm(nn.Module):
         self.register_buffer("radius", torch.tensor(float(radius)))
         self.register_buffer("mean_latch", torch.tensor(UNLATCHED, dtype=torch.long))
         self.register_buffer("var_latch", torch.tensor(UNLATCHED, dtype=torch.long))
-        self._latch_cache: tuple[int, int] | None = (UNLATCHED, UNLATCHED)
+        self._latch_cache: tuple[tuple[int, ...], tuple[int, int]] | None = None
 
     # ----------------------------------------------------------------------------- ratios
     def _map_logits(self, logits: Tensor) -> Tensor:
@@ -421,15 +423,19 @@ class _SwitchNorm(nn.Module):
 
     def _latches(self) -> tuple[int, int]:
         # NOTE: mirrored on the host so the latched fast path needs no device sync and
-        # torch.compile sees plain ints; refreshed whenever the buffers change through this
-        # class (latching, latch(), load_state_dict). Code that writes the buffers directly
-        # must call _refresh_latches().
-        if self._latch_cache is None:
-            self._latch_cache = (int(self.mean_latch), int(self.var_latch))
-        return self._latch_cache
+        # torch.compile sees plain ints. The mirror is keyed on the buffers' identity and version
+        # counters, so any in-place write (DDP's buffer broadcast, an EMA copy_, load_state_dict
+        # on any module, a direct fill_) or replacement (.to(), assign=True) re-reads it.
+        if torch.compiler.is_compiling():
+            return self._latch_cache[1] if self._latch_cache else (int(self.mean_latch), int(self.var_latch))
+        ml, vl = self.mean_latch, self.var_latch
+        key = (id(ml), ml._version, id(vl), vl._version)
+        if self._latch_cache is None or self._latch_cache[0] != key:
+            self._latch_cache = (key, (int(ml), int(vl)))
+        return self._latch_cache[1]
 
     def _refresh_latches(self) -> None:
-        """Re-read the latch buffers into the host-side mirror (after writing them directly)."""
+        """Re-read the latch buffers into the host-side mirror."""
         self._latch_cache = None
         self._latches()
 
@@ -495,8 +501,9 @@ class _SwitchNorm(nn.Module):
             ml, vl = self._maybe_latch(mean_ratio, var_ratio)
             if ml == vl != UNLATCHED and self._native_ok(x, ml):
                 return self._native(x, ml)
-        if UNLATCHED not in (ml, vl):
-            mean_ratio = self._tie_unused(mean_ratio)
+        tie = self._tie_unused()
+        if tie is not None:
+            mean_ratio = mean_ratio + tie
         return self._mixture(x, mean_ratio, var_ratio)
 
     def _sync_group(self) -> object:
@@ -528,31 +535,40 @@ class _SwitchNorm(nn.Module):
             return x.numel() // x.shape[1] > 1
         return True
 
-    def _tie_unused(self, t: Tensor) -> Tensor:
-        """Under DDP, keep the (latched, unused) logits in the graph with a zero gradient.
+    def _tie_unused(self) -> Tensor | None:
+        """Under DDP, a zero tied to both ratio logits, for outputs whose graph may miss them.
 
-        NOTE: DistributedDataParallel without find_unused_parameters fails on the step after a
-        parameter gets no gradient; a single process leaves the grads None (no optimizer update).
+        NOTE: DistributedDataParallel without find_unused_parameters fails when a parameter gets
+        no gradient: a latched ratio is a constant, and a fully latched layer without affine
+        parameters uses no parameter at all. Adding this zero to a tensor the output depends on
+        gives every logit a zero gradient (no update). A single process leaves the grads None.
         """
         if not (self.training and torch.is_grad_enabled() and torch.distributed.is_available()):
-            return t
+            return None
         if not torch.distributed.is_initialized():
-            return t
-        return t + 0.0 * (self.mean_logits.sum() + self.var_logits.sum()).to(t.dtype)
+            return None
+        if self._latches() == (UNLATCHED, UNLATCHED):
+            return None  # both ratios come from the logits: every logit is in the graph
+        return 0.0 * (self.mean_logits.sum() + self.var_logits.sum())
 
     def _native(self, x: Tensor, stat: int) -> Tensor:
         """Fully latched: the native kernel of the selected normaliser."""
-        weight = self._tie_unused(self.weight) if self.weight is not None else None
+        weight, tie = self.weight, self._tie_unused()
+        if tie is not None:
+            weight = (weight if weight is not None else x.new_ones(self.num_features)) + tie.to(x.dtype)
+        bias = self.bias
+        if weight is not None and bias is None:
+            bias = x.new_zeros(self.num_features)  # F.instance_norm / group_norm take both or neither
         if stat == BN:
             if self.training:
                 self.num_batches_tracked.add_(1)
             return F.batch_norm(
-                x, self.running_mean, self.running_var, weight, self.bias,
+                x, self.running_mean, self.running_var, weight, bias,
                 self.training, _batch_momentum(self) if self.training else 0.0, self.eps,
             )
         if stat == IN:
-            return F.instance_norm(x, weight=weight, bias=self.bias, eps=self.eps)
-        return F.group_norm(x, 1, weight, self.bias, self.eps)
+            return F.instance_norm(x, weight=weight, bias=bias, eps=self.eps)
+        return F.group_norm(x, 1, weight, bias, self.eps)
 
     def _mixture(self, x: Tensor, mean_ratio: Tensor, var_ratio: Tensor) -> Tensor:
         training = self.training
@@ -572,6 +588,8 @@ class _SwitchNorm(nn.Module):
             s += ", sync=True"
         if self.in_var_correction:
             s += ", in_var_correction=1"
+        if getattr(self, "projection", "exact") != "exact":
+            s += f", projection={self.projection}"
         ml, vl = self.latched
         if ml or vl:
             s += f", latched=(mean={ml}, var={vl})"
@@ -584,9 +602,22 @@ class _Softmax(_SwitchNorm):
 
 
 class _Sparsest(_SwitchNorm):
-    _abbr_ = "ssn"
+    def __init__(self, num_features: int, *, projection: str = "exact", **kwargs: Any) -> None:
+        """
+        Args:
+            num_features, **kwargs: as for the SN layers (eps, momentum, affine, radius, sync, ...).
+            projection: ``"exact"``: the Euclidean projection (:func:`ssn.sparsestmax`);
+                ``"authors"``: the released code's approximation (:func:`ssn.authors_sparsestmax`),
+                to rebuild exactly a network their code saved before every layer was fixed.
+        """
+        super().__init__(num_features, **kwargs)
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        self.projection = projection
 
     def _map_logits(self, logits: Tensor) -> Tensor:
+        if self.projection == "authors":
+            return authors_sparsestmax(logits, self.radius.to(logits.dtype))
         return sparsestmax(logits, self.radius.to(logits.dtype))
 
     def _maybe_latch(self, mean_ratio: Tensor, var_ratio: Tensor) -> tuple[int, int]:
@@ -599,8 +630,8 @@ class _Sparsest(_SwitchNorm):
             if latches[i] == UNLATCHED and state[i]:
                 buf.fill_(state[2 + i])
                 latches[i] = state[2 + i]
-        self._latch_cache = (latches[0], latches[1])
-        return self._latch_cache
+        self._latch_cache = None
+        return self._latches()
 
     @property
     def max_radius(self) -> float:
