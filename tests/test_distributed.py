@@ -70,14 +70,72 @@ def _worker(rank: int, store: str, result_dir: str) -> None:
         ddp(x[part]).sum().backward()
         opt.step()
     results["ddp_weight"] = model[0].weight.detach().clone()
+    results["latch_combos"] = _latch_combinations(x[part], rank)
+    results["broadcast_latch"] = _broadcast_latch(x[part], rank)
     torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
+STATS_OR_NONE = (None, "in", "ln", "bn")
+
+
+class _AllLatches(nn.Module):
+    """Every (mean latch, var latch) combination, with and without affine, side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(5, 5, 1)
+        self.norms = nn.ModuleList()
+        for affine in (True, False):
+            for mean in STATS_OR_NONE:
+                for var in STATS_OR_NONE:
+                    layer = ssn.create_norm("ssn", 5, affine=affine, radius=0.1)
+                    with torch.no_grad():
+                        layer.mean_logits.copy_(torch.tensor([0.3, 0.1, 0.5]))
+                        layer.var_logits.copy_(torch.tensor([0.2, 0.6, 0.1]))
+                    layer.latch(mean, var)
+                    self.norms.append(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return sum(n(h).square().mean() for n in self.norms)
+
+
+def _latch_combinations(x: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    """Three DDP steps (find_unused_parameters=False) over every latch combination x affine."""
+    model = _AllLatches()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        ddp(x).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _broadcast_latch(x: torch.Tensor, rank: int) -> list:
+    """Rank 0 latched, rank 1 not (and has run, so its host mirror holds 'unlatched'): DDP's
+    broadcast of rank 0's buffers must latch rank 1's layer too."""
+    torch.manual_seed(0)
+    layer = ssn.create_norm("ssn", 5, radius=0.1)
+    layer(x)
+    if rank == 0:
+        layer.latch("in", "ln")
+    nn.parallel.DistributedDataParallel(nn.Sequential(layer))
+    return list(layer.latched)
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
 @pytest.mark.timeout(240)
-def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+def test_two_processes_equal_one_process_on_the_whole_batch(ddp_results):
+    ranks = ddp_results
     x, g = _data()
     for name, layer in _layers().items():
         single = copy.deepcopy(layer)
@@ -93,3 +151,28 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
                 torch.testing.assert_close(got[key], want[key], msg=f"{name} {key} rank {r}")
     # the same DDP model on both ranks after three steps
     torch.testing.assert_close(ranks[0]["ddp_weight"], ranks[1]["ddp_weight"], rtol=0, atol=0)
+
+
+def test_every_latch_combination_trains_under_ddp(ddp_results):
+    ranks = ddp_results
+    for key in ranks[0]["latch_combos"]:
+        if "running_" in key:
+            continue  # per-device statistics, updated after DDP's buffer broadcast
+        torch.testing.assert_close(ranks[0]["latch_combos"][key], ranks[1]["latch_combos"][key], rtol=0, atol=0)
+    # latched logits did not move; dense ones did (against the model before training)
+    before = _AllLatches().state_dict()
+    after = ranks[0]["latch_combos"]
+    i = 0
+    for _affine in (True, False):
+        for mean in STATS_OR_NONE:
+            for var in STATS_OR_NONE:
+                for kind, latch in (("mean", mean), ("var", var)):
+                    key = f"norms.{i}.{kind}_logits"
+                    moved = not torch.equal(before[key], after[key])
+                    assert moved == (latch is None), (key, mean, var)
+                i += 1
+
+
+def test_ddp_buffer_broadcast_updates_the_latch_mirror(ddp_results):
+    assert ddp_results[0]["broadcast_latch"] == ["in", "ln"]
+    assert ddp_results[1]["broadcast_latch"] == ["in", "ln"]
