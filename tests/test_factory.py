@@ -89,7 +89,7 @@ def test_mmcv_build_norm_layer_after_registration():
     from mmcv.cnn import build_norm_layer
 
     name, layer = build_norm_layer(dict(type="SSN", requires_grad=True), 16, postfix=1)
-    assert name == "ssn1" and isinstance(layer, ssn.SparseSwitchNorm2d) and layer.eps == 1e-5
+    assert name == "bn1" and isinstance(layer, ssn.SparseSwitchNorm2d) and layer.eps == 1e-5
     name, layer = build_norm_layer(dict(type="SN", momentum=0.05), 16)
     assert name == "sn" and isinstance(layer, ssn.SwitchNorm2d) and layer.momentum == 0.05
     _, frozen = build_norm_layer(dict(type="SSN", requires_grad=False), 4)
