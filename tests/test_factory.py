@@ -91,7 +91,7 @@ def test_mmcv_build_norm_layer_after_registration():
     name, layer = build_norm_layer(dict(type="SSN", requires_grad=True), 16, postfix=1)
     assert name == "bn1" and isinstance(layer, ssn.SparseSwitchNorm2d) and layer.eps == 1e-5
     name, layer = build_norm_layer(dict(type="SN", momentum=0.05), 16)
-    assert name == "sn" and isinstance(layer, ssn.SwitchNorm2d) and layer.momentum == 0.05
+    assert name == "bn" and isinstance(layer, ssn.SwitchNorm2d) and layer.momentum == 0.05
     _, frozen = build_norm_layer(dict(type="SSN", requires_grad=False), 4)
     assert not any(p.requires_grad for p in frozen.parameters())
     _, layer3d = build_norm_layer(dict(type="SSN3d"), 4)
