@@ -12,7 +12,8 @@ from .norm import (
     SwitchNorm2d,
     SwitchNorm3d,
 )
-from .integrations import register_mmengine
+from .inflate import inflate_resnet_state_dict
+from .integrations import bridge_pytorchvideo, register_mmengine
 from .surgery import convert_norm, export_norm, param_groups, set_radius, switch_norms
 
 __all__ = [
@@ -25,10 +26,12 @@ __all__ = [
     "SwitchNorm1d",
     "SwitchNorm2d",
     "SwitchNorm3d",
+    "bridge_pytorchvideo",
     "convert_norm",
     "create_norm",
     "export_norm",
     "get_norm_layer",
+    "inflate_resnet_state_dict",
     "max_radius",
     "param_groups",
     "register_mmengine",

@@ -1,0 +1,191 @@
+"""The Kinetics data module on real mp4 files written with PyAV: both layouts, corrupt videos,
+workers and two-process sharding."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
+
+from datamodules import kinetics
+from datamodules.kinetics import MEAN, STD, KineticsDataModule
+
+SMALL = dict(frames=4, sampling_rate=2, fps=30, crop_size=32, train_short_side=(36, 40), val_short_side=36)
+
+
+def write_video(path: Path, level: int, frames: int = 12, size: tuple[int, int] = (48, 64)) -> None:
+    """A real H.264 mp4 whose frames are all grey ``level`` plus faint noise (so the decoded clip
+    tells which video it came from)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(level)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            pixels = np.clip(level + rng.integers(-2, 3, (*size, 3)), 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def level_of(clip: torch.Tensor) -> int:
+    """The grey level a normalised clip was decoded from."""
+    return round(((clip.mean() * STD[0] + MEAN[0]) * 255).item())
+
+
+LEVELS = [30 + 20 * i for i in range(10)]  # video i of the fixture
+
+
+def folder_fixture(root: Path, per_class: int = 3, classes: tuple[str, ...] = ("archery", "bowling")) -> None:
+    i = 0
+    for split in ("train", "val"):
+        for c in classes:
+            for k in range(per_class):
+                write_video(root / split / c / f"{c}_{k}.mp4", LEVELS[i % len(LEVELS)])
+                i += 1
+
+
+def csv_fixture(root: Path, n: int = 10) -> None:
+    """``train.csv`` / ``val.csv`` with ``<path> <label>`` lines; video i has grey level LEVELS[i]."""
+    lines = []
+    for i in range(n):
+        write_video(root / "videos" / f"v{i}.mp4", LEVELS[i])
+        lines.append(f"videos/v{i}.mp4 {i % 3}")
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    (root / "val.csv").write_text("\n".join(lines[:4]) + "\n")
+
+
+def test_class_folders_train_val_and_multiview_test(tmp_path):
+    folder_fixture(tmp_path)
+    dm = KineticsDataModule(str(tmp_path), batch_size=2, num_workers=0, val_clips=2, test_clips=2, test_crops=3, **SMALL)
+    assert dm.num_classes == 2
+    dm.setup("fit")
+    dm.setup("test")  # no test split: the val videos, with the multi-view sampling
+    train = list(dm.train_dataloader())
+    assert len(train) == len(dm.train_dataloader()) == 3  # 6 videos, one random clip each
+    assert all(x.shape[1:] == (3, 4, 32, 32) and x.dtype == torch.float32 for x, _ in train)
+    assert sorted(torch.cat([y for _, y in train]).tolist()) == [0, 0, 0, 1, 1, 1]
+    val = list(dm.val_dataloader())
+    assert len(val) == len(dm.val_dataloader()) == 6  # 6 videos x 2 uniform clips
+    assert torch.cat([y for _, y in val]).tolist() == [0] * 6 + [1] * 6  # in order
+    test = list(dm.test_dataloader())
+    assert len(test) == 3 and all(x.shape == (12, 3, 4, 32, 32) and len(y) == 2 for x, y in test)
+    x, _ = test[0]  # 2 clips x 3 crops of one video, adjacent; left/centre/right crops of a 36x48 frame
+    assert torch.allclose(x[0], x[0].mean(), atol=0.2)  # a grey video stays grey
+    assert level_of(x[:6]) == LEVELS[6] and level_of(x[6:]) == LEVELS[7]  # val archery_0, archery_1
+    assert dm.skipped_videos == 0
+
+
+def test_path_label_lists_and_normalisation(tmp_path):
+    csv_fixture(tmp_path)
+    dm = KineticsDataModule(str(tmp_path), batch_size=4, num_workers=0, **SMALL)
+    assert dm.num_classes == 3  # largest label + 1
+    dm.setup("validate")
+    x, y = next(iter(dm.val_dataloader()))
+    assert y.tolist() == [0, 1, 2, 0]
+    # Div255 then Normalize(0.45, 0.225), on the decoded pixels
+    assert [level_of(c) for c in x] == pytest.approx(LEVELS[:4], abs=2)
+
+
+def test_unreadable_videos_are_skipped_counted_once_and_replaced(tmp_path, caplog):
+    folder_fixture(tmp_path)
+    bad = tmp_path / "train" / "archery"
+    (bad / "garbage.mp4").write_bytes(b"definitely not an mp4")
+    good = (bad / "archery_0.mp4").read_bytes()
+    (bad / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    (bad / "empty.mp4").write_bytes(b"")
+    dm = KineticsDataModule(str(tmp_path), batch_size=2, num_workers=2, **SMALL)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    for epoch in range(2):
+        loader.batch_sampler.sampler.set_epoch(epoch)  # what Lightning does at each epoch start
+        batches = list(loader)
+        # 9 videos, 3 unreadable: each worker still yields its fixed number of clips
+        assert len(batches) == len(loader) and sum(len(y) for _, y in batches) == 9
+        assert dm.skipped_videos == 3 and dm.skipped_images == 3  # distinct files, over workers and epochs
+    dm = KineticsDataModule(str(tmp_path), batch_size=2, num_workers=0, **SMALL)
+    dm.setup("fit")
+    list(dm.train_dataloader())
+    assert "skipping unreadable video" in caplog.text and "garbage.mp4" in caplog.text
+
+
+def test_bad_roots_fail_at_once_with_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train/<class>/\*\.mp4"):
+        KineticsDataModule(str(tmp_path / "missing")).num_classes
+    (tmp_path / "nolabels").mkdir()
+    (tmp_path / "nolabels" / "train").mkdir()
+    (tmp_path / "nolabels" / "val").mkdir()
+    with pytest.raises(FileNotFoundError, match="no class folders"):
+        KineticsDataModule(str(tmp_path / "nolabels")).setup("fit")
+    folder_fixture(tmp_path / "shifted", per_class=1)
+    (tmp_path / "shifted" / "val" / "bowling").rename(tmp_path / "shifted" / "val" / "curling")
+    with pytest.raises(ValueError, match="class folders differ"):
+        KineticsDataModule(str(tmp_path / "shifted")).num_classes
+    with pytest.raises(ValueError, match="test_crops"):
+        KineticsDataModule(str(tmp_path), test_crops=2)
+
+
+def test_pytorchvideo_bridge_also_in_spawned_workers(tmp_path):
+    """torchvision 0.29 lacks ``transforms.functional_tensor`` that pytorchvideo's transforms
+    import; the data module bridges it at import, so a worker started with "spawn" (a fresh
+    interpreter unpickling the stream and its transforms) works too."""
+    probe = "import importlib.util as u; print(u.find_spec('torchvision.transforms.functional_tensor'))"
+    fresh = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert fresh.stdout.strip() == "None"  # what needs bridging
+    assert "torchvision.transforms.functional_tensor" in sys.modules  # bridged by the import
+    csv_fixture(tmp_path, n=2)
+    dm = KineticsDataModule(str(tmp_path), batch_size=2, num_workers=1, **SMALL)
+    dm.setup("validate")
+    loader = DataLoader(dm.data["val"], batch_size=1, num_workers=1, collate_fn=kinetics._first,
+                        multiprocessing_context="spawn")
+    (x, y), = list(loader)
+    assert x.shape == (2, 3, 4, 32, 32) and y.tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------------------------ DDP
+WORLD = 2
+
+
+def _rank_worker(rank: int, root: str, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    dm = KineticsDataModule(root, batch_size=2, num_workers=2, **SMALL)
+    dm.setup("fit")  # no trainer: the rank comes from the process group
+    loader = dm.train_dataloader()
+    seen = {}
+    for epoch in range(2):
+        loader.batch_sampler.sampler.set_epoch(epoch)
+        batches = list(loader)
+        seen[epoch] = {"levels": [level_of(c) for x, _ in batches for c in x], "batches": len(batches),
+                       "len": len(loader)}
+    torch.save(seen, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_two_ranks_and_two_workers_each_read_a_distinct_shard(tmp_path):
+    csv_fixture(tmp_path)
+    # NOTE: fork, not spawn: each spawned rank (and each of its spawned workers) would import torch,
+    # Lightning and pytorchvideo again, ~10 s apiece on two cores.
+    mp.start_processes(_rank_worker, args=(str(tmp_path), str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
+                       join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    orders = []
+    for epoch in range(2):
+        got = [r[epoch] for r in ranks]
+        assert [g["batches"] for g in got] == [g["len"] for g in got] == [3, 3]  # the same known length
+        levels = got[0]["levels"] + got[1]["levels"]
+        assert sorted(levels) == pytest.approx(LEVELS, abs=2)  # every video once: disjoint shards
+        orders.append(levels)
+    assert orders[0] != orders[1]  # set_epoch reshuffles
