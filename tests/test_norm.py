@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ssn
@@ -297,3 +298,26 @@ def test_state_dict_round_trip_and_sn_ssn_share_layout():
     for k, v in other.state_dict().items():
         assert torch.equal(v, sd[k]), k
     assert set(SwitchNorm2d(4).state_dict()) == set(sd)
+
+
+def test_latch_mirror_follows_every_write_to_the_buffers():
+    """The host-side latch mirror must not go stale when something other than the layer writes
+    the buffers (an EMA copy_, a parent's load_state_dict with assign, a direct fill_)."""
+    import copy
+
+    x = torch.randn(4, 3, 5, 5)
+    layer = ssn.create_norm("ssn", 3)
+    layer(x)  # fills the mirror with 'unlatched'
+    ema = copy.deepcopy(layer)
+    latched = ssn.create_norm("ssn", 3)
+    latched.latch("in", "in")
+    with torch.no_grad():  # timm ModelEmaV2-style update of the buffers
+        for b, src in zip(ema.buffers(), latched.buffers()):
+            b.copy_(src)
+    assert ema.latched == ("in", "in")
+    torch.testing.assert_close(ema.eval()(x), F.instance_norm(x, eps=1e-5))
+    parent = nn.Sequential(copy.deepcopy(layer))
+    parent.load_state_dict(nn.Sequential(latched).state_dict(), assign=True)
+    assert parent[0].latched == ("in", "in")
+    layer.mean_latch.fill_(2)
+    assert layer.latched == ("bn", None)
