@@ -217,6 +217,8 @@ class KineticsDataModule(pl.LightningDataModule):
         root: a folder in one of the two layouts (see ``LAYOUT``).
         batch_size: clips per device (test: videos per device, each with all its views).
         num_workers: DataLoader workers per device.
+        test_crop_size: of the test views (default ``crop_size``; SlowFast tests Slow 8x8 on 256-pixel
+            crops, which the network's global average over its head pooling accepts).
         num_classes: for list files, the number of classes (default: largest train label + 1).
         seed: of the video order (the same on every rank, which keeps the shards disjoint).
     """
@@ -237,6 +239,7 @@ class KineticsDataModule(pl.LightningDataModule):
         val_clips: int = 1,
         test_clips: int = 10,
         test_crops: int = 3,
+        test_crop_size: int | None = None,
         num_classes: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -306,13 +309,15 @@ class KineticsDataModule(pl.LightningDataModule):
         if split == "train":
             lo, hi = hp.train_short_side
             video = [*pixels, V.RandomShortSideScale(lo, hi), T.RandomCrop(hp.crop_size), T.RandomHorizontalFlip()]
-        elif split == "val" or hp.test_crops == 1:
+        elif split == "val":
             video = [*pixels, V.ShortSideScale(hp.val_short_side), T.CenterCrop(hp.crop_size)]
         else:
+            test_crop = hp.test_crop_size or hp.crop_size
             video = [*pixels, V.ShortSideScale(hp.val_short_side)]
+            video += [T.CenterCrop(test_crop)] if hp.test_crops == 1 else []
         steps: list[Callable] = [V.ApplyTransformToKey("video", T.Compose(video))]
         if split == "test" and hp.test_crops == 3:
-            steps.append(V.UniformCropVideo(hp.crop_size))  # the crop of each view's aug_index
+            steps.append(V.UniformCropVideo(test_crop))  # the crop of each view's aug_index
         return T.Compose([*steps, V.RemoveKey("audio")])
 
     def _rank(self) -> tuple[int, int]:
