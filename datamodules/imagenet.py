@@ -29,14 +29,19 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class SkippingImageFolder(ImageFolder):
     """ImageFolder that counts and skips unreadable or corrupt images instead of crashing.
 
-    A bad sample becomes ``None`` (dropped by :func:`collate_skipping`); the count is shared with
-    the DataLoader's worker processes, and each bad file is logged once with its path.
+    A bad sample becomes ``None`` (dropped by :func:`collate_skipping`). Bad files are marked in a
+    bitmap shared with the DataLoader's worker processes, so ``skipped`` counts distinct files (a
+    bad validation image seen every epoch counts once), and each is logged once with its path.
     """
 
     def __init__(self, root: str, transform: Callable | None, classes: list[str] | None = None) -> None:
         self._classes = classes
-        super().__init__(root, transform=transform)
-        self.skipped = mp.Value("i", 0)
+        super().__init__(root, transform=transform, allow_empty=classes is not None)
+        self._bad = mp.Array("b", max(1, len(self.samples)), lock=False)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self._bad[: len(self.samples)])
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         if self._classes is None:
@@ -54,11 +59,36 @@ class SkippingImageFolder(ImageFolder):
             with Image.open(path) as img:
                 img = img.convert("RGB")
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            with self.skipped.get_lock():
-                self.skipped.value += 1
-            log.warning("skipping unreadable image %s (%s)", path, e)
+            if not self._bad[index]:
+                self._bad[index] = 1
+                log.warning("skipping unreadable image %s (%s)", path, e)
             return None
         return (self.transform(img) if self.transform else img), target
+
+
+class Lighting:
+    """AlexNet-style PCA lighting noise on a (3, H, W) tensor in [0, 1], as the SSN authors'
+    ``ColorAugmentation`` (utils/imagenet_dataset.py): ``std`` 0.1, ImageNet's RGB eigenvectors."""
+
+    EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+    EIGVEC = torch.tensor([[0.4009, 0.7192, -0.5675], [-0.8140, -0.0045, -0.5808], [0.4203, -0.6948, -0.5836]])
+
+    def __init__(self, std: float) -> None:
+        self.std = std
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        alpha = torch.normal(mean=torch.zeros(1, 3)) * self.std
+        return img + ((self.EIGVAL * alpha) @ self.EIGVEC).view(3, 1, 1)
+
+
+class EpochSwitch:
+    """``first`` until the shared ``flag`` is set, then ``final`` (read in every worker process)."""
+
+    def __init__(self, first: Callable, final: Callable, flag: Any) -> None:
+        self.first, self.final, self.flag = first, final, flag
+
+    def __call__(self, img: Any) -> Any:
+        return (self.final if self.flag.value else self.first)(img)
 
 
 def collate_skipping(batch: list[Any]) -> Any:
@@ -72,9 +102,11 @@ def collate_skipping(batch: list[Any]) -> Any:
 class ImageNetDataModule(pl.LightningDataModule):
     """ImageNet-1k (or any folder in its layout) for classification.
 
-    Training: RandomResizedCrop(crop_size), horizontal flip, colour jitter (the paper's recipe);
-    validation/test: resize to ``resize_size``, centre crop ``crop_size``. ``batch_size`` is per
-    device; the global batch is ``batch_size * devices * num_nodes`` (see the configs).
+    Training: RandomResizedCrop(crop_size), horizontal flip, colour jitter, optional PCA lighting
+    noise (the SSN authors' recipe); for the last ``final_epochs`` epochs Resize(resize_size) +
+    RandomCrop(crop_size) instead of the random-resized crop (theirs: 5). Validation/test: resize
+    to ``resize_size``, centre crop ``crop_size``. ``batch_size`` is per device. ``validate`` and
+    ``test`` need only ``val/`` (e.g. to evaluate a released model).
     """
 
     in_channels = 3
@@ -87,6 +119,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         crop_size: int = 224,
         resize_size: int = 256,
         color_jitter: float = 0.4,
+        lighting: float = 0.0,
+        final_epochs: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -94,16 +128,20 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.root = Path(root).expanduser()
         self._classes: list[str] | None = None
         self.data: dict[str, SkippingImageFolder] = {}
+        self._final = mp.Value("b", 0, lock=False)
 
     def _check_root(self) -> list[str]:
-        train = self.root / "train"
-        if not train.is_dir():
-            raise FileNotFoundError(f"no ImageNet at {self.root}: {train} is missing; " + LAYOUT.format(root=self.root))
-        classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+        train, val = self.root / "train", self.root / "val"
+        if not train.is_dir() and not val.is_dir():
+            raise FileNotFoundError(f"no ImageNet at {self.root}: {train} and {val} are missing; "
+                                    + LAYOUT.format(root=self.root))
+        # NOTE: the class list is train's; without train/ (evaluation only) it is val's folders.
+        folder = train if train.is_dir() else val
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not classes:
-            raise FileNotFoundError(f"{train} has no class folders; " + LAYOUT.format(root=self.root))
-        if not (self.root / "val").is_dir():
-            raise FileNotFoundError(f"{self.root / 'val'} is missing; " + LAYOUT.format(root=self.root))
+            raise FileNotFoundError(f"{folder} has no class folders; " + LAYOUT.format(root=self.root))
+        if not val.is_dir():
+            raise FileNotFoundError(f"{val} is missing; " + LAYOUT.format(root=self.root))
         return classes
 
     @property
@@ -118,21 +156,35 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     @property
     def skipped_images(self) -> int:
-        """Images skipped as unreadable so far, over every split and worker."""
-        return sum(ds.skipped.value for ds in self.data.values())
+        """Distinct unreadable images skipped so far, over every split and worker."""
+        return sum(ds.skipped for ds in self.data.values())
 
-    def _transform(self, train: bool) -> T.Compose:
-        normalize = [T.ToTensor(), T.Normalize(MEAN, STD)]
-        if train:
-            j = self.hparams.color_jitter
-            return T.Compose([T.RandomResizedCrop(self.hparams.crop_size), T.RandomHorizontalFlip(),
-                              T.ColorJitter(j, j, j), *normalize])
-        return T.Compose([T.Resize(self.hparams.resize_size), T.CenterCrop(self.hparams.crop_size), *normalize])
+    def set_epoch(self, epoch: int, max_epochs: int | None) -> None:
+        """Called by the task at each training epoch's start: switch to the final-epochs crop."""
+        n = self.hparams.final_epochs
+        self._final.value = int(bool(n and max_epochs and max_epochs > 0 and epoch >= max_epochs - n))
+
+    def _transform(self, train: bool) -> Callable:
+        hp = self.hparams
+        normalize = [T.ToTensor(), *([Lighting(hp.lighting)] if train and hp.lighting else []), T.Normalize(MEAN, STD)]
+        if not train:
+            return T.Compose([T.Resize(hp.resize_size), T.CenterCrop(hp.crop_size), *normalize])
+        j = hp.color_jitter
+        tail = [T.RandomHorizontalFlip(), T.ColorJitter(j, j, j), *normalize]
+        first = T.Compose([T.RandomResizedCrop(hp.crop_size), *tail])
+        if not hp.final_epochs:
+            return first
+        final = T.Compose([T.Resize(hp.resize_size), T.RandomCrop(hp.crop_size), *tail])
+        return EpochSwitch(first, final, self._final)
 
     def setup(self, stage: str | None = None) -> None:
         classes = self.classes
-        for split, train in (("train", True), ("val", False)):
+        splits = [("val", False)] if stage in ("validate", "test", "predict") else [("train", True), ("val", False)]
+        for split, train in splits:
             if split not in self.data:
+                if not (self.root / split).is_dir():
+                    raise FileNotFoundError(f"{self.root / split} is missing (needed to {stage}); "
+                                            + LAYOUT.format(root=self.root))
                 ds = SkippingImageFolder(str(self.root / split), self._transform(train), classes)
                 if len(ds) == 0:
                     raise FileNotFoundError(f"{self.root / split} holds no images; " + LAYOUT.format(root=self.root))

@@ -1,7 +1,7 @@
 """Sparse Switchable Normalization: SparsestMax, SN/SSN layers and a normaliser factory."""
 
 from .factory import NORM_NAMES, create_norm, get_norm_layer
-from .functional import max_radius, sparsemax, sparsestmax
+from .functional import authors_sparsestmax, max_radius, sparsemax, sparsestmax
 from .norm import (
     STATS,
     LatchedNorm,
@@ -14,10 +14,12 @@ from .norm import (
 )
 from .inflate import inflate_resnet_state_dict
 from .integrations import bridge_pytorchvideo, register_mmengine
-from .surgery import convert_norm, export_norm, param_groups, set_radius, switch_norms
+from .schedule import radius_at
+from .surgery import average_running_stats, convert_norm, export_norm, param_groups, set_radius, switch_norms
 
 __all__ = [
     "LatchedNorm",
+    "authors_sparsestmax",
     "NORM_NAMES",
     "STATS",
     "SparseSwitchNorm1d",
@@ -27,6 +29,7 @@ __all__ = [
     "SwitchNorm2d",
     "SwitchNorm3d",
     "bridge_pytorchvideo",
+    "average_running_stats",
     "convert_norm",
     "create_norm",
     "export_norm",
@@ -34,6 +37,7 @@ __all__ = [
     "inflate_resnet_state_dict",
     "max_radius",
     "param_groups",
+    "radius_at",
     "register_mmengine",
     "set_radius",
     "sparsemax",

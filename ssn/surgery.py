@@ -16,7 +16,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from .factory import create_norm
 from .norm import BN, IN, LN, STATS, UNLATCHED, LatchedNorm, _Sparsest, _SwitchNorm
 
-__all__ = ["convert_norm", "export_norm", "set_radius", "param_groups", "switch_norms"]
+__all__ = ["average_running_stats", "convert_norm", "export_norm", "set_radius", "param_groups", "switch_norms"]
 
 _BN_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
@@ -199,3 +199,38 @@ def param_groups(
         {"name": "ratios", "params": ratios, "lr": lr * ratio_lr_scale, "weight_decay": ratio_weight_decay},
     ]
     return [g for g in groups if g["params"]]
+
+
+def _per_device(m: nn.Module) -> bool:
+    """A layer that keeps running BN statistics of its own device's batches (not synchronised)."""
+    if isinstance(m, nn.SyncBatchNorm) or getattr(m, "sync", False):
+        return False
+    return isinstance(m, (_BatchNorm, _SwitchNorm, LatchedNorm)) and getattr(m, "running_mean", None) is not None
+
+
+@torch.no_grad()
+def average_running_stats(model: nn.Module, group: Any = None) -> int:
+    """Average the running statistics of per-device layers over the processes of ``group``.
+
+    Per-device BN/SN/SSN layers (``bn``, ``sn``, ``ssn``) each see only their own device's batches,
+    so their running statistics differ between processes. Like the authors' ``sync_bn_stat``,
+    averaging them before evaluating or saving makes every rank evaluate and save the same model.
+    Synchronised layers are left alone (theirs are equal already). A collective: every process
+    must call it. Returns the number of layers averaged (0 without a multi-process group).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+        return 0
+    layers = [m for m in model.modules() if _per_device(m)]
+    tensors = [t for m in layers for t in (m.running_mean, m.running_var)]
+    if not tensors:
+        return 0
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return len(layers)

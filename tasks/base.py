@@ -1,28 +1,54 @@
-"""What every task shares: the normalizer choice and the paper's optimisation recipe."""
+"""What every task shares: the normalizer choice, the optimisation recipe, pretrained loading,
+per-device statistics, skipped data and the run summary."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections import OrderedDict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import ssn
+from ssn.norm import _Sparsest
+from ssn.transfer import RATIO_MODES, TransferReport, backbone_state, load_backbone, read_checkpoint
 
 __all__ = ["NormTask", "lr_factor"]
 
+log = logging.getLogger(__name__)
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: list[int], gamma: float) -> float:
-    """Learning-rate multiplier at optimizer ``step``: linear warm-up, then cosine or step decay."""
+SYNC_NAMES = ("syncbn", "syncsn", "syncssn")
+
+
+def lr_factor(
+    step: int, total: int, warmup: int, schedule: str, milestones: list[int], gamma: float,
+    power: float = 0.9, min_factor: float = 0.0,
+) -> float:
+    """Learning-rate multiplier at optimizer ``step``: linear warm-up, then cosine, step decay
+    (x ``gamma`` at each milestone step) or poly (mmseg's ``PolyLR``: ``(1 - t)^power`` from 1 down
+    to ``min_factor``)."""
     if step < warmup:
         return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "poly":
+        return (1 - min_factor) * (1 - progress) ** power + min_factor
     return gamma ** sum(step >= m for m in milestones)
+
+
+def _with_meta(state: dict[str, Tensor], source: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` carrying ``source``'s state_dict metadata (a native export's recorded selection)."""
+    meta = getattr(source, "_metadata", None)
+    if meta is None or getattr(state, "_metadata", None) is not None:
+        return state
+    out = OrderedDict(state)
+    out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 class NormTask(pl.LightningModule):
@@ -30,25 +56,46 @@ class NormTask(pl.LightningModule):
 
     Args:
         norm: normalizer name for every norm layer of the network (``bn``, ``syncbn``, ``gn``,
-            ``in``, ``ln``, ``sn``, ``ssn``; see ``ssn.create_norm``).
+            ``in``, ``ln``, ``sn``, ``ssn``, ``syncsn``, ``syncssn``; see ``ssn.create_norm``). The
+            name alone decides synchronisation: ``bn``/``sn``/``ssn`` use each device's own batch
+            statistics (the paper's per-GPU batch sizes), the ``sync*`` names all-reduce them.
+            Per-device layers average their running statistics over the processes before each
+            validation and each checkpoint, so every rank evaluates and saves the same model.
         norm_kwargs: extra arguments of the norm layers (e.g. ``{"groups": 32}`` for ``gn``).
         lr: learning rate for a global batch of ``lr_batch_size``; scaled linearly with the real
             global batch (per-device batch x devices x nodes x gradient accumulation).
         lr_batch_size: the reference batch of ``lr`` (the paper: 0.1 for 256).
         momentum, nesterov, weight_decay: SGD.
         ratio_lr_scale, ratio_weight_decay: SN/SSN ratio logits train at ``lr * ratio_lr_scale``
-            without decay (the paper's recipe).
+            with their own decay (the SSN authors: lr/10, none).
+        ratio_grad_clip: clip the gradient norm of all ratio logits together to this value every
+            step (the SSN authors: 1.0); None: no clipping.
         norm_weight_decay: weight decay of the norm affine parameters (None: ``weight_decay``).
-        schedule: ``cosine`` or ``step`` (x ``gamma`` at each epoch of ``milestones``).
+        schedule: ``cosine``, ``step`` (x ``gamma`` at each epoch of ``milestones``) or ``poly``
+            (``poly_power``, down to ``min_lr``), per optimizer step.
         warmup_epochs: linear warm-up length (fractions allowed).
-        sync_norm: under multi-process training, synchronise BN statistics (BN -> SyncBatchNorm,
-            SN/SSN -> ``sync=True``).
-        radius_ramp_fraction, radius_delay_fraction, radius_end: the SSN radius stays 0 for the
-            delay fraction of the optimizer steps, then ramps to ``radius_end`` (default sqrt(2/3):
-            every layer one-hot) over the ramp fraction (``ssn.callbacks.RadiusSchedule``, added
-            automatically when the network has SSN layers).
+        radius_ramp_fraction, radius_delay_fraction, radius_end: the SSN radius stays at its start
+            for the delay fraction of the optimizer steps, then ramps linearly towards
+            ``radius_end`` (default 1.0, the authors': every layer latched by ~82% of the ramp)
+            over the ramp fraction (``tasks.callbacks.RadiusSchedule``, added automatically when
+            the network has SSN layers).
         monitor_ratios: log per-layer ratios, heatmaps and the final selection
             (``tasks.callbacks.NormRatioMonitor``) when the network has SN/SSN layers.
+        pretrained: a checkpoint to initialise the backbone from: a Lightning checkpoint of any of
+            our tasks, a native export (``*.state_dict.pt``), an authors' checkpoint, or a
+            torchvision ResNet state_dict. Norms of another type are converted (statistics
+            copied); only the head may be new; a missing backbone key is an error.
+        pretrained_ratios: ``keep`` (ratios, latches and radius inherited: latched layers run the
+            native kernels from the first step, the radius ramp continues from the inherited
+            radius), ``reopen`` (ratios inherited as the start, latches cleared, a new ramp from
+            ``pretrained_radius_start``), ``reset`` (ratios re-initialised).
+        pretrained_radius_start: the radius the new ramp starts from in ``reopen`` mode.
+        pretrained_trusted: allow a pretrained file that needs unpickling arbitrary objects (off:
+            ``torch.load(weights_only=True)``, which cannot execute code).
+        pretrained_head: also load the checkpoint's head when it fits (default: a new head, for a
+            new label set even of the same size).
+        backbone_lr_scale: learning rate of the pretrained backbone relative to the new head.
+        freeze: parameter-name prefixes of the backbone to freeze (e.g. ``["conv1", "bn1", "layer1"]``).
     """
 
     def __init__(
@@ -62,26 +109,93 @@ class NormTask(pl.LightningModule):
         weight_decay: float = 1e-4,
         ratio_lr_scale: float = 0.1,
         ratio_weight_decay: float = 0.0,
+        ratio_grad_clip: float | None = None,
         norm_weight_decay: float | None = None,
-        schedule: Literal["cosine", "step"] = "cosine",
+        schedule: Literal["cosine", "step", "poly"] = "cosine",
         warmup_epochs: float = 0.0,
         milestones: list[int] = [30, 60, 90],  # noqa: B006 (jsonargparse needs the literal)
         gamma: float = 0.1,
-        sync_norm: bool = True,
+        poly_power: float = 0.9,
+        min_lr: float = 0.0,
         radius_ramp_fraction: float = 1.0,
         radius_delay_fraction: float = 0.0,
         radius_end: float | None = None,
         monitor_ratios: bool = True,
+        pretrained: str | None = None,
+        pretrained_ratios: Literal["keep", "reopen", "reset"] = "keep",
+        pretrained_radius_start: float = 0.0,
+        pretrained_trusted: bool = False,
+        pretrained_head: bool = False,
+        backbone_lr_scale: float = 1.0,
+        freeze: list[str] = [],  # noqa: B006
     ) -> None:
         super().__init__()
         # NOTE: collects the subclass's arguments too (Lightning walks the __init__ frames).
         self.save_hyperparameters()
         ssn.get_norm_layer(norm)  # an unknown name fails now, with the valid ones listed
+        if pretrained_ratios not in RATIO_MODES:
+            raise ValueError(f"pretrained_ratios must be one of {RATIO_MODES}, got {pretrained_ratios!r}")
         self.norm = norm
         self.norm_kwargs = dict(norm_kwargs or {})
+        self.initial_radius: float | None = None  # where the radius ramp starts (fine-tuning)
 
     def norm_layer(self, dim: int = 2):  # noqa: ANN201
         return ssn.get_norm_layer(self.norm, dim=dim, **self.norm_kwargs)
+
+    @property
+    def sync_stats(self) -> bool:
+        """Whether batch statistics are all-reduced across processes (decided by the name)."""
+        return self.norm.lower() in SYNC_NAMES
+
+    # ------------------------------------------------------------------- pretrained backbone
+    def pretrained_module(self) -> nn.Module:
+        """The module receiving pretrained backbone weights, in torchvision's ResNet naming."""
+        raise NotImplementedError(f"{type(self).__name__} does not support pretrained backbones")
+
+    def map_pretrained(self, state: dict[str, Tensor], target: nn.Module) -> dict[str, Tensor]:
+        """Turn a torchvision-layout backbone state_dict into ``target``'s keys and shapes
+        (identity here; e.g. 2D -> 3D inflation in the video task)."""
+        return state
+
+    def head_prefixes(self) -> tuple[str, ...]:
+        """Keys of :meth:`pretrained_module` allowed to stay new (its head)."""
+        return ()
+
+    def load_pretrained(self, path: str) -> TransferReport:
+        """Load ``path`` into :meth:`pretrained_module` (see the ``pretrained`` argument)."""
+        hp = self.hparams
+        state, kind = backbone_state(read_checkpoint(path, trusted=hp.pretrained_trusted))
+        target = self.pretrained_module()
+        head = self.head_prefixes()
+        if not hp.pretrained_head:  # a new task's labels: the head starts afresh
+            state = _with_meta({k: v for k, v in state.items() if not k.startswith(head)}, state)
+        state = _with_meta(self.map_pretrained(state, target), state)
+        report = load_backbone(target, state, new_ok=head, drop_ok=("fc.", *head), ratios=hp.pretrained_ratios, kind=kind)
+        radii = [float(m.radius) for _, m in ssn.switch_norms(target) if isinstance(m, _Sparsest) and None in m.latched]
+        if hp.pretrained_ratios == "keep":
+            self.initial_radius = max(radii, default=None)
+        elif hp.pretrained_ratios == "reopen":
+            self.initial_radius = hp.pretrained_radius_start
+            ssn.set_radius(target, hp.pretrained_radius_start)
+        log.warning("pretrained %s into %s: %s", path, type(self).__name__, report.summary())
+        if report.converted:
+            log.warning("pretrained: the normalizer differs from the checkpoint's in %d layers (%s): converted as "
+                        "ssn.convert_norm does (affine and running statistics copied)", len(report.converted),
+                        ", ".join(report.converted[:4]) + (" ..." if len(report.converted) > 4 else ""))
+        return report
+
+    def configure_model(self) -> None:
+        # NOTE: once, before the optimizer is built; a resumed run's checkpoint is restored after
+        # this and wins (it is the fine-tuned state).
+        if self.hparams.pretrained and not getattr(self, "_pretrained_loaded", False):
+            self.load_pretrained(self.hparams.pretrained)
+            self._pretrained_loaded = True
+        for prefix in self.hparams.freeze:
+            params = [p for n, p in self.pretrained_module().named_parameters() if n.startswith(prefix)]
+            if not params:
+                raise ValueError(f"freeze: no backbone parameter starts with {prefix!r}")
+            for p in params:
+                p.requires_grad_(False)
 
     # ------------------------------------------------------------------------- optimisation
     def global_batch_size(self) -> int:
@@ -94,46 +208,109 @@ class NormTask(pl.LightningModule):
     def effective_lr(self) -> float:
         return self.hparams.lr * self.global_batch_size() / self.hparams.lr_batch_size
 
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (of this rank's loader, after limit_train_batches)."""
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does, whatever max_epochs is
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("epoch-based schedules need a sized training loader")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
+    def _param_groups(self, lr: float) -> list[dict[str, Any]]:
+        hp = self.hparams
+        groups = ssn.param_groups(self, lr=lr, weight_decay=hp.weight_decay, ratio_lr_scale=hp.ratio_lr_scale,
+                                  ratio_weight_decay=hp.ratio_weight_decay, norm_weight_decay=hp.norm_weight_decay)
+        if hp.backbone_lr_scale == 1.0 or not hp.pretrained:
+            return groups
+        backbone = {id(p) for p in self.pretrained_module().parameters()}
+        out = []
+        for g in groups:  # split each group into backbone / new parts; ratios keep their own lr
+            inside = [p for p in g["params"] if id(p) in backbone]
+            outside = [p for p in g["params"] if id(p) not in backbone]
+            if inside:
+                out.append({**g, "name": f"backbone_{g['name']}", "params": inside, "lr": g["lr"] * hp.backbone_lr_scale})
+            if outside:
+                out.append({**g, "params": outside})
+        return out
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         lr = self.effective_lr()
-        groups = ssn.param_groups(self, lr=lr, weight_decay=hp.weight_decay, ratio_lr_scale=hp.ratio_lr_scale,
-                                  ratio_weight_decay=hp.ratio_weight_decay, norm_weight_decay=hp.norm_weight_decay)
+        groups = [g for g in self._param_groups(lr) if any(p.requires_grad for p in g["params"])]
+        for g in groups:
+            g["params"] = [p for p in g["params"] if p.requires_grad]
         opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         total = int(self.trainer.estimated_stepping_batches)
-        epochs = max(1, self.trainer.max_epochs or 1)
-        per_epoch = max(1, total // epochs)
+        per_epoch = self.steps_per_epoch() if hp.schedule == "step" or hp.warmup_epochs else 1
         warmup = round(hp.warmup_epochs * per_epoch)
         milestones = [m * per_epoch for m in hp.milestones]
+        min_factor = min(1.0, hp.min_lr / lr) if lr > 0 else 0.0
 
         def factor(step: int) -> float:
-            return lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma)
+            return lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma, hp.poly_power, min_factor)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def configure_callbacks(self) -> list[pl.Callback]:
-        from ssn.callbacks import RadiusSchedule
-        from ssn.norm import _Sparsest
+    def ratio_parameters(self) -> list[nn.Parameter]:
+        return [p for _, m in ssn.switch_norms(self) for p in (m.mean_logits, m.var_logits)]
 
-        from .callbacks import NormRatioMonitor
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # NOTE: after DDP's gradient averaging and AMP's unscaling, as the authors clip after
+        # their all-reduce; latched logits have no (or a zero) gradient and add nothing.
+        if self.hparams.ratio_grad_clip is not None:
+            params = [p for p in self.ratio_parameters() if p.grad is not None]
+            if params:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.ratio_grad_clip)
+                self.log("ssn/ratio_grad_norm", norm, on_step=True, on_epoch=False)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        from .callbacks import NormRatioMonitor, RadiusSchedule
 
         layers = [m for _, m in ssn.switch_norms(self)]
         callbacks: list[pl.Callback] = []
         if any(isinstance(m, _Sparsest) for m in layers):
-            callbacks.append(RadiusSchedule(end=self.hparams.radius_end, ramp_fraction=self.hparams.radius_ramp_fraction,
-                                            delay_fraction=self.hparams.radius_delay_fraction))
+            hp = self.hparams
+            callbacks.append(RadiusSchedule(end=hp.radius_end, ramp_fraction=hp.radius_ramp_fraction,
+                                            delay_fraction=hp.radius_delay_fraction))
         if layers and self.hparams.monitor_ratios:
             callbacks.append(NormRatioMonitor())
         return callbacks
 
-    # ----------------------------------------------------------------------------- set-up
-    def setup(self, stage: str) -> None:
-        if self.hparams.sync_norm and self.trainer.world_size > 1:
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)
-            for _, m in ssn.switch_norms(self):
-                m.sync = True
+    # ------------------------------------------------------------- per-device statistics
+    def on_validation_epoch_start(self) -> None:
+        ssn.average_running_stats(self)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # NOTE: every rank gets here (a collective is safe); the state_dict was collected before
+        # this hook, so the averaged statistics are written into it as well.
+        if ssn.average_running_stats(self):
+            sd = checkpoint["state_dict"]
+            for k, v in self.state_dict().items():
+                if k.endswith(("running_mean", "running_var")) and k in sd:
+                    sd[k] = v.detach().clone()
+
+    # ------------------------------------------------------------------------- the data
+    def skip_batch(self) -> Tensor:
+        """The loss of a batch whose samples were all unreadable: a zero connected to every
+        trainable parameter, so that under DDP every rank still takes part in the step's
+        gradient reduction (returning None there deadlocks the other ranks)."""
+        log.warning("step %d: every sample of the batch was unreadable; zero loss", self.global_step)
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+    def on_train_epoch_start(self) -> None:
+        set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
+        if callable(set_epoch):  # epoch-dependent augmentation (e.g. the authors' final-epochs crop)
+            set_epoch(self.current_epoch, self.trainer.max_epochs)
+
+    def on_train_epoch_end(self) -> None:
+        skipped = getattr(self.trainer.datamodule, "skipped_images", None)
+        if skipped is not None:
+            self.log("data/skipped_images", float(skipped), sync_dist=True, reduce_fx="sum")
+
+    # ------------------------------------------------------------------------ summaries
     def on_fit_start(self) -> None:
         # What dashboards group and compare runs by.
         dm = self.trainer.datamodule
@@ -142,16 +319,14 @@ class NormTask(pl.LightningModule):
             "dataset": type(dm).__name__ if dm is not None else None,
             "arch": getattr(self.hparams, "arch", None),
             "norm": self.norm,
+            "sync_stats": self.sync_stats,
             "batch_size": getattr(dm, "batch_size", None),
             "global_batch_size": self.global_batch_size(),
             "effective_lr": self.effective_lr(),
             "seed": int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None,
             "world_size": self.trainer.world_size,
+            "pretrained": self.hparams.pretrained,
+            "pretrained_ratios": self.hparams.pretrained_ratios if self.hparams.pretrained else None,
         }
         for logger in self.loggers:
             logger.log_hyperparams(summary)
-
-    def on_train_epoch_end(self) -> None:
-        skipped = getattr(self.trainer.datamodule, "skipped_images", None)
-        if skipped is not None:
-            self.log("data/skipped_images", float(skipped), sync_dist=True, reduce_fx="sum")

@@ -15,7 +15,7 @@ from .base import NormTask
 
 __all__ = ["ImageClassifier", "SmallResNet", "build_classifier", "ARCHS"]
 
-ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50", "resnet101")
+ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50", "resnet101", "resnet50_authors")
 
 
 class SmallResNet(nn.Module):
@@ -64,7 +64,10 @@ def build_classifier(
     if arch == "resnet_small":
         model: nn.Module = SmallResNet(num_classes, in_channels, norm_layer=norm_layer)
     else:
-        model = getattr(torchvision.models, arch)(num_classes=num_classes, norm_layer=norm_layer)
+        model = getattr(torchvision.models, arch.removesuffix("_authors"))(num_classes=num_classes, norm_layer=norm_layer)
+        if arch.endswith("_authors"):  # the SSN authors' network (ssn.authors): their max-pool and dropout
+            model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+            model.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Dropout(0.5))
         if in_channels != 3:
             model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     if zero_init_residual:  # each block starts as identity: its last norm's gamma is 0
@@ -80,7 +83,10 @@ class ImageClassifier(NormTask):
     normalizer and optimisation arguments).
 
     Args:
-        arch: ``resnet_small`` (28x28 inputs), ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``.
+        arch: ``resnet_small`` (28x28 inputs), ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``;
+            ``resnet50_authors`` is the SSN authors' ResNet-50 (max-pool padding 0 with ceil mode,
+            dropout 0.5 before ``fc``) for evaluating or fine-tuning their released checkpoints
+            (with ``norm_kwargs: {in_var_correction: 1, momentum: 0.003}`` to match their layer).
         num_classes, in_channels: linked from the data module by the CLI.
         zero_init_residual: zero the gamma of each residual block's last norm.
         label_smoothing: of the cross-entropy.
@@ -106,9 +112,15 @@ class ImageClassifier(NormTask):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> Tensor | None:
+    def pretrained_module(self) -> nn.Module:
+        return self.net
+
+    def head_prefixes(self) -> tuple[str, ...]:
+        return ("fc.",)
+
+    def training_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> Tensor:
         if batch is None:  # every image of the batch was unreadable (counted by the data module)
-            return None
+            return self.skip_batch()
         x, y = batch
         loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)

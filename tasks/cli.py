@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import ssn
 from ssn.io import atomic_write, save_atomic
+from ssn.transfer import record_norms
 
 from .base import NormTask
 
@@ -49,11 +50,15 @@ class ExportedProgram(torch.nn.Module):
 def export_model(task: NormTask, path: Path, example: torch.Tensor) -> None:
     """Export ``task.net`` to native layers and save it as a ``torch.export`` program (loadable
     without this package, dynamic batch size) and as a state_dict beside it."""
-    net = ssn.export_norm(copy.deepcopy(task.net).cpu().eval())
+    net = copy.deepcopy(task.net).cpu().eval()
+    selection = {name: m._latches() for name, m in ssn.switch_norms(net)}
+    net = ssn.export_norm(net)
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(net, (example.cpu(),), dynamic_shapes=({0: batch},))
     atomic_write(path, lambda f: torch.export.save(program, f))
-    save_atomic(net.state_dict(), path.with_suffix(".state_dict.pt"))
+    state = net.state_dict()
+    record_norms(net, state, selection)  # so `pretrained` restores the latches from this file
+    save_atomic(state, path.with_suffix(".state_dict.pt"))
 
 
 class SSNCLI(LightningCLI):

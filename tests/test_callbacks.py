@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ssn
-from ssn.callbacks import RadiusSchedule, radius_at
+from ssn.schedule import radius_at
+from tasks.callbacks import RadiusSchedule
 
 STEPS_PER_EPOCH = 6
 
@@ -66,11 +67,12 @@ def _trainer(tmp_path, callbacks, epochs=2) -> pl.Trainer:
 
 
 def test_radius_at():
-    assert radius_at(0, 4, 0.0, 0.8) == pytest.approx(0.2)
-    assert radius_at(3, 4, 0.0, 0.8) == pytest.approx(0.8)
-    assert radius_at(10, 4, 0.0, 0.8) == pytest.approx(0.8)
+    # the authors' schedule: radius = step / total, linear from 0 to 1.0 (train_imagenet.py)
+    total = 1000
+    assert [radius_at(s, total, 0.0, 1.0) for s in (0, 500, 999, 2000)] == [0.0, 0.5, 0.999, 1.0]
     assert radius_at(2, 4, 0.0, 0.8, delay=3) == 0.0
-    assert radius_at(3, 4, 0.0, 0.8, delay=3) == pytest.approx(0.2)
+    assert radius_at(5, 4, 0.0, 0.8, delay=3) == pytest.approx(0.4)
+    assert radius_at(7, 4, 0.2, 0.8, delay=3) == pytest.approx(0.8)
     with pytest.raises(ValueError):
         RadiusSchedule(ramp_fraction=0.6, delay_fraction=0.5)
     with pytest.raises(ValueError):
@@ -82,9 +84,8 @@ def test_ramp_over_the_run_latches_every_layer_and_resume_is_exact(tmp_path):
     full = Tiny()
     _trainer(tmp_path / "full", [RadiusSchedule(), record]).fit(full, _loader())
     total = 2 * STEPS_PER_EPOCH
-    end = ssn.max_radius(3)
-    assert record.radii == pytest.approx([end * (s + 1) / total for s in range(total)])
-    assert all(m.latched[0] and m.latched[1] for _, m in ssn.switch_norms(full))
+    assert record.radii == pytest.approx([s / total for s in range(total)])  # the authors' ramp to 1.0
+    assert all(m.latched[0] and m.latched[1] for _, m in ssn.switch_norms(full))  # one-hot from 0.816 on
 
     # the same run, cut off after the first epoch and resumed from its last checkpoint
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -101,6 +102,6 @@ def test_ramp_over_the_run_latches_every_layer_and_resume_is_exact(tmp_path):
 def test_delayed_partial_ramp(tmp_path):
     record = Record()
     _trainer(tmp_path, [RadiusSchedule(end=0.5, ramp_fraction=0.5, delay_fraction=0.25), record]).fit(Tiny(), _loader())
-    assert record.radii[:3] == [0.0, 0.0, 0.0]  # 12 steps: 3 at zero, then 6 of ramp
-    assert record.radii[8] == pytest.approx(0.5) and record.radii[7] < 0.5
+    assert record.radii[:4] == [0.0, 0.0, 0.0, 0.0]  # 12 steps: 3 at zero, then 6 of ramp
+    assert record.radii[9] == pytest.approx(0.5) and record.radii[8] < 0.5
     assert record.radii[-1] == pytest.approx(0.5)

@@ -134,3 +134,26 @@ def test_imagenet_bad_roots_fail_early_with_the_layout(tmp_path):
     (tmp_path / "extra" / "val" / "n99999999").mkdir()
     with pytest.raises(ValueError, match="not in train"):
         ImageNetDataModule(str(tmp_path / "extra")).setup("fit")
+
+
+def test_imagenet_skipped_images_count_distinct_files_across_epochs(tmp_path):
+    _imagenet_fixture(tmp_path)
+    (tmp_path / "val" / WNIDS[2] / "ILSVRC2012_val_broken.JPEG").write_bytes(b"not a jpeg")
+    dm = ImageNetDataModule(str(tmp_path), batch_size=4, num_workers=0, crop_size=16, resize_size=18)
+    dm.setup("fit")
+    for _ in range(3):  # three validation epochs see the same bad image
+        sum(len(b[1]) for b in dm.val_dataloader() if b is not None)
+    assert dm.skipped_images == 1
+    for _ in range(2):
+        sum(len(b[1]) for b in dm.train_dataloader() if b is not None)
+    assert dm.skipped_images == 3  # + the two bad training files, once each
+
+
+def test_imagenet_val_may_lack_a_class(tmp_path):
+    _imagenet_fixture(tmp_path, corrupt=False)
+    import shutil
+
+    shutil.rmtree(tmp_path / "val" / WNIDS[1])
+    dm = ImageNetDataModule(str(tmp_path), batch_size=4, num_workers=0, crop_size=16, resize_size=18)
+    dm.setup("fit")
+    assert dm.num_classes == 3 and sorted({y for _, y in dm.data["val"].samples}) == [0, 2]

@@ -72,6 +72,7 @@ def _worker(rank: int, store: str, result_dir: str) -> None:
     results["ddp_weight"] = model[0].weight.detach().clone()
     results["latch_combos"] = _latch_combinations(x[part], rank)
     results["broadcast_latch"] = _broadcast_latch(x[part], rank)
+    results["skip_batch"] = _skip_batch_step(rank)
     torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -126,6 +127,32 @@ def _broadcast_latch(x: torch.Tensor, rank: int) -> list:
     return list(layer.latched)
 
 
+def _skip_batch_step(rank: int) -> dict[str, torch.Tensor]:
+    """Rank 1's batch was entirely unreadable: it must still take part in the gradient reduction
+    (a None loss there leaves rank 0 waiting forever)."""
+    from tasks import ImageClassifier
+
+    class TrainingStep(nn.Module):  # what Lightning's DDP wraps: the training step runs inside forward
+        def __init__(self, task: nn.Module) -> None:
+            super().__init__()
+            self.task = task
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if rank == 1:
+                return self.task.skip_batch()
+            return torch.nn.functional.cross_entropy(self.task(x), y)
+
+    torch.manual_seed(0)
+    task = ImageClassifier(arch="resnet_small", num_classes=3, in_channels=1, norm="ssn")
+    ddp = nn.parallel.DistributedDataParallel(TrainingStep(task))
+    opt = torch.optim.SGD(task.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        ddp(torch.randn(4, 1, 12, 12), torch.tensor([0, 1, 2, 0])).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in task.named_parameters()}
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("ddp")
@@ -176,3 +203,10 @@ def test_every_latch_combination_trains_under_ddp(ddp_results):
 def test_ddp_buffer_broadcast_updates_the_latch_mirror(ddp_results):
     assert ddp_results[0]["broadcast_latch"] == ["in", "ln"]
     assert ddp_results[1]["broadcast_latch"] == ["in", "ln"]
+
+
+def test_a_rank_with_an_unreadable_batch_still_steps_with_the_others(ddp_results):
+    a, b = ddp_results[0]["skip_batch"], ddp_results[1]["skip_batch"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

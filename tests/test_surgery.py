@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -25,21 +27,22 @@ def _randomise_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def test_convert_bn_resnet_to_ssn_copies_everything():
     ref = _randomise_stats(torchvision.models.resnet18(num_classes=7))
-    ssn_model = ssn.convert_norm(torchvision.models.resnet18(num_classes=7), "ssn")
-    ssn_model.load_state_dict(ref.state_dict(), strict=False)  # conv/fc weights; logits stay
-    ssn_model = ssn.convert_norm(ssn.convert_norm(ref, "bn"), "ssn")  # copies BN state over
+    # NOTE: convert_norm works in place; convert a copy so the reference keeps its BatchNorms
+    ssn_model = ssn.convert_norm(copy.deepcopy(ref), "ssn")
+    assert ssn_model is not ref and all(isinstance(m, nn.BatchNorm2d) for m in (ref.bn1, ref.layer1[0].bn2))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in ssn_model.modules())
     norms = list(ssn.switch_norms(ssn_model))
     assert len(norms) == 20 and all(isinstance(m, ssn.SparseSwitchNorm2d) for _, m in norms)
     for name, m in norms:
         src = ref.get_submodule(name)
+        assert isinstance(src, nn.BatchNorm2d)
         torch.testing.assert_close(m.weight, src.weight)
         torch.testing.assert_close(m.running_var, src.running_var)
         m.latch("bn", "bn")
     x = torch.randn(2, 3, 64, 64)
     ref.eval(), ssn_model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(ssn_model(x), ref(x))
+        torch.testing.assert_close(ssn_model(x), ref(x))  # the native BN network's output
 
 
 def test_convert_keeps_sync_dims_and_switch_state():

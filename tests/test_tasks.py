@@ -34,6 +34,9 @@ def test_lr_factor_warmup_cosine_and_step():
     assert lr_factor(29, 100, 0, "step", [30, 60], 0.1) == 1.0
     assert lr_factor(30, 100, 0, "step", [30, 60], 0.1) == pytest.approx(0.1)
     assert lr_factor(75, 100, 0, "step", [30, 60], 0.1) == pytest.approx(0.01)
+    # mmseg's PolyLR: (base - min) * (1 - t)^0.9 + min, as a factor of base
+    assert lr_factor(50, 100, 0, "poly", [], 0.1, power=0.9, min_factor=0.01) == pytest.approx(0.99 * 0.5**0.9 + 0.01)
+    assert lr_factor(100, 100, 0, "poly", [], 0.1, power=0.9, min_factor=0.01) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("arch", ["resnet_small", "resnet18", "resnet50"])
@@ -121,21 +124,32 @@ def test_short_real_training_learns_fashion_mnist(tmp_path):
 
 @needs_fmnist
 @pytest.mark.timeout(400)
-def test_ddp_two_cpu_processes_sync_and_scale_lr(tmp_path):
+@pytest.mark.parametrize("norm", ["ssn", "syncssn"])
+def test_ddp_two_cpu_processes_sync_by_name_and_scale_lr(tmp_path, norm):
+    """The name alone decides: ssn keeps per-device statistics (averaged over the ranks before
+    validation and checkpoints), syncssn all-reduces them in every step."""
     probe = tmp_path / "probe"
     cmd = [sys.executable, "-m", "tasks.cli", "fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false"),
-           "--config", str(ROOT / "configs/base/ddp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
+           f"--model.init_args.norm={norm}", "--config", str(ROOT / "configs/base/ddp.yaml"),
+           "--trainer.accelerator=cpu", "--trainer.devices=2",
            "--trainer.callbacks+=ddp_probe.Probe", f"--trainer.callbacks.out_dir={probe}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
     for rec in ranks:
-        assert rec["world_size"] == 2 and all(rec["sync"]) and rec["global_step"] == 6
+        assert rec["world_size"] == 2 and rec["global_step"] == 6
+        assert all(rec["sync"]) == (norm == "syncssn") and any(rec["sync"]) == (norm == "syncssn")
         assert rec["global_batch_size"] == 32
         assert math.isclose(rec["effective_lr"], 0.2 * 32 / 256)
-    assert ranks[0]["running_mean"] == ranks[1]["running_mean"]  # synchronised statistics
+    assert ranks[0]["running_mean"] == ranks[1]["running_mean"]  # every rank evaluates the same model
     assert ranks[0]["running_var"] == ranks[1]["running_var"]
+    last = [torch.tensor(r["last_step_mean"]) for r in ranks]
+    if norm == "ssn":  # per-device statistics differ after a step; the saved model has their mean
+        assert not torch.equal(last[0], last[1])
+        torch.testing.assert_close(torch.tensor(ranks[0]["running_mean"]), (last[0] + last[1]) / 2)
+    else:
+        assert torch.equal(last[0], last[1])
 
 
 def test_cli_imagenet_config_on_a_fixture_in_the_real_layout(tmp_path):
@@ -153,3 +167,14 @@ def test_cli_imagenet_config_on_a_fixture_in_the_real_layout(tmp_path):
     assert cli.model.hparams.num_classes == 3  # linked from the class folders
     assert cli.trainer.global_step == 3  # 14 images (2 unreadable, skipped) in batches of 4, last dropped
     assert cli.datamodule.skipped_images >= 1
+
+
+@needs_fmnist
+def test_step_schedule_epoch_length_when_max_steps_caps_the_run(tmp_path):
+    """Epochs of 3 steps: milestone epoch 2 is step 6, whatever max_epochs says (-1: unbounded)."""
+    cli = main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=-1", "--trainer.max_steps=8",
+                              "--trainer.limit_train_batches=3", "--model.init_args.schedule=step",
+                              "--model.init_args.milestones=[2]", "--model.init_args.warmup_epochs=0",
+                              "--model.init_args.warmup_epochs=1", "--export=false")])
+    factor = cli.trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert [factor(s) for s in (0, 2, 3, 5, 6, 7)] == pytest.approx([1 / 3, 1.0, 1.0, 1.0, 0.1, 0.1])

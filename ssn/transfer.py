@@ -1,0 +1,260 @@
+"""Backbone transfer between networks: any checkpoint we or the authors write -> a target network.
+
+The interchange format is torchvision's ResNet layout (``conv1.weight``, ``bn1.running_mean``,
+``layer1.0.bn1.mean_logits``, ``layer1.0.downsample.1.weight``, ``fc.*``), which our classifier,
+mmseg's ``ResNet`` backbone (with SN/SSN named ``bn``) and the native export all share. Loading
+maps norms the way :func:`ssn.convert_norm` converts a model (affine parameters and running
+statistics copied; ratios, latches and radius carried between SN/SSN layers, restored from a native
+export's recorded selection), refuses a missing backbone key by name, and lets only the head be new.
+Pure functions, testable without any task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .norm import STATS, UNLATCHED, LatchedNorm, _Sparsest, _SwitchNorm
+
+__all__ = ["RATIO_MODES", "TransferReport", "backbone_state", "load_backbone", "read_checkpoint", "record_norms"]
+
+log = logging.getLogger(__name__)
+
+RATIO_MODES = ("keep", "reopen", "reset")
+SWITCH_KEYS = ("mean_logits", "var_logits", "radius", "mean_latch", "var_latch")
+STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+_META = "ssn_stats"  # state_dict metadata entry of a native export: the statistics a layer latched to
+
+
+def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
+    """``torch.load`` a checkpoint safely (``weights_only`` unless ``trusted``), with clear errors.
+
+    Raises:
+        FileNotFoundError: no file. ValueError: an empty, corrupt or non-PyTorch file, or one that
+            needs unpickling arbitrary objects (named; only ``trusted=True`` loads those).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, not a checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        if "global" in str(e) or "GLOBAL" in str(e):
+            raise ValueError(
+                f"{path}: refused: it needs unpickling objects besides tensors and plain containers, which "
+                f"can execute code ({str(e).splitlines()[0][:200]}); only if you trust the file, allow it "
+                "(pretrained_trusted: true)"
+            ) from e
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from e
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+    return obj
+
+
+def _is_authors(sd: dict[str, Any]) -> bool:
+    return any(k.endswith("sn1.mean_weight") for k in sd)
+
+
+def backbone_state(obj: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
+    """A checkpoint of any supported kind -> (state_dict in torchvision's ResNet layout, kind).
+
+    Kinds: a Lightning checkpoint of any of our tasks (``state_dict`` under the task's prefix, e.g.
+    ``net.`` or ``model.backbone.``), the authors' checkpoint (``ssn.authors`` format), a plain
+    state_dict (torchvision ResNet, or our native export ``*.state_dict.pt``).
+
+    Raises:
+        ValueError: nothing that looks like a ResNet backbone, naming a few keys found.
+    """
+    kind = "state_dict"
+    sd = obj
+    if isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+        kind = "lightning" if "pytorch-lightning_version" in obj else "state_dict"
+    if _is_authors(sd):
+        from .authors import convert_authors_state_dict
+
+        return convert_authors_state_dict(sd), "authors"
+    if not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError("not a state_dict: some values are not tensors")
+    prefixes = sorted({k[: -len("conv1.weight")] for k in sd if k.endswith("conv1.weight")
+                       and f"{k[: -len('conv1.weight')]}layer1.0.conv1.weight" in sd}, key=len)
+    if not prefixes:
+        raise ValueError(
+            "no ResNet backbone in the checkpoint: expected keys like 'conv1.weight' and "
+            f"'layer1.0.conv1.weight' (under any prefix); found e.g. {sorted(sd)[:6]}"
+        )
+    prefix = prefixes[0]
+    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:  # keep the native export's recorded selection with the stripped names
+        out = type(sd)(out) if isinstance(sd, dict) else out
+        out._metadata = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}  # type: ignore[attr-defined]
+    return out, kind
+
+
+def record_norms(native: nn.Module, state: dict[str, Tensor], selection: dict[str, tuple[int, int]]) -> None:
+    """Record in ``state``'s metadata which statistics each exported layer latched to, so that a
+    native export loaded back into an SN/SSN network restores its latches (see :func:`load_backbone`).
+    ``selection`` maps layer names to (mean, var) statistic indices. Plain loaders ignore it."""
+    meta = getattr(state, "_metadata", None)
+    if meta is None:
+        return
+    for name, (mean, var) in selection.items():
+        meta.setdefault(name, {})[_META] = f"{STATS[mean]}/{STATS[var]}"
+
+
+@dataclass
+class TransferReport:
+    """What :func:`load_backbone` did, for the log."""
+
+    kind: str = ""
+    loaded: int = 0
+    new: list[str] = field(default_factory=list)  # target keys left at initialisation (the head)
+    dropped: list[str] = field(default_factory=list)  # source keys without a place (the source head)
+    converted: list[str] = field(default_factory=list)  # norms whose type differs between source and target
+    adapted: list[str] = field(default_factory=list)  # weights reshaped (input channels)
+    latched: int = 0
+    switch_layers: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.kind}: {self.loaded} tensors loaded"]
+        if self.switch_layers:
+            parts.append(f"{self.latched}/{self.switch_layers} SN/SSN layers latched")
+        if self.new:
+            parts.append(f"new (initialised): {_brief(self.new)}")
+        if self.dropped:
+            parts.append(f"not used: {_brief(self.dropped)}")
+        if self.converted:
+            parts.append(f"norms converted: {_brief(self.converted)}")
+        if self.adapted:
+            parts.append(f"adapted: {', '.join(self.adapted)}")
+        return "; ".join(parts)
+
+
+def _brief(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def _adapt_input_conv(w: Tensor, in_channels: int) -> Tensor:
+    """An RGB stem for ``in_channels`` inputs: summed for one channel, else tiled and rescaled
+    (as timm's ``adapt_input_conv``), so a constant input gives the same response."""
+    if in_channels == 1:
+        return w.sum(1, keepdim=True)
+    reps = -(-in_channels // w.shape[1])
+    return w.repeat(1, reps, 1, 1)[:, :in_channels] * (w.shape[1] / in_channels)
+
+
+def _norm_owner(key: str, norms: dict[str, nn.Module]) -> tuple[str, str] | None:
+    mod, _, leaf = key.rpartition(".")
+    return (mod, leaf) if mod in norms else None
+
+
+@torch.no_grad()
+def load_backbone(
+    target: nn.Module,
+    state: dict[str, Tensor],
+    *,
+    new_ok: Iterable[str] = (),
+    drop_ok: Iterable[str] = ("fc.",),
+    ratios: str = "keep",
+    kind: str = "state_dict",
+) -> TransferReport:
+    """Load a torchvision-layout backbone ``state`` into ``target`` (in place).
+
+    Args:
+        target: the network (or backbone) receiving the weights.
+        state: source tensors, keys in the target's naming (see :func:`backbone_state`).
+        new_ok: key prefixes of the target allowed to stay at initialisation (its new head).
+        drop_ok: key prefixes of the source allowed to go unused (its old head).
+        ratios: ``keep`` (ratios, latches and radius inherited), ``reopen`` (logits inherited,
+            latches cleared; the caller restarts the radius ramp), ``reset`` (logits uniform,
+            latches cleared, radius 0). Running statistics and affine parameters load in every mode.
+        kind: the source's kind, for the report.
+
+    Raises:
+        ValueError: a missing backbone key or an unexpected source key (both named), or a shape
+            mismatch outside the head.
+    """
+    if ratios not in RATIO_MODES:
+        raise ValueError(f"pretrained_ratios must be one of {RATIO_MODES}, got {ratios!r}")
+    new_ok, drop_ok = tuple(new_ok), tuple(drop_ok)
+    report = TransferReport(kind=kind)
+    norms = {n: m for n, m in target.named_modules()
+             if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, _SwitchNorm, LatchedNorm))}
+    own = target.state_dict()
+    meta = getattr(state, "_metadata", None) or {}
+    missing, bad_shape, converted = [], [], set()
+    values: dict[str, Tensor] = {}
+    for key, dst in own.items():
+        owner = _norm_owner(key, norms)
+        src = state.get(key)
+        if src is None:
+            if owner and owner[1] in SWITCH_KEYS + STAT_KEYS:
+                converted.add(owner[0])  # e.g. a BN source for an SSN target: logits stay uniform
+            elif key.startswith(new_ok):
+                report.new.append(key)
+            else:
+                missing.append(key)
+            continue
+        if src.shape != dst.shape:
+            if key == "conv1.weight" and src.dim() == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
+                src = _adapt_input_conv(src, dst.shape[1])
+                report.adapted.append(f"conv1 {tuple(state[key].shape)} -> {tuple(dst.shape)}")
+            elif key.startswith(new_ok):
+                report.new.append(key)
+                continue
+            else:
+                bad_shape.append(f"{key}: {tuple(src.shape)} vs {tuple(dst.shape)}")
+                continue
+        values[key] = src
+    unexpected = []
+    for key in state:
+        if key in own:
+            continue
+        owner = _norm_owner(key, norms)
+        if owner and (owner[1] in SWITCH_KEYS + STAT_KEYS or owner[1] == "_extra_state"):
+            converted.add(owner[0])  # e.g. an SSN source for a BN/GN target: its ratios are dropped
+        elif key.startswith(drop_ok):
+            report.dropped.append(key)
+        else:
+            unexpected.append(key)
+    if missing or unexpected or bad_shape:
+        raise ValueError(
+            "the pretrained backbone does not fit this network: "
+            + "; ".join(f"{what} ({len(keys)}): {_brief(keys)}" for what, keys in
+                        (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad_shape)) if keys)
+        )
+    for key, src in values.items():
+        own[key].copy_(src.to(own[key].dtype))
+    report.loaded = len(values)
+    for name, m in norms.items():
+        if not isinstance(m, _SwitchNorm):
+            continue
+        recorded = (meta.get(name) or {}).get(_META)
+        if recorded and f"{name}.mean_latch" not in state:  # a native export: restore its selection
+            mean, var = recorded.split("/")
+            m.latch(mean, var)
+            converted.discard(name)
+        if ratios != "keep":
+            m.latch(None, None)
+            if isinstance(m, _Sparsest):
+                m.radius.zero_()
+        if ratios == "reset":
+            m.mean_logits.zero_()
+            m.var_logits.zero_()
+        m._refresh_latches()
+        report.switch_layers += 1
+        report.latched += UNLATCHED not in m._latches()
+    report.converted = sorted(converted)
+    return report
