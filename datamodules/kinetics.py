@@ -246,7 +246,9 @@ class KineticsDataModule(pl.LightningDataModule):
         super().__init__()
         if test_crops not in (1, 3):
             raise ValueError(f"test_crops must be 1 (centre) or 3 (left, centre, right), got {test_crops}")
-        self.save_hyperparameters()
+        # NOTE: num_classes stays out of the hparams: the task's (linked from this module's property)
+        # is the one the loggers record, and Lightning refuses two different values of one key.
+        self.save_hyperparameters(ignore=["num_classes"])
         self.batch_size = batch_size
         self.root = Path(root).expanduser()
         self._num_classes = num_classes
