@@ -85,13 +85,22 @@ def backbone_state(obj: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
         from .authors import convert_authors_state_dict
 
         return convert_authors_state_dict(sd), "authors"
-    if not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError("not a state_dict: some values are not tensors")
-    prefixes = sorted({k[: -len("conv1.weight")] for k in sd if k.endswith("conv1.weight")
-                       and f"{k[: -len('conv1.weight')]}layer1.0.conv1.weight" in sd}, key=len)
+    # NOTE: LatchedNorm keeps its selection as extra state (a dict); the metadata carries it here.
+    others = [k for k, v in sd.items() if not isinstance(v, Tensor) and not k.endswith("_extra_state")]
+    if others:
+        raise ValueError(f"not a state_dict: values of {others[:3]} are not tensors")
+    if any(k.endswith("_extra_state") for k in sd):
+        meta = getattr(sd, "_metadata", None)
+        sd = type(sd)((k, v) for k, v in sd.items() if not k.endswith("_extra_state"))
+        if meta is not None:
+            sd._metadata = meta  # type: ignore[attr-defined]
+    # NOTE: the stem convolution ``conv1`` is the shallowest of its name: the shortest prefix wins
+    # (``net.`` over ``net.layer1.0.``), whatever the task's attribute path.
+    prefixes = sorted({k[: -len("conv1.weight")] for k in sd if (k == "conv1.weight" or k.endswith(".conv1.weight"))
+                       and sd[k].dim() >= 4}, key=len)
     if not prefixes:
         raise ValueError(
-            "no ResNet backbone in the checkpoint: expected keys like 'conv1.weight' and "
+            "no ResNet backbone in the checkpoint: expected a stem 'conv1.weight' and blocks like "
             f"'layer1.0.conv1.weight' (under any prefix); found e.g. {sorted(sd)[:6]}"
         )
     prefix = prefixes[0]

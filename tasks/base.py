@@ -223,7 +223,8 @@ class NormTask(pl.LightningModule):
                                   ratio_weight_decay=hp.ratio_weight_decay, norm_weight_decay=hp.norm_weight_decay)
         if hp.backbone_lr_scale == 1.0 or not hp.pretrained:
             return groups
-        backbone = {id(p) for p in self.pretrained_module().parameters()}
+        head = self.head_prefixes()
+        backbone = {id(p) for n, p in self.pretrained_module().named_parameters() if not n.startswith(head)}
         out = []
         for g in groups:  # split each group into backbone / new parts; ratios keep their own lr
             inside = [p for p in g["params"] if id(p) in backbone]
