@@ -157,3 +157,19 @@ def test_imagenet_val_may_lack_a_class(tmp_path):
     dm = ImageNetDataModule(str(tmp_path), batch_size=4, num_workers=0, crop_size=16, resize_size=18)
     dm.setup("fit")
     assert dm.num_classes == 3 and sorted({y for _, y in dm.data["val"].samples}) == [0, 2]
+
+
+def test_digits_from_scikit_learn():
+    from sklearn.datasets import load_digits
+
+    from datamodules import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=32, train_size=100)
+    dm.setup("fit")
+    assert [len(dm.data[s]) for s in ("train", "val", "test")] == [100, 297, 500]
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 28, 28) and y.max() <= 9
+    raw = load_digits()
+    assert sorted(dm.data["test"].tensors[1].tolist() + dm.data["val"].tensors[1].tolist()).count(0) <= (raw.target == 0).sum()
+    with pytest.raises(ValueError, match="leaves no training image"):
+        DigitsDataModule(val_size=1000, test_size=900).setup("fit")
