@@ -96,3 +96,17 @@ def test_mmcv_build_norm_layer_after_registration():
     assert not any(p.requires_grad for p in frozen.parameters())
     _, layer3d = build_norm_layer(dict(type="SSN3d"), 4)
     assert isinstance(layer3d, ssn.SparseSwitchNorm3d)
+
+
+def test_ssn_is_pure_pytorch():
+    """Importing the library (every module of it) loads neither Lightning nor mmseg nor pytorchvideo."""
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, importlib, sys, ssn\n"
+            "for m in pkgutil.iter_modules(ssn.__path__): importlib.import_module('ssn.' + m.name)\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'mmseg', "
+            "'mmengine', 'mmcv', 'pytorchvideo', 'wandb')]\n"
+            "print(','.join(sorted(bad)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"ssn imports {out}"
