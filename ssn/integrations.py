@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import sys
 import types
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 from torch import nn
 

@@ -71,9 +71,13 @@ def deeplabv3_config(
 
 
 def poly_factor(step: int, *, total: int, power: float, floor: float) -> float:
-    """mmengine's ``PolyLR`` as a multiplier of the base lr: ``(1 - floor) (1 - t/T)^p + floor``,
-    where ``floor = min_lr / base_lr``."""
-    return (1.0 - floor) * (1.0 - min(step, total) / max(1, total)) ** power + floor
+    """mmengine's ``PolyLR`` as a multiplier of the base lr over ``total`` steps:
+    ``(1 - floor) (1 - t / (total - 1))^power + floor`` with ``floor = min_lr / base_lr``.
+
+    NOTE: mmengine counts ``end - begin - 1`` iterations, so its last step already sits at min_lr.
+    """
+    span = max(1, total - 1)
+    return (1.0 - floor) * (1.0 - min(step, span) / span) ** power + floor
 
 
 def seg_scores(cm: Tensor) -> dict[str, Tensor]:
@@ -132,6 +136,7 @@ class SemanticSegmenter(NormTask):
         from ssn.integrations import bridge_mmcv_lite, mm_norm_cfg
 
         bridge_mmcv_lite()  # NOTE: before mmseg.models, which imports mmcv.ops
+        from mmengine.config import ConfigDict
         from mmengine.registry import init_default_scope
         from mmseg.registry import MODELS
 
@@ -145,7 +150,8 @@ class SemanticSegmenter(NormTask):
                                align_corners=align_corners, aux_weight=aux_weight, ignore_index=ignore_index,
                                test_cfg=test_cfg)
         init_default_scope("mmseg")
-        self.model = MODELS.build(cfg)
+        # NOTE: a ConfigDict, as mmseg's own tools pass: EncoderDecoder reads test_cfg.mode as an attribute.
+        self.model = MODELS.build(ConfigDict(cfg))
         self._init_weights()
         if self.norm == "in":
             self._image_pool_in()

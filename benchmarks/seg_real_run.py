@@ -1,0 +1,169 @@
+"""The real small segmentation run: DeepLabV3 (mmseg) on the nuclei image shipped in the stardist wheel,
+fine-tuned from our own Fashion-MNIST classification checkpoints, one row per normalizer.
+
+    python benchmarks/seg_real_run.py                       # ssn, bn, gn with the configs' budget
+    python benchmarks/seg_real_run.py --norms ssn --steps 60 --crop 64 --batch 4
+
+1. Data: ``stardist/data/images/{img2d,mask2d}.tif`` (a real 512x512 fluorescence image with its
+   instance mask, Kaggle DSB 2018, CC0; read with tifffile, stardist itself is not imported) ->
+   binary labels (background 0 / nucleus 1); the left 384 columns train, the right 128 columns are
+   held out for validation; written in mmseg's layout under ``OUT/data``.
+2. Backbone: a torchvision ResNet-18 (one input channel) trained here on real Fashion-MNIST with the
+   same normalizer through ``ssn-bench fit`` (the command is printed; reused when its
+   ``last.ckpt`` exists). Its ``net.*`` weights minus ``fc`` load strictly into the segmentation
+   backbone (``SemanticSegmenter.pretrained_module()``).
+3. Segmentation: ``configs/nuclei/deeplabv3_r18_{norm}_nuclei-128x128.yaml`` through the CLI
+   (instantiated, not run, so the backbone can be loaded first), then validation on the held-out
+   part. Prints mIoU / mAcc / aAcc against the best all-one-class prediction, the wall time, and
+   the per-layer selection of backbone and heads for SN/SSN; writes ``OUT/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def prepare_nuclei(out: Path, split_col: int = 384) -> tuple[np.ndarray, np.ndarray]:
+    """Write the stardist nuclei image/mask as mmseg folders; returns the held-out label."""
+    import cv2
+    import tifffile
+
+    spec = importlib.util.find_spec("stardist")  # NOTE: locates the wheel without importing it
+    if spec is None or spec.origin is None:
+        raise SystemExit("needs the stardist wheel's data: pip install --no-deps stardist==0.9.2 (see requirements/extras-seg.txt)")
+    images = Path(spec.origin).parent / "data" / "images"
+    img, mask = tifffile.imread(images / "img2d.tif"), tifffile.imread(images / "mask2d.tif")
+    if img.shape != mask.shape or img.max() > 255:
+        raise SystemExit(f"unexpected nuclei data: image {img.shape} max {img.max()}, mask {mask.shape}")
+    img, label = img.astype(np.uint8), (mask > 0).astype(np.uint8)
+    parts = {"train": np.s_[:, :split_col], "val": np.s_[:, split_col:]}
+    for split, cols in parts.items():
+        for sub, array in (("img_dir", img), ("ann_dir", label)):
+            path = out / sub / split / "nuclei.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), np.ascontiguousarray(array[cols]))
+    return img[parts["val"]], label[parts["val"]]
+
+
+def pretrain(norm: str, root: Path, epochs: float) -> Path:
+    """Our classification checkpoint for ``norm`` (ResNet-18, one channel, real Fashion-MNIST)."""
+    ckpt = root / norm / "checkpoints" / "last.ckpt"
+    if ckpt.exists():
+        return ckpt
+    cmd = [str(ROOT / ".venv/bin/ssn-bench"), "fit", "--config", "configs/base/trainer.yaml",
+           "--config", f"configs/fashion_mnist/resnet_small_{norm}_fashionmnist-28.yaml",
+           "--model.init_args.arch", "resnet18", "--trainer.max_epochs", str(max(1, round(epochs))),
+           "--trainer.default_root_dir", str(root / norm), "--trainer.logger.init_args.save_dir", str(root / norm),
+           "--trainer.enable_progress_bar", "false", "--export", "false"]
+    print("pretraining:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return ckpt
+
+
+def backbone_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The classification network's weights without ``fc``, in torchvision's keys."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return {k[4:]: v for k, v in state.items() if k.startswith("net.") and not k.startswith("net.fc.")}
+
+
+def one_class_baseline(label: np.ndarray) -> float:
+    """The best mIoU of predicting a single class everywhere (mmseg's NaN-mean over classes)."""
+    from tasks.segmentation import seg_scores
+
+    best = 0.0
+    for c in (0, 1):
+        cm = torch.zeros(2, 2, dtype=torch.long)
+        for t in (0, 1):
+            cm[t, c] = int((label == t).sum())
+        best = max(best, float(seg_scores(cm)["mIoU"]))
+    return best
+
+
+def run(norm: str, args: argparse.Namespace, data: Path) -> dict:
+    import lightning.pytorch as pl
+
+    from tasks.callbacks import layer_ratios, selection_table
+    from tasks.cli import SSNCLI
+    from tasks.base import NormTask
+
+    out = args.out / norm
+    config = ROOT / f"configs/nuclei/deeplabv3_r18_{norm}_nuclei-128x128.yaml"
+    overrides = [f"--data.init_args.root={data}", f"--trainer.default_root_dir={out}",
+                 f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false",
+                 "--trainer.enable_model_summary=false", "--export=false"]
+    if args.steps:
+        overrides += [f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={args.steps}"]
+    if args.crop:
+        crop = f"[{args.crop}, {args.crop}]"
+        overrides += [f"--data.init_args.crop_size={crop}", f"--model.init_args.crop_size={crop}"]
+    if args.batch:
+        overrides += [f"--data.init_args.batch_size={args.batch}"]
+    cli = SSNCLI(NormTask, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 save_config_kwargs={"overwrite": True}, run=False,
+                 args=["--config", str(ROOT / "configs/base/trainer.yaml"), "--config", str(config), *overrides])
+    task, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    source = "scratch"
+    if not args.scratch:
+        ckpt = pretrain(norm, args.pretrained_root, args.pretrain_epochs)
+        result = task.pretrained_module().load_state_dict(backbone_state(ckpt))
+        assert not result.missing_keys and not result.unexpected_keys, result
+        source = str(ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt)
+    start = time.perf_counter()
+    trainer.fit(task, datamodule=dm)
+    seconds = time.perf_counter() - start
+    scores = trainer.validate(task, datamodule=dm, verbose=False)[0]
+    row = {"norm": norm, "backbone": source, "steps": trainer.global_step, "seconds": round(seconds, 1),
+           **{k.split("/")[1]: round(v, 4) for k, v in scores.items() if k.split("/")[-1] in ("mIoU", "mAcc", "aAcc")}}
+    parts = {"backbone": task.model.backbone, "decode_head": task.model.decode_head,
+             "auxiliary_head": task.model.auxiliary_head}
+    row["selection"] = {name: selection_table(layer_ratios(m)) for name, m in parts.items()}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--norms", nargs="+", default=["ssn", "bn", "gn"])
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--crop", type=int, default=None, help="training crop side (default: the config's)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default: the config's)")
+    parser.add_argument("--scratch", action="store_true", help="no pretrained backbone")
+    parser.add_argument("--pretrain-epochs", type=float, default=1)
+    parser.add_argument("--pretrained-root", type=Path, default=ROOT / "outputs/seg_pretrain")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs/nuclei")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    data = args.out / "data"
+    _, val_label = prepare_nuclei(data)
+    baseline = one_class_baseline(val_label)
+    rows = [run(norm, args, data) for norm in args.norms]
+    lines = [f"held-out part: {val_label.shape[1]}x{val_label.shape[0]} px, nucleus fraction "
+             f"{val_label.mean():.3f}; best all-one-class mIoU {baseline:.4f}", "",
+             "| norm | backbone | steps | train time (s) | mIoU | mAcc | aAcc |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['norm']} | {r['backbone']} | {r['steps']} | {r['seconds']} | {r.get('mIoU')} | {r.get('mAcc')} | "
+              f"{r.get('aAcc')} |" for r in rows]
+    for r in rows:
+        for part, table in r["selection"].items():
+            if table != "no SN/SSN layers":
+                lines += ["", f"{r['norm']} {part}:", "```", table, "```"]
+    text = "\n".join(lines)
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps({"baseline_mIoU": baseline, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
