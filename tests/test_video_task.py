@@ -57,7 +57,7 @@ def test_kinetics_configs_parse(norm, capsys):
     assert "lr_batch_size: 512" in printed and "nesterov: true" in printed
 
 
-def test_cli_fit_val_multiview_test_and_export_on_real_clips(tmp_path, capsys):
+def test_cli_fit_val_and_multiview_test_on_real_clips(tmp_path):
     csv_fixture(tmp_path / "clips", n=8)
     out = tmp_path / "out"
     small = ["--model.init_args.frames=2", "--model.init_args.crop_size=32", "--data.init_args.frames=2",
@@ -66,14 +66,14 @@ def test_cli_fit_val_multiview_test_and_export_on_real_clips(tmp_path, capsys):
     cli = main(["fit", "--config", BASE, "--config", str(ROOT / "configs/clips/slow_r14_ssn_clips-64.yaml"),
                 f"--data.init_args.root={tmp_path / 'clips'}", f"--trainer.default_root_dir={out}",
                 f"--trainer.logger.init_args.save_dir={out}", "--trainer.max_epochs=2",
-                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *small])
+                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *small,
+                "--export=false"])  # NOTE: torch.export of the 3D network takes a minute: not in the fast suite
     assert cli.model.hparams.num_classes == 3  # linked from the list file
     assert cli.trainer.global_step == 2 * 2  # 8 videos / batch 4, per epoch: the known length
     assert cli.trainer.estimated_stepping_batches == 4
     assert all(all(m.latched) for _, m in ssn.switch_norms(cli.model))  # the radius ramp ended
-    printed = capsys.readouterr().out
-    assert "test (model): test/acc1" in printed and "test (exported): test/acc1" in printed
-    accs = [line.split("test/acc1 ")[1].split(",")[0] for line in printed.splitlines() if "test/acc1" in line]
-    assert accs[0] == accs[1]  # the exported native 3D network scores the same
-    program = torch.export.load(out / "exported" / "model.pt2").module()
-    assert program(torch.randn(3, 3, 2, 32, 32)).shape == (3, 3)
+    metrics = cli.trainer.callback_metrics
+    assert {"train/loss", "val/acc1", "val/acc3", "val/loss"} <= set(metrics)
+    test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    assert set(test) == {"test/acc1", "test/acc3", "test/loss"}  # 2 clips x 3 crops per video, averaged
+    assert list((out / "ssn").glob("selection.json")) and list(out.rglob("last.ckpt"))

