@@ -10,11 +10,10 @@ fine-tuned from our own Fashion-MNIST classification checkpoints, one row per no
    held out for validation; written in mmseg's layout under ``OUT/data``.
 2. Backbone: a torchvision ResNet-18 (one input channel) trained here on real Fashion-MNIST with the
    same normalizer through ``ssn-bench fit`` (the command is printed; reused when its
-   ``last.ckpt`` exists). Its ``net.*`` weights minus ``fc`` load strictly into the segmentation
-   backbone (``SemanticSegmenter.pretrained_module()``).
+   ``last.ckpt`` exists), passed as ``--model.init_args.pretrained`` (the task's shared loading:
+   backbone without ``fc``, ratios and latches kept).
 3. Segmentation: ``configs/nuclei/deeplabv3_r18_{norm}_nuclei-128x128.yaml`` through the CLI
-   (instantiated, not run, so the backbone can be loaded first), then validation on the held-out
-   part. Prints mIoU / mAcc / aAcc against the best all-one-class prediction, the wall time, and
+   (instantiated, then fit and validated on the held-out part). Prints mIoU / mAcc / aAcc against the best all-one-class prediction, the wall time, and
    the per-layer selection of backbone and heads for SN/SSN; writes ``OUT/results.md``.
 """
 
@@ -72,12 +71,6 @@ def pretrain(norm: str, root: Path, epochs: float) -> Path:
     return ckpt
 
 
-def backbone_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The classification network's weights without ``fc``, in torchvision's keys."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    return {k[4:]: v for k, v in state.items() if k.startswith("net.") and not k.startswith("net.fc.")}
-
-
 def one_class_baseline(label: np.ndarray) -> float:
     """The best mIoU of predicting a single class everywhere (mmseg's NaN-mean over classes)."""
     from tasks.segmentation import seg_scores
@@ -110,16 +103,15 @@ def run(norm: str, args: argparse.Namespace, data: Path) -> dict:
         overrides += [f"--data.init_args.crop_size={crop}", f"--model.init_args.crop_size={crop}"]
     if args.batch:
         overrides += [f"--data.init_args.batch_size={args.batch}"]
+    source = "scratch"
+    if not args.scratch:
+        ckpt = pretrain(norm, args.pretrained_root, args.pretrain_epochs)
+        overrides += [f"--model.init_args.pretrained={ckpt}"]
+        source = str(ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt)
     cli = SSNCLI(NormTask, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                  save_config_kwargs={"overwrite": True}, run=False,
                  args=["--config", str(ROOT / "configs/base/trainer.yaml"), "--config", str(config), *overrides])
     task, dm, trainer = cli.model, cli.datamodule, cli.trainer
-    source = "scratch"
-    if not args.scratch:
-        ckpt = pretrain(norm, args.pretrained_root, args.pretrain_epochs)
-        result = task.pretrained_module().load_state_dict(backbone_state(ckpt))
-        assert not result.missing_keys and not result.unexpected_keys, result
-        source = str(ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt)
     start = time.perf_counter()
     trainer.fit(task, datamodule=dm)
     seconds = time.perf_counter() - start

@@ -12,7 +12,6 @@ import functools
 import logging
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -20,7 +19,7 @@ import ssn
 
 from .base import NormTask
 
-__all__ = ["SemanticSegmenter", "deeplabv3_config", "poly_factor", "seg_scores"]
+__all__ = ["SemanticSegmenter", "deeplabv3_config", "seg_scores"]
 
 IMAGENET_MEAN = [123.675, 116.28, 103.53]  # mmseg's data_preprocessor, on 0-255 pixels
 IMAGENET_STD = [58.395, 57.12, 57.375]
@@ -70,16 +69,6 @@ def deeplabv3_config(
     )
 
 
-def poly_factor(step: int, *, total: int, power: float, floor: float) -> float:
-    """mmengine's ``PolyLR`` as a multiplier of the base lr over ``total`` steps:
-    ``(1 - floor) (1 - t / (total - 1))^power + floor`` with ``floor = min_lr / base_lr``.
-
-    NOTE: mmengine counts ``end - begin - 1`` iterations, so its last step already sits at min_lr.
-    """
-    span = max(1, total - 1)
-    return (1.0 - floor) * (1.0 - min(step, span) / span) ** power + floor
-
-
 def seg_scores(cm: Tensor) -> dict[str, Tensor]:
     """mmseg's ``IoUMetric`` figures from a confusion matrix ``cm[target, prediction]``.
 
@@ -98,7 +87,8 @@ class SemanticSegmenter(NormTask):
     Every norm layer is ``ssn.create_norm(norm, C, **norm_kwargs)`` (through
     ``ssn.integrations.mm_norm_cfg``); the backbone's state_dict keys are torchvision's, so a
     classification backbone of ours loads into it (:meth:`pretrained_module`). See
-    :class:`NormTask` for the normalizer and optimisation arguments; the schedule is mmseg's poly.
+    :class:`NormTask` for the normalizer, optimisation and ``pretrained`` arguments; the defaults
+    are mmseg's: poly schedule (power 0.9 down to min_lr 1e-4, per step), weight decay 5e-4.
 
     Args:
         depth: backbone ResNet depth, 18, 50 or 101.
@@ -108,8 +98,6 @@ class SemanticSegmenter(NormTask):
         test_mode: ``whole`` image or ``slide`` windows of ``test_crop_size`` every ``test_stride``.
         align_corners: of the heads' upsampling (mmseg's 769x769 configs: True).
         aux_weight: loss weight of the auxiliary FCN head.
-        power, min_lr: poly schedule ``lr = (lr0 - min_lr)(1 - step/total)^power + min_lr``,
-            per optimizer step.
         ignore_index: label value that counts neither in the loss nor in the metrics.
     """
 
@@ -126,12 +114,11 @@ class SemanticSegmenter(NormTask):
         test_stride: tuple[int, int] | None = None,
         align_corners: bool = False,
         aux_weight: float = 0.4,
-        power: float = 0.9,
-        min_lr: float = 1e-4,
         ignore_index: int = 255,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("weight_decay", 5e-4)
+        for key, value in (("weight_decay", 5e-4), ("schedule", "poly"), ("poly_power", 0.9), ("min_lr", 1e-4)):
+            kwargs.setdefault(key, value)
         super().__init__(**kwargs)
         from ssn.integrations import bridge_mmcv_lite, mm_norm_cfg
 
@@ -224,15 +211,3 @@ class SemanticSegmenter(NormTask):
 
     def on_test_epoch_end(self) -> None:
         self._log_scores("test", self.test_cm)
-
-    # ---------------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        # NOTE: the base's SGD and parameter groups (ratios apart), with mmseg's poly schedule in
-        # place of the base's; each group decays to the same absolute min_lr, as mmengine's PolyLR.
-        conf = super().configure_optimizers()
-        opt = conf["optimizer"]
-        total = int(self.trainer.estimated_stepping_batches)
-        factors = [functools.partial(poly_factor, total=total, power=self.hparams.power,
-                                     floor=min(1.0, self.hparams.min_lr / g["initial_lr"])) for g in opt.param_groups]
-        conf["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(opt, factors)
-        return conf

@@ -204,19 +204,22 @@ def test_scores_match_mmseg_iou_metric(mmseg_ready):
     assert ours["mAcc"].item() == pytest.approx(float(np.nanmean(ref["Acc"])))
 
 
-def test_poly_factor_matches_mmengine_poly_lr():
+def test_poly_schedule_matches_mmengine_poly_lr():
     from mmengine.optim.scheduler import PolyLR
 
-    from tasks.segmentation import poly_factor
+    from tasks.base import lr_factor
 
-    base, eta_min, total = 0.01, 1e-4, 50
+    base, eta_min, end = 0.01, 1e-4, 50
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base)
-    sched = PolyLR(opt, eta_min=eta_min, power=0.9, begin=0, end=total, by_epoch=False)
-    for step in range(total + 1):
-        ours = base * poly_factor(step, total=total, power=0.9, floor=eta_min / base)
+    sched = PolyLR(opt, eta_min=eta_min, power=0.9, begin=0, end=end, by_epoch=False)
+    for step in range(end + 1):
+        # NOTE: mmengine's ramp spans end - 1 steps (its last step sits at eta_min)
+        ours = base * lr_factor(step, end - 1, 0, "poly", [], 0.1, power=0.9, min_factor=eta_min / base)
         assert ours == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12), step
         opt.step()
         sched.step()
+    m = __import__("tasks").SemanticSegmenter(depth=18, norm="bn")
+    assert (m.hparams.schedule, m.hparams.poly_power, m.hparams.min_lr, m.hparams.weight_decay) == ("poly", 0.9, 1e-4, 5e-4)
 
 
 # -------------------------------------------------------------------- backbone transfer
@@ -250,7 +253,7 @@ def test_classification_backbone_loads_into_segmentation_backbone(mmseg_ready):
     state = {k: v for k, v in clf.net.state_dict().items() if not k.startswith("fc.")}
     seg = SemanticSegmenter(depth=18, num_classes=3, norm="ssn")
     target = seg.pretrained_module()
-    result = target.load_state_dict(seg.map_pretrained(state, target) if hasattr(seg, "map_pretrained") else state)
+    result = target.load_state_dict(seg.map_pretrained(state, target))
     assert not result.missing_keys and not result.unexpected_keys
     loaded = target.state_dict()
     for k, v in state.items():
