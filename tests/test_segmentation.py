@@ -267,6 +267,32 @@ def test_classification_backbone_loads_into_segmentation_backbone(mmseg_ready):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_authors_resnet50_loads_into_the_segmentation_backbone(mmseg_ready):
+    from mmseg.registry import MODELS
+
+    from ssn.authors import AUTHORS_MOMENTUM, authors_resnet50
+
+    theirs = authors_resnet50(num_classes=10)  # what ssn.authors builds from their released files
+    with torch.no_grad():
+        for i, (_, m) in enumerate(ssn.switch_norms(theirs)):
+            m.running_var.uniform_(0.5, 2)
+            m.mean_logits.normal_()
+            if i % 4 == 0:
+                m.latch("bn", "in")
+    state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
+    # NOTE: their layers' settings (unbiased IN variance, momentum) are arguments, not state
+    cfg = mm_norm_cfg("ssn", in_var_correction=1, momentum=1 - AUTHORS_MOMENTUM)
+    bb = MODELS.build(dict(type="ResNet", depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1),
+                           contract_dilation=True, norm_cfg=cfg))
+    result = bb.load_state_dict(state)
+    assert not result.missing_keys and not result.unexpected_keys
+    ours, want = dict(ssn.switch_norms(bb)), dict(ssn.switch_norms(theirs))
+    assert ours.keys() == want.keys()
+    for name, m in want.items():
+        assert ours[name].latched == m.latched and ours[name].in_var_correction == 1
+        torch.testing.assert_close(ours[name].running_var, m.running_var, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------- data
 def test_cityscapes_fixture_in_real_layout(tmp_path):
     dm = _tiny_cityscapes(write_cityscapes(tmp_path / "cs"))
