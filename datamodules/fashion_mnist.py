@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import struct
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = ["FashionMNISTDataModule", "read_idx", "DEBIAN_ROOT"]
+
+log = logging.getLogger(__name__)
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 FILES = {
@@ -84,14 +87,25 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.data: dict[str, TensorDataset] = {}
 
     def _folders(self) -> list[Path]:
+        # NOTE: a root given by the user is used or refused, never silently replaced by the system
+        # copy; Debian's folder is the default only when no root was given.
         root = Path(self.hparams.root).expanduser() if self.hparams.root else None
-        return ([root, root / "FashionMNIST" / "raw"] if root else []) + [DEBIAN_ROOT]
+        return [root, root / "FashionMNIST" / "raw"] if root else [DEBIAN_ROOT]
 
     def locate(self) -> Path:
         """The first folder holding all four idx files."""
         for folder in self._folders():
             if all(_find(folder, n) for pair in FILES.values() for n in pair):
+                if not getattr(self, "_said", False):
+                    log.info("Fashion-MNIST: using the idx files in %s", folder)
+                    self._said = True
                 return folder
+        root = self._folders()[0]
+        partial = [n for pair in FILES.values() for n in pair if _find(root, n)] if self.hparams.root else []
+        if partial:
+            missing = [n for pair in FILES.values() for n in pair if not _find(root, n)]
+            raise FileNotFoundError(f"Fashion-MNIST root {root} holds {partial} but not {missing}: all four idx "
+                                    "files are needed")
         looked = ", ".join(str(f) for f in self._folders())
         raise FileNotFoundError(
             f"Fashion-MNIST not found (looked in {looked}). Get it with `apt-get install "

@@ -43,6 +43,21 @@ def test_fashion_mnist_from_a_folder(tmp_path, monkeypatch, gz):
     torch.testing.assert_close(x2, (x.float() / 255 - fm.MEAN) / fm.STD)
 
 
+def test_fashion_mnist_given_root_is_used_or_refused_never_replaced(tmp_path):
+    """A root given by the user that is missing, empty or partial fails, even with the system copy
+    installed (it used to train silently on the system copy)."""
+    with pytest.raises(FileNotFoundError, match="not found"):
+        FashionMNISTDataModule(root=str(tmp_path / "missing")).setup("fit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        FashionMNISTDataModule(root=str(tmp_path / "empty")).setup("fit")
+    (tmp_path / "partial").mkdir()
+    _fmnist_fixture(tmp_path / "partial")
+    (tmp_path / "partial" / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="all four idx files"):
+        FashionMNISTDataModule(root=str(tmp_path / "partial")).setup("fit")
+
+
 def test_fashion_mnist_missing_and_corrupt_files(tmp_path, monkeypatch):
     monkeypatch.setattr(fm, "DEBIAN_ROOT", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
