@@ -373,7 +373,22 @@ def test_ade20k_fixture_reduces_zero_label(tmp_path):
 
 
 # ------------------------------------------------------------------------------ configs
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_every_config_names_its_source_normalizer_and_schedule():
+    import yaml
+
+    assert len(CONFIGS) >= 17
+    for path in CONFIGS:
+        text = (ROOT / path).read_text()
+        cfg = yaml.safe_load(text)
+        model = cfg["model"]["init_args"]
+        norm = path.name.split("_")[2]
+        assert model["norm"] == norm and norm in ssn.NORM_NAMES, path
+        assert cfg["model"]["class_path"] == "tasks.SemanticSegmenter" and model["schedule"] == "poly", path
+        assert "pretrained" in model and cfg["trainer"]["max_steps"] > 0, path
+        assert "mmseg" in text.split("model:")[0] or "nuclei" in str(path), path  # the recipe's source
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "_ssn_" in c.name], ids=str)
 def test_configs_parse_through_the_cli(config, capsys):
     from tasks.cli import main
 
