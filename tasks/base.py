@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -246,12 +246,14 @@ class NormTask(pl.LightningModule):
         per_epoch = self.steps_per_epoch() if hp.schedule == "step" or hp.warmup_epochs else 1
         warmup = round(hp.warmup_epochs * per_epoch)
         milestones = [m * per_epoch for m in hp.milestones]
-        min_factor = min(1.0, hp.min_lr / lr) if lr > 0 else 0.0
 
-        def factor(step: int) -> float:
-            return lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma, hp.poly_power, min_factor)
+        def factor(group_lr: float) -> Callable[[int], float]:
+            # NOTE: min_lr is absolute for every group (mmengine's PolyLR eta_min), so each group
+            # gets its own floor as a fraction of its own lr.
+            floor = min(1.0, hp.min_lr / group_lr) if group_lr > 0 else 0.0
+            return lambda step: lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma, hp.poly_power, floor)
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["lr"]) for g in opt.param_groups])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def ratio_parameters(self) -> list[nn.Parameter]:

@@ -112,6 +112,8 @@ class ImageClassifier(NormTask):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    exportable = True  # `net` maps one image batch to logits: the CLI exports it after fit
+
     def pretrained_module(self) -> nn.Module:
         return self.net
 
