@@ -89,9 +89,15 @@ def make_clips(out: Path) -> dict[str, list[int]]:
 
 
 # ---------------------------------------------------------------------------- 2. 2D pretraining
-def pretrain_2d(norm: str, out: Path, steps: int) -> tuple[Path, float]:
+def pretrain_2d(norm: str, out: Path, steps: int) -> tuple[Path, float, float]:
     """A torchvision-layout R14 (ResNet-50, one bottleneck per stage) on Fashion-MNIST at 56 px;
-    returns the state_dict path and the accuracy on 2560 test images."""
+    returns the state_dict path, the accuracy on 2560 test images and the seconds it took. A
+    checkpoint of an earlier invocation with the same steps is reused (the run is seeded)."""
+    path, record = out / f"2d_{norm}.pt", out / f"2d_{norm}.json"
+    if path.is_file() and record.is_file() and json.loads(record.read_text())["steps"] == steps:
+        r = json.loads(record.read_text())
+        return path, r["test_acc1"], r["seconds"]
+    start = time.perf_counter()
     import lightning.pytorch as pl
 
     from datamodules import FashionMNISTDataModule
@@ -117,9 +123,10 @@ def pretrain_2d(norm: str, out: Path, steps: int) -> tuple[Path, float]:
     dm = Upsampled(batch_size=32, num_workers=0)
     trainer.fit(task, datamodule=dm)
     acc = trainer.test(task, datamodule=dm, verbose=False)[0]["test/acc1"]
-    path = out / f"2d_{norm}.pt"
+    seconds = time.perf_counter() - start
     save_atomic(task.net.state_dict(), path)
-    return path, acc
+    record.write_text(json.dumps({"steps": steps, "test_acc1": acc, "seconds": seconds}))
+    return path, acc, seconds
 
 
 # ------------------------------------------------------------------------------ 3. video runs
@@ -166,7 +173,8 @@ def finetune(norm: str, clips: Path, out: Path, pretrained: Path | None) -> dict
     args = ["--config", str(ROOT / "configs/base/trainer.yaml"), "--config", str(ROOT / f"configs/clips/slow_r14_{norm}_clips-64.yaml"),
             f"--data.init_args.root={clips}", f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-    cli = SSNCLI(NormTask, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=False)
+    cli = SSNCLI(NormTask, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=False,
+                 save_config_kwargs={"overwrite": True})
     model, inherited = cli.model, None
     if pretrained is not None:
         state = {k: v for k, v in torch.load(pretrained, weights_only=True).items() if not k.startswith("fc.")}
@@ -246,9 +254,7 @@ def main() -> None:
         print(f"\nsegments per class {CLASSES}: {counts}; majority-class rate {majority}")
         runs = []
         for norm in args.norms:
-            t = time.perf_counter()
-            ckpt, acc2d = pretrain_2d(norm, out, args.steps_2d)
-            t2d = time.perf_counter() - t
+            ckpt, acc2d, t2d = pretrain_2d(norm, out, args.steps_2d)
             print(f"2D {norm}: {args.steps_2d} steps, test acc {acc2d:.3f}, {t2d:.0f} s")
             for start in [ckpt] + ([None] if args.scratch else []):
                 row = finetune(norm, out / "clips", out, start)
