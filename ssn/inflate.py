@@ -86,7 +86,8 @@ def inflate_conv_weight(weight: Tensor, shape: torch.Size | tuple[int, ...]) -> 
 
 
 def inflate_resnet_state_dict(
-    state: Mapping[str, Tensor], target: nn.Module | Mapping[str, Tensor], *, head: str | None = None
+    state: Mapping[str, Tensor], target: nn.Module | Mapping[str, Tensor], *, head: str | None = None,
+    strict: bool = True,
 ) -> dict[str, Tensor]:
     """Map a torchvision-layout ResNet state_dict onto a pytorchvideo ``create_resnet`` network.
 
@@ -95,6 +96,8 @@ def inflate_resnet_state_dict(
             ``layer1.0.downsample.1.*``, optionally ``fc.*``), any normalizer.
         target: the 3D network (or its state_dict): supplies the names and shapes.
         head: the head prefix; found from the target's ``*.proj.weight`` when None.
+        strict: refuse source keys the target lacks; with False they are passed on renamed (for a
+            loader that converts between normalizers, e.g. BN statistics into an SN network).
 
     Returns:
         The state_dict to load into ``target``: every backbone tensor renamed, kernels inflated.
@@ -115,7 +118,9 @@ def inflate_resnet_state_dict(
     for key, value in state.items():
         new = torchvision_to_pytorchvideo_key(key, head)
         if new not in want:
-            if not _HEAD.match(key):
+            if not strict and not _HEAD.match(key):
+                out[new] = value
+            elif not _HEAD.match(key):
                 unexpected.append(f"{key} -> {new}")
             continue
         shape = want[new].shape

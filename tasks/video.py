@@ -102,8 +102,17 @@ class VideoClassifier(NormTask):
         return self.net
 
     def map_pretrained(self, state: Mapping[str, Tensor], target: nn.Module) -> dict[str, Tensor]:
-        """Inflate a torchvision-layout ResNet state_dict into the 3D network (``ssn.inflate``)."""
-        return inflate_resnet_state_dict(state, target)
+        """Inflate a torchvision-layout ResNet state_dict into the 3D network (``ssn.inflate``).
+
+        Keys the target lacks are passed on renamed, for the base's loader to judge or convert;
+        ``fc`` becomes the head only with ``pretrained_head``.
+        """
+        if not self.hparams.get("pretrained_head", False):
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        return inflate_resnet_state_dict(state, target, strict=False)
+
+    def head_prefixes(self) -> tuple[str, ...]:
+        return ("blocks.5.",)
 
     # ------------------------------------------------------------------------------ steps
     def forward(self, x: Tensor) -> Tensor:

@@ -117,6 +117,20 @@ def test_resnet50_checkpoint_inflates_into_slow_r50_without_missing_backbone_key
     assert sorted(result.missing_keys) == ["blocks.5.proj.bias", "blocks.5.proj.weight"]  # the new head only
     assert mapped["blocks.4.res_blocks.2.branch2.conv_a.weight"].shape[2] == 3  # res5: temporal kernel 3
     # a 10-class fc does not fit the 7-class head: dropped, not an error
-    assert "blocks.5.proj.weight" not in task.map_pretrained(source, target)
-    with pytest.raises(KeyError, match="no place in the 3D network"):  # BN statistics into an SN network
-        task.map_pretrained({"bn1.mean_logits" if norm == "bn" else "bn1.foo": torch.zeros(3)}, target)
+    assert "blocks.5.proj.weight" not in inflate_resnet_state_dict(source, target)
+    stray = {"bn1.mean_logits" if norm == "bn" else "bn1.foo": torch.zeros(3)}
+    with pytest.raises(KeyError, match="no place in the 3D network"):  # e.g. SN logits for a BN network
+        inflate_resnet_state_dict(stray, target)
+    assert list(task.map_pretrained(stray, target)) == [f"blocks.0.norm.{next(iter(stray)).split('.')[1]}"]
+
+
+def test_pretrained_argument_inflates_a_2d_checkpoint(tmp_path):
+    """The base task's ``pretrained`` loading goes through ``map_pretrained``: latches and kernels arrive."""
+    net2, _ = _pair("ssn-latched")
+    torch.save(net2.float().state_dict(), tmp_path / "r14.pt")
+    task = VideoClassifier(arch="slow_r14", num_classes=3, norm="ssn", frames=2, crop_size=64,
+                           pretrained=str(tmp_path / "r14.pt"))
+    task.configure_model()
+    conv = task.net.blocks[4].res_blocks[0].branch2.conv_a.weight  # temporal kernel 3
+    torch.testing.assert_close(conv, net2.layer4[0].conv1.weight.unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3)
+    assert task.net.blocks[0].norm.latched == net2.bn1.latched != (None, None)
