@@ -157,9 +157,11 @@ def test_refusals_name_what_is_wrong(tmp_path):
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(ValueError, match="empty file"):
         read_checkpoint(tmp_path / "empty.ckpt")
-    (tmp_path / "junk.ckpt").write_bytes(os.urandom(256))
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        read_checkpoint(tmp_path / "junk.ckpt")
+    for seed in range(20):  # random bytes fail in many ways inside torch.load; each gets the same message
+        (tmp_path / "junk.ckpt").write_bytes(torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(seed),
+                                                          dtype=torch.uint8).numpy().tobytes())
+        with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+            read_checkpoint(tmp_path / "junk.ckpt")
 
     class Evil:
         def __reduce__(self):
