@@ -294,6 +294,22 @@ class NormTask(pl.LightningModule):
                 if k.endswith(("running_mean", "running_var")) and k in sd:
                     sd[k] = v.detach().clone()
 
+    # ------------------------------------------------------------------------- metrics
+    @staticmethod
+    def accuracy_metrics(num_classes: int, splits: tuple[str, ...] = ("val", "test")) -> nn.ModuleDict:
+        """Top-1 (and top-5 when there are more than 5 classes) accuracy per split."""
+        from torchmetrics.classification import MulticlassAccuracy
+
+        ks = sorted({1, min(5, num_classes)})
+        return nn.ModuleDict({f"{s}_acc{k}": MulticlassAccuracy(num_classes, top_k=k) for s in splits for k in ks})
+
+    def log_accuracy(self, split: str, scores: Tensor, y: Tensor) -> None:
+        """Update and log ``self.metrics`` of ``split`` (``{split}/acc1``, ``{split}/acc5``)."""
+        for name, metric in self.metrics.items():
+            if name.startswith(split):
+                metric(scores, y)
+                self.log(f"{split}/{name.split('_')[1]}", metric, prog_bar=name.endswith("acc1"), batch_size=len(y))
+
     # ------------------------------------------------------------------------- the data
     def skip_batch(self) -> Tensor:
         """The loss of a batch whose samples were all unreadable: a zero connected to every
@@ -309,7 +325,8 @@ class NormTask(pl.LightningModule):
             set_epoch(self.current_epoch, self.trainer.max_epochs)
 
     def on_train_epoch_end(self) -> None:
-        skipped = getattr(self.trainer.datamodule, "skipped_images", None)
+        dm = self.trainer.datamodule
+        skipped = getattr(dm, "skipped_samples", getattr(dm, "skipped_images", None))
         if skipped is not None:
             self.log("data/skipped_images", float(skipped), sync_dist=True, reduce_fx="sum")
 

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .base import NormTask
@@ -103,11 +102,7 @@ class ImageClassifier(NormTask):
     ) -> None:
         super().__init__(**kwargs)
         self.net = build_classifier(arch, num_classes, in_channels, self.norm_layer(), zero_init_residual)
-        top5 = min(5, num_classes)
-        self.metrics = nn.ModuleDict({
-            f"{split}_acc{k}": MulticlassAccuracy(num_classes, top_k=k)
-            for split in ("val", "test") for k in sorted({1, top5})
-        })
+        self.metrics = self.accuracy_metrics(num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -134,10 +129,7 @@ class ImageClassifier(NormTask):
         x, y = batch
         logits = self(x)
         self.log(f"{split}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        for name, metric in self.metrics.items():
-            if name.startswith(split):
-                metric(logits, y)
-                self.log(f"{split}/{name.split('_')[1]}", metric, prog_bar=name.endswith("acc1"))
+        self.log_accuracy(split, logits, y)
 
     def validation_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -7,7 +7,6 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from ssn.inflate import inflate_resnet_state_dict
 
@@ -93,9 +92,7 @@ class VideoClassifier(NormTask):
         self.net = build_slow_resnet(arch, num_classes, in_channels, self.norm_layer(dim=3), frames=frames,
                                      crop_size=crop_size, temporal_kernels=tuple(temporal_kernels), dropout=dropout,
                                      zero_init_residual=zero_init_residual)
-        ks = sorted({1, min(5, num_classes)})
-        self.metrics = nn.ModuleDict({f"{s}_acc{k}": MulticlassAccuracy(num_classes, top_k=k)
-                                      for s in ("val", "test") for k in ks})
+        self.metrics = self.accuracy_metrics(num_classes)
 
     # ------------------------------------------------------------------ pretrained weights
     def pretrained_module(self) -> nn.Module:
@@ -126,10 +123,7 @@ class VideoClassifier(NormTask):
 
     def _score(self, split: str, probs: Tensor, y: Tensor) -> None:
         self.log(f"{split}/loss", F.nll_loss(probs.clamp_min(1e-12).log(), y), sync_dist=True, batch_size=len(y))
-        for name, metric in self.metrics.items():
-            if name.startswith(split):
-                metric(probs, y)
-                self.log(f"{split}/{name.split('_')[1]}", metric, prog_bar=name.endswith("acc1"), batch_size=len(y))
+        self.log_accuracy(split, probs, y)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
