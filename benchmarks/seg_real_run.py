@@ -155,6 +155,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps({"baseline_mIoU": baseline, "rows": rows}, indent=1))
+    # NOTE: the run asserts learning: SSN from a classification checkpoint must clearly beat the
+    # best all-one-class prediction on the held-out part.
+    ssn_pre = [r["mIoU"] for r in rows if r["norm"] == "ssn" and not args.scratch and r.get("mIoU") is not None]
+    if ssn_pre and max(ssn_pre) < baseline + 0.05:
+        raise SystemExit(f"SSN did not learn: mIoU {max(ssn_pre):.4f} against the one-class baseline {baseline:.4f}")
 
 
 if __name__ == "__main__":

@@ -272,6 +272,11 @@ def main() -> None:
             if r["selection"]:
                 print(f"\n{r['norm']} ({r['start']}): {r['kept']}/{r['layers']} layers kept the 2D selection\n{r['selection']}")
         report.update(counts=counts, majority=majority, runs=runs)
+        # NOTE: the run asserts learning: SSN from its 2D checkpoint must beat chance (1/classes,
+        # the mean per-class accuracy of any constant guess) by a clear margin.
+        ssn_acc = [r["test_acc1"] for r in runs if r["norm"] == "ssn" and r["start"]]
+        if ssn_acc and max(ssn_acc) < 1 / len(CLASSES) + 0.25:
+            raise SystemExit(f"SSN did not learn: test accuracy {max(ssn_acc):.3f}, chance {1 / len(CLASSES):.3f}")
     if args.only != "runs":
         gap = inflation_gap()
         print("\n| norm | temporal kernels | mode | rel. logits gap | max abs | same top-1 | res5 rel. gap per frame |")
