@@ -106,7 +106,7 @@ class SSNCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> SSNCLI:
     """Entry point of ``ssn-bench``; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
-    return SSNCLI(
+    cli = SSNCLI(
         NormTask,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -114,6 +114,14 @@ def main(args: list[str] | None = None) -> SSNCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+    # NOTE: finish the wandb run: a later run in the same process (a script or test calling main()
+    # twice) would otherwise silently log into this one.
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in getattr(cli.trainer, "loggers", []):
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+    return cli
 
 
 def console() -> None:
