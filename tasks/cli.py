@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -106,7 +107,13 @@ class SSNCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> SSNCLI:
     """Entry point of ``ssn-bench``; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
-    cli = SSNCLI(
+    # NOTE: a wandb run left active by an earlier main() in this process (a script or test calling
+    # it twice) would silently receive this run's logs; finish it first. The returned trainer's
+    # own run stays open, so the caller can still test or log with it.
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    return SSNCLI(
         NormTask,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -114,14 +121,6 @@ def main(args: list[str] | None = None) -> SSNCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
-    # NOTE: finish the wandb run: a later run in the same process (a script or test calling main()
-    # twice) would otherwise silently log into this one.
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in getattr(cli.trainer, "loggers", []):
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
-    return cli
 
 
 def console() -> None:
