@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .segmentation import SegDataModule, test_pipeline, train_pipeline
+from .segmentation import SegDataModule
 
 __all__ = ["ADE20KDataModule"]
 
@@ -45,9 +45,8 @@ class ADE20KDataModule(SegDataModule):
         cat_max_ratio: float = 0.75,
         val_batch_size: int = 1,
     ) -> None:
-        self.crop_size, self.scale = tuple(crop_size), tuple(scale)
-        self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
-        super().__init__(root, batch_size, num_workers, val_batch_size)
+        super().__init__(root, batch_size, num_workers, val_batch_size, crop_size=crop_size, scale=scale,
+                         ratio_range=ratio_range, cat_max_ratio=cat_max_ratio)
 
     def _check_layout(self) -> None:
         for sub in ("images", "annotations"):
@@ -61,8 +60,6 @@ class ADE20KDataModule(SegDataModule):
         from mmseg.datasets import ADE20KDataset
 
         train = split == "train"
-        pipeline = (train_pipeline(self.scale, self.crop_size, ratio_range=self.ratio_range,
-                                   cat_max_ratio=self.cat_max_ratio) if train else test_pipeline(self.scale))
         name = _SPLITS[split]
-        return ADE20KDataset(data_root=str(self.root), pipeline=pipeline, test_mode=not train,
+        return ADE20KDataset(data_root=str(self.root), pipeline=self._pipeline(train), test_mode=not train,
                              data_prefix=dict(img_path=f"images/{name}", seg_map_path=f"annotations/{name}"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .segmentation import SegDataModule, test_pipeline, train_pipeline
+from .segmentation import SegDataModule
 
 __all__ = ["CityscapesDataModule", "LABEL_TO_TRAIN_ID", "convert_label_ids"]
 
@@ -74,9 +74,8 @@ class CityscapesDataModule(SegDataModule):
         cat_max_ratio: float = 0.75,
         val_batch_size: int = 1,
     ) -> None:
-        self.crop_size, self.scale = tuple(crop_size), tuple(scale)
-        self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
-        super().__init__(root, batch_size, num_workers, val_batch_size)
+        super().__init__(root, batch_size, num_workers, val_batch_size, crop_size=crop_size, scale=scale,
+                         ratio_range=ratio_range, cat_max_ratio=cat_max_ratio)
 
     def _check_layout(self) -> None:
         layout = LAYOUT.format(root=self.root)
@@ -97,9 +96,7 @@ class CityscapesDataModule(SegDataModule):
         from mmseg.datasets import CityscapesDataset
 
         train = split == "train"
-        pipeline = (train_pipeline(self.scale, self.crop_size, ratio_range=self.ratio_range,
-                                   cat_max_ratio=self.cat_max_ratio) if train else test_pipeline(self.scale))
-        return CityscapesDataset(data_root=str(self.root), pipeline=pipeline, test_mode=not train,
+        return CityscapesDataset(data_root=str(self.root), pipeline=self._pipeline(train), test_mode=not train,
                                  data_prefix=dict(img_path=f"leftImg8bit/{split}", seg_map_path=f"gtFine/{split}"))
 
 

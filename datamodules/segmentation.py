@@ -145,9 +145,25 @@ class SegDataModule(pl.LightningDataModule):
 
     num_classes: int
     in_channels: int = 3
+    color_type: str = "color"
+    photometric: bool = True
 
-    def __init__(self, root: str, batch_size: int, num_workers: int, val_batch_size: int = 1, repeat: int = 1) -> None:
+    def __init__(
+        self,
+        root: str,
+        batch_size: int,
+        num_workers: int,
+        val_batch_size: int = 1,
+        repeat: int = 1,
+        *,
+        crop_size: tuple[int, int],
+        scale: tuple[int, int],
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+    ) -> None:
         super().__init__()
+        self.crop_size, self.scale = tuple(crop_size), tuple(scale)
+        self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
@@ -160,8 +176,16 @@ class SegDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def _dataset(self, split: str) -> Any:
-        """The mmseg dataset of ``split`` (``train`` or ``val``) with its pipeline."""
+        """The mmseg dataset of ``split`` (``train`` or ``val``) with :meth:`_pipeline`."""
         raise NotImplementedError
+
+    def _pipeline(self, train: bool) -> list[Any]:
+        """mmseg's standard training or evaluation pipeline with this module's parameters."""
+        if train:
+            return train_pipeline(self.scale, self.crop_size, ratio_range=self.ratio_range,
+                                  cat_max_ratio=self.cat_max_ratio, photometric=self.photometric,
+                                  color_type=self.color_type)
+        return test_pipeline(self.scale, color_type=self.color_type)
 
     @property
     def skipped_images(self) -> int:
@@ -239,11 +263,10 @@ class SegFolderDataModule(SegDataModule):
         self.num_classes = len(classes)
         self.in_channels = 1 if grayscale else 3
         self.color_type = "grayscale" if grayscale else "color"
-        self.crop_size, self.scale = tuple(crop_size), tuple(scale)
-        self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
         self.photometric = photometric and not grayscale
         self.suffixes = (img_suffix, seg_map_suffix)
-        super().__init__(root, batch_size, num_workers, val_batch_size, repeat)
+        super().__init__(root, batch_size, num_workers, val_batch_size, repeat, crop_size=crop_size, scale=scale,
+                         ratio_range=ratio_range, cat_max_ratio=cat_max_ratio)
 
     def _check_layout(self) -> None:
         layout = FOLDER_LAYOUT.format(root=self.root, img_suffix=self.suffixes[0], seg_map_suffix=self.suffixes[1])
@@ -257,10 +280,7 @@ class SegFolderDataModule(SegDataModule):
         from mmseg.datasets import BaseSegDataset
 
         train = split == "train"
-        pipeline = (train_pipeline(self.scale, self.crop_size, ratio_range=self.ratio_range, cat_max_ratio=self.cat_max_ratio,
-                                   photometric=self.photometric, color_type=self.color_type)
-                    if train else test_pipeline(self.scale, color_type=self.color_type))
-        return BaseSegDataset(data_root=str(self.root), pipeline=pipeline, test_mode=not train,
+        return BaseSegDataset(data_root=str(self.root), pipeline=self._pipeline(train), test_mode=not train,
                               metainfo=dict(classes=tuple(self.classes)), img_suffix=self.suffixes[0],
                               seg_map_suffix=self.suffixes[1],
                               data_prefix=dict(img_path=f"img_dir/{split}", seg_map_path=f"ann_dir/{split}"))
