@@ -14,16 +14,18 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .norm import STATS, UNLATCHED, LatchedNorm, _Sparsest, _SwitchNorm
 
-__all__ = ["RATIO_MODES", "TransferReport", "backbone_state", "load_backbone", "read_checkpoint", "record_norms"]
+__all__ = ["RATIO_MODES", "TransferReport", "backbone_state", "load_backbone", "read_checkpoint", "record_norms",
+           "rekey_state", "with_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,27 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict[s
     return obj
 
 
+def rekey_state(sd: dict[str, Any], rename: Callable[[str], str | None]) -> OrderedDict[str, Any]:
+    """``sd`` with every key (and every module name of its state_dict metadata) passed through
+    ``rename``; ``None`` drops it. The metadata carries a native export's recorded selection."""
+    out: OrderedDict[str, Any] = OrderedDict((new, v) for k, v in sd.items() if (new := rename(k)) is not None)
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:
+        out._metadata = OrderedDict((new, v) for k, v in meta.items() if (new := rename(k)) is not None)  # type: ignore[attr-defined]
+    return out
+
+
+def with_metadata(state: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """``state`` carrying ``source``'s state_dict metadata when it has none of its own (e.g. after a
+    task's key mapping built a new dict)."""
+    meta = getattr(source, "_metadata", None)
+    if meta is None or getattr(state, "_metadata", None) is not None:
+        return state
+    out = OrderedDict(state)
+    out._metadata = meta  # type: ignore[attr-defined]
+    return out
+
+
 def _is_authors(sd: dict[str, Any]) -> bool:
     return any(k.endswith("sn1.mean_weight") for k in sd)
 
@@ -89,11 +112,7 @@ def backbone_state(obj: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
     others = [k for k, v in sd.items() if not isinstance(v, Tensor) and not k.endswith("_extra_state")]
     if others:
         raise ValueError(f"not a state_dict: values of {others[:3]} are not tensors")
-    if any(k.endswith("_extra_state") for k in sd):
-        meta = getattr(sd, "_metadata", None)
-        sd = type(sd)((k, v) for k, v in sd.items() if not k.endswith("_extra_state"))
-        if meta is not None:
-            sd._metadata = meta  # type: ignore[attr-defined]
+    sd = rekey_state(sd, lambda k: None if k.endswith("_extra_state") else k)
     # NOTE: the stem convolution ``conv1`` is the shallowest of its name: the shortest prefix wins
     # (``net.`` over ``net.layer1.0.``), whatever the task's attribute path.
     prefixes = sorted({k[: -len("conv1.weight")] for k in sd if (k == "conv1.weight" or k.endswith(".conv1.weight"))
@@ -104,12 +123,7 @@ def backbone_state(obj: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
             f"'layer1.0.conv1.weight' (under any prefix); found e.g. {sorted(sd)[:6]}"
         )
     prefix = prefixes[0]
-    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    meta = getattr(sd, "_metadata", None)
-    if meta is not None:  # keep the native export's recorded selection with the stripped names
-        out = type(sd)(out) if isinstance(sd, dict) else out
-        out._metadata = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}  # type: ignore[attr-defined]
-    return out, kind
+    return rekey_state(sd, lambda k: k[len(prefix):] if k.startswith(prefix) else None), kind
 
 
 def record_norms(native: nn.Module, state: dict[str, Tensor], selection: dict[str, tuple[int, int]]) -> None:
@@ -145,7 +159,8 @@ class TransferReport:
         if self.dropped:
             parts.append(f"not used: {_brief(self.dropped)}")
         if self.converted:
-            parts.append(f"norms converted: {_brief(self.converted)}")
+            parts.append(f"the normalizer differs from the checkpoint's in {len(self.converted)} layers, converted as "
+                         f"ssn.convert_norm does (affine and running statistics copied): {_brief(self.converted)}")
         if self.adapted:
             parts.append(f"adapted: {', '.join(self.adapted)}")
         return "; ".join(parts)

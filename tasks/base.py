@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import OrderedDict
 from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
@@ -15,7 +14,9 @@ from torch import Tensor, nn
 
 import ssn
 from ssn.norm import _Sparsest
-from ssn.transfer import RATIO_MODES, TransferReport, backbone_state, load_backbone, read_checkpoint
+from ssn.transfer import (
+    RATIO_MODES, TransferReport, backbone_state, load_backbone, read_checkpoint, rekey_state, with_metadata,
+)
 
 __all__ = ["NormTask", "lr_factor"]
 
@@ -39,16 +40,6 @@ def lr_factor(
     if schedule == "poly":
         return (1 - min_factor) * (1 - progress) ** power + min_factor
     return gamma ** sum(step >= m for m in milestones)
-
-
-def _with_meta(state: dict[str, Tensor], source: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``state`` carrying ``source``'s state_dict metadata (a native export's recorded selection)."""
-    meta = getattr(source, "_metadata", None)
-    if meta is None or getattr(state, "_metadata", None) is not None:
-        return state
-    out = OrderedDict(state)
-    out._metadata = meta  # type: ignore[attr-defined]
-    return out
 
 
 class NormTask(pl.LightningModule):
@@ -168,20 +159,16 @@ class NormTask(pl.LightningModule):
         target = self.pretrained_module()
         head = self.head_prefixes()
         if not hp.pretrained_head:  # a new task's labels: the head starts afresh
-            state = _with_meta({k: v for k, v in state.items() if not k.startswith(head)}, state)
-        state = _with_meta(self.map_pretrained(state, target), state)
+            state = rekey_state(state, lambda k: None if head and k.startswith(head) else k)
+        state = with_metadata(self.map_pretrained(state, target), state)
         report = load_backbone(target, state, new_ok=head, drop_ok=("fc.", *head), ratios=hp.pretrained_ratios, kind=kind)
-        radii = [float(m.radius) for _, m in ssn.switch_norms(target) if isinstance(m, _Sparsest) and None in m.latched]
-        if hp.pretrained_ratios == "keep":
-            self.initial_radius = max(radii, default=None)
+        if hp.pretrained_ratios == "keep":  # the ramp continues from the largest radius still in use
+            self.initial_radius = max((float(m.radius) for _, m in ssn.switch_norms(target)
+                                       if isinstance(m, _Sparsest) and None in m.latched), default=None)
         elif hp.pretrained_ratios == "reopen":
             self.initial_radius = hp.pretrained_radius_start
             ssn.set_radius(target, hp.pretrained_radius_start)
         log.warning("pretrained %s into %s: %s", path, type(self).__name__, report.summary())
-        if report.converted:
-            log.warning("pretrained: the normalizer differs from the checkpoint's in %d layers (%s): converted as "
-                        "ssn.convert_norm does (affine and running statistics copied)", len(report.converted),
-                        ", ".join(report.converted[:4]) + (" ..." if len(report.converted) > 4 else ""))
         return report
 
     def configure_model(self) -> None:
