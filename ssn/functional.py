@@ -36,6 +36,33 @@ def _compute_dtype(z: Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
+# NOTE: entries this far below a row's maximum are outside the support of sparsemax (its threshold
+# is at least max - 1) and therefore of SparsestMax, whose support is within sparsemax's (pushing
+# away from the centre only sparsifies); clamping them keeps every intermediate (cumulative sums,
+# squared deviations) in range for any finite input, e.g. float32 logits of 1e8 or 3e38.
+_FAR = 8.0
+
+
+def _finite_rows(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``z`` with rows holding a NaN/inf zeroed, and the mask of those rows (no host sync)."""
+    bad = ~torch.isfinite(z).all(-1, keepdim=True)
+    return z.masked_fill(bad, 0.0), bad
+
+
+def _nan_rows(p: Tensor, bad: Tensor) -> Tensor:
+    return p.masked_fill(bad, math.nan)
+
+
+def _shift_to_max(z: Tensor) -> Tensor:
+    """``z - max(z)``, with entries more than ``_FAR`` below the maximum clamped (see above).
+
+    The projections are invariant to a shift of a row and to moving entries that stay far below
+    the maximum, so this changes no result; the Jacobians sum to zero along a row, so it changes
+    no gradient either.
+    """
+    return (z - z.detach().amax(-1, keepdim=True)).clamp_min(-_FAR)
+
+
 def _sparsemax_threshold(z: Tensor) -> tuple[Tensor, Tensor]:
     """Threshold ``tau`` and support size of sparsemax along the last dim (Martins & Astudillo)."""
     k = z.shape[-1]
@@ -76,21 +103,22 @@ def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
         dim: the dimension holding the categories.
 
     Returns:
-        Probabilities of the same shape and dtype as ``z``.
+        Probabilities of the same shape and dtype as ``z``; a row with a NaN or infinite logit
+        maps to a row of NaN (with zero gradient), without a host synchronisation.
     """
     if z.dim() == 0:
         raise ValueError("sparsemax needs at least one dimension of categories")
-    zt = z.movedim(dim, -1)
-    p = _Sparsemax.apply(zt.to(_compute_dtype(z)))
-    return p.to(z.dtype).movedim(-1, dim)
+    zt, bad = _finite_rows(z.movedim(dim, -1).to(_compute_dtype(z)))
+    p = _Sparsemax.apply(_shift_to_max(zt))
+    return _nan_rows(p, bad).to(z.dtype).movedim(-1, dim)
 
 
 def _as_radius(radius: float | Tensor, z: Tensor) -> Tensor:
     """Radius as a tensor broadcastable to ``z``'s leading dims, with a trailing 1."""
     if isinstance(radius, Tensor):
         # NOTE: checking a CUDA tensor's sign would sync the device on every call.
-        if radius.device.type == "cpu" and bool((radius < 0).any()):
-            raise ValueError("radius must be non-negative")
+        if radius.device.type == "cpu" and bool((radius < 0).any() | radius.isnan().any()):
+            raise ValueError(f"radius must be non-negative, got {radius}")
         r = radius.to(z.dtype)
     else:
         if not radius >= 0:
@@ -303,18 +331,24 @@ def sparsestmax(z: Tensor, radius: float | Tensor, dim: int = -1) -> Tensor:
 
     Returns:
         Probabilities of the same shape and dtype as ``z``, differentiable in ``z`` (and in
-        ``radius`` when it is a tensor that requires grad).
+        ``radius`` when it is a tensor that requires grad). Any finite input is handled; a row
+        with a NaN or infinite logit, or a NaN radius, maps to a row of NaN (zero gradient)
+        without a host synchronisation. A negative or NaN radius on the CPU raises ValueError.
     """
     if z.dim() == 0 or z.shape[dim] < 2:
         raise ValueError(f"sparsestmax needs at least 2 categories along dim {dim}, got {tuple(z.shape)}")
-    zt = z.movedim(dim, -1).to(_compute_dtype(z))
+    zt, bad = _finite_rows(z.movedim(dim, -1).to(_compute_dtype(z)))
     kk = zt.shape[-1]
-    r = _as_radius(radius, zt).clamp(max=max_radius(kk))
+    r = _as_radius(radius, zt)
+    # NOTE: a NaN radius (a CUDA tensor is not checked, to avoid a sync) gives NaN rows too.
+    bad = bad | r.isnan()
+    r = r.nan_to_num(0.0).clamp(max=max_radius(kk))
     # NOTE: shift z onto the simplex's hyperplane; the argmin is unchanged (||p - z||^2 differs by
     # a constant for p on the simplex) and the candidates' distances are computed near zero.
+    zt = _shift_to_max(zt)
     zt = zt - (zt.sum(-1, keepdim=True) - 1) / kk
     p = _SparsestMax.apply(zt, r)
-    return p.to(z.dtype).movedim(-1, dim)
+    return _nan_rows(p, bad).to(z.dtype).movedim(-1, dim)
 
 
 def _authors_row(v: Tensor, rad: float, u_in: Tensor | None = None) -> Tensor:

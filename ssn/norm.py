@@ -257,8 +257,27 @@ def _update_running(module: nn.Module, mean: Tensor, var: Tensor, count: float) 
     module.num_batches_tracked.add_(1)
     m = _batch_momentum(module)
     unbias = count / (count - 1) if count > 1 and not module.in_var_correction else 1.0
-    module.running_mean.lerp_(mean.to(module.running_mean.dtype), m)
-    module.running_var.lerp_((var * unbias).to(module.running_var.dtype), m)
+    # NOTE: averaged in float32 at least, as BatchNorm does: a half-precision layer's batch
+    # variance may exceed 65504 while the running average (weight ``m``) stays representable.
+    for buf, new in ((module.running_mean, mean), (module.running_var, var * unbias)):
+        if buf.dtype in (torch.float32, torch.float64):
+            buf.lerp_(new.to(buf.dtype), m)
+        else:
+            buf.copy_(buf.float().lerp_(new.float(), m))
+
+
+def _check_input(module: nn.Module, x: Tensor, spatial_dims: int, layout: str) -> None:
+    """Refuse, with what was expected, inputs the layers cannot normalise."""
+    name = type(module).__name__
+    want = spatial_dims + 2
+    if x.dim() != want:
+        raise ValueError(f"{name} expects a {want}-D input {layout}, got {x.dim()}-D of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} expects a floating-point input {layout}, got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(
+            f"{name} expects a non-empty batch and spatial map {layout}, got shape {tuple(x.shape)}"
+        )
 
 
 class _SwitchNormFn(torch.autograd.Function):
@@ -439,8 +458,21 @@ class _SwitchNorm(nn.Module):
         self._latch_cache = None
         self._latches()
 
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # type: ignore[no-untyped-def]
+        # NOTE: a NaN radius would make every ratio NaN; a latch outside the statistics would index
+        # nothing. Both are refused here, with the key, rather than failing obscurely later.
+        radius = state_dict.get(prefix + "radius")
+        if isinstance(radius, Tensor) and not bool(torch.isfinite(radius).all() and (radius >= 0).all()):
+            error_msgs.append(f"{prefix}radius must be a finite non-negative number, got {radius.tolist()}")
+            return
+        for key in ("mean_latch", "var_latch"):
+            latch = state_dict.get(prefix + key)
+            if isinstance(latch, Tensor) and int(latch) not in (UNLATCHED, *range(len(STATS))):
+                error_msgs.append(f"{prefix}{key} must be -1 (unlatched) or 0-2 (IN, LN, BN), got {int(latch)}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self._refresh_latches()
 
     @torch.no_grad()
@@ -477,12 +509,7 @@ class _SwitchNorm(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
-        want = self.spatial_dims + 2
-        if x.dim() != want:
-            raise ValueError(
-                f"{type(self).__name__} expects a {want}-D input {self._layout}, "
-                f"got {x.dim()}-D of shape {tuple(x.shape)}"
-            )
+        _check_input(self, x, self.spatial_dims, self._layout)
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels "
@@ -728,8 +755,7 @@ class LatchedNorm(nn.Module):
         self.mean_stat, self.var_stat = STATS.index(state["mean"]), STATS.index(state["var"])
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(f"LatchedNorm expects a {self.spatial_dims + 2}-D input, got {tuple(x.shape)}")
+        _check_input(self, x, self.spatial_dims, "(N, C, ...)")
         if not self.training:
             return self._eval(x)
         eye = torch.eye(len(STATS), device=x.device)

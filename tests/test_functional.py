@@ -240,3 +240,44 @@ def test_tie_gradient_is_sparsemax_centring_so_training_can_leave_a_tie():
         g = torch.tensor([1.0, 0.0, -2.0])
         sparsestmax(z, r).backward(g)
         torch.testing.assert_close(z.grad, g - g.mean())
+
+
+# ----------------------------------------------------------------------------- extreme inputs
+EXTREME = [
+    [1e8, 0, 0], [-1e8, 0, 0], [1e8, 1e8, 0], [1e8, 1e8 + 8, 0], [1e30, -1e30, 0], [3e38, -3e38, 1],
+    [3e38, 3e38, -3e38], [0.1, 0, -1e6], [5e7, 5e7 + 4, 5e7 + 8, 5e7], [1e-30, 0, 2e-30],
+]
+
+
+def _objective(p: torch.Tensor, z: torch.Tensor) -> float:
+    """``||p - z||^2`` up to a constant, shift-invariant so huge logits stay exact in float64."""
+    p, z = p.double(), z.double()
+    return float((p * p).sum() - 2 * (p * (z - z.max())).sum())
+
+
+@pytest.mark.parametrize("z", EXTREME)
+def test_any_finite_float32_input_is_projected_as_in_float64(z):
+    zt = torch.tensor(z, dtype=torch.float32)
+    kk = zt.numel()
+    torch.testing.assert_close(sparsemax(zt).double(), sparsemax(zt.double()), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sparsemax(zt.double()), sparsemax_ref(zt.double() - zt.double().max()))
+    for r in (0.0, 0.3, 0.6, 0.81, 1.0):
+        p, ref = sparsestmax(zt, r), sparsestmax(zt.double(), r)
+        assert p.dtype == torch.float32 and bool((p >= 0).all())
+        assert abs(float(p.double().sum()) - 1) < 1e-6
+        assert float((p.double() - 1 / kk).norm()) >= min(r, max_radius(kk)) - 1e-6
+        # ties (logits equal in float64's view) have several argmins: compare the objective
+        assert _objective(p, zt) <= _objective(ref, zt) + 1e-5
+
+
+def test_non_finite_logits_give_nan_rows_and_a_nan_radius_is_refused():
+    z = torch.tensor([[float("nan"), 0.0, 0.0], [0.5, 0.2, 0.1], [float("inf"), 0.0, 0.0]], requires_grad=True)
+    for f in (sparsemax, lambda t: sparsestmax(t, 0.3)):
+        p = f(z)
+        assert p[0].isnan().all() and p[2].isnan().all() and torch.isfinite(p[1]).all()
+        (grad,) = torch.autograd.grad(p[1].sum() + p[0].nan_to_num().sum(), z)
+        assert torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="non-negative"):
+        sparsestmax(z.detach()[1:2], torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="non-negative"):
+        sparsestmax(z.detach()[1:2], float("nan"))

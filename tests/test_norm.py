@@ -321,3 +321,51 @@ def test_latch_mirror_follows_every_write_to_the_buffers():
     assert parent[0].latched == ("in", "in")
     layer.mean_latch.fill_(2)
     assert layer.latched == ("bn", None)
+
+
+@pytest.mark.parametrize("latch", [None, BN, IN])
+def test_integer_and_empty_inputs_are_refused_with_what_was_expected(latch):
+    m = SparseSwitchNorm2d(3)
+    if latch is not None:
+        m.latch(ssn.STATS[latch], ssn.STATS[latch])
+    for training in (True, False):
+        m.train(training)
+        with pytest.raises(TypeError, match="floating-point input"):
+            m(torch.ones(2, 3, 4, 4, dtype=torch.long))
+        for shape in [(0, 3, 4, 4), (2, 3, 0, 4)]:
+            with pytest.raises(ValueError, match="non-empty batch and spatial map"):
+                m(torch.randn(shape))
+    exported = ssn.LatchedNorm(3, "bn", "in")
+    with pytest.raises(TypeError, match="floating-point input"):
+        exported(torch.ones(2, 3, 4, 4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("latch", [None, BN])
+def test_half_layer_keeps_finite_running_stats_like_batchnorm(latch):
+    x = (torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 400).half()  # var ~ 1.6e5
+    m = SparseSwitchNorm2d(3).half()
+    if latch is not None:
+        m.latch(ssn.STATS[latch], ssn.STATS[latch])
+    bn = nn.BatchNorm2d(3).half()
+    y, y_bn = m(x), bn(x)
+    assert torch.isfinite(y).all() and torch.isfinite(m.running_var).all()
+    torch.testing.assert_close(m.running_var, bn.running_var, rtol=2e-3, atol=0)
+    torch.testing.assert_close(m.running_mean, bn.running_mean, rtol=2e-3, atol=2e-3)
+
+
+def test_nan_radius_or_bad_latch_in_a_state_dict_is_refused_on_load():
+    m = SparseSwitchNorm2d(3)
+    sd = m.state_dict()
+    sd["radius"] = torch.tensor(float("nan"))
+    with pytest.raises(RuntimeError, match="radius must be a finite non-negative number"):
+        SparseSwitchNorm2d(3).load_state_dict(sd)
+    parent = nn.Sequential(SparseSwitchNorm2d(3))
+    bad = {f"0.{k}": v for k, v in m.state_dict().items()}
+    bad["0.mean_latch"] = torch.tensor(7)
+    with pytest.raises(RuntimeError, match="0.mean_latch must be -1"):
+        parent.load_state_dict(bad)
+    assert parent[0].latched == (None, None)
+    m.radius.fill_(float("nan"))  # written directly: the forward refuses it on the CPU
+    with pytest.raises(ValueError, match="radius must be non-negative"):
+        m(torch.randn(2, 3, 4, 4))
+    assert m.latched == (None, None)
