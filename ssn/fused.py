@@ -1,0 +1,159 @@
+"""The fused eager path of the mixture: one ``autograd.Function`` with a hand-written backward
+over the activation, built from per-plane kernels (moments, affine map, gradient sums) that run
+the native batch-norm kernels on an (1, N*C, M) view where they can.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .stats import IN, _Coeffs, _mixture_coeffs, _mixture_coeffs_backward
+
+_BLOCK_ELEMS = 1 << 20  # elements of the temporary in _plane_moments (4 MB in float32)
+
+
+def _flat(x: Tensor) -> Tensor | None:
+    """``x`` as a (1, N*C, M) view, each (n, c) plane a 'channel' of the native BN kernels."""
+    return x.view(1, x.shape[0] * x.shape[1], -1) if x.is_contiguous() else None
+
+
+def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale + shift`` with per-(n, c) coefficients, in one fused pass where possible.
+
+    NOTE: on a contiguous input this runs the native eval-mode batch-norm kernel with zero mean,
+    unit variance and eps 0, which is exactly an affine map and ~1.5x faster on the CPU than
+    ``mul`` + ``add_`` (and than ``addcmul``, whose broadcast ``self`` takes a slow path).
+    """
+    flat = _flat(x)
+    if flat is None:
+        view = scale.shape + (1,) * (x.dim() - 2)
+        return torch.mul(x, scale.view(view)).add_(shift.view(view))
+    s, b = scale.reshape(-1), shift.reshape(-1)
+    ones = torch.ones_like(s)
+    y = F.batch_norm(flat, torch.zeros_like(s), ones, s, b, False, 0.0, 0.0)
+    # NOTE: detach() drops the view relation, so the layer's output can be modified in place
+    # (torchvision's ReLU(inplace=True)); there is no graph inside the autograd.Function anyway.
+    return y.view_as(x).detach()
+
+
+def _plane_moments(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and variance over the spatial dims (biased unless ``correction`` is 1).
+
+    NOTE: two passes (mean, then the centred squares) are exact where E[x^2] - E[x]^2 is not,
+    and on the CPU ~3x faster than torch.var_mean's Welford reduction. The centred values are
+    formed a block of planes at a time, so the temporary stays in cache instead of costing a
+    fresh activation-sized allocation (page faults and zeroing) on every call.
+    """
+    spatial = tuple(range(2, x.dim()))
+    mu = x.mean(spatial)
+    flat = _flat(x)
+    if flat is None:
+        xc = x - mu.view(mu.shape + (1,) * len(spatial))
+        return mu, (xc * xc).sum(spatial) / _dof(math.prod(x.shape[2:]), correction)
+    planes, m = flat.shape[1], flat.shape[2]
+    rows, mu_rows = flat[0], mu.view(-1, 1)
+    var = torch.empty_like(mu).view(-1)
+    step = max(1, _BLOCK_ELEMS // m)
+    for i in range(0, planes, step):
+        xc = rows[i : i + step] - mu_rows[i : i + step]
+        torch.sum(xc.square_(), -1, out=var[i : i + step])
+    return mu, (var / _dof(m, correction)).view_as(mu)
+
+
+def _dof(m: int, correction: int) -> int:
+    # NOTE: a single element has no unbiased variance; use 0 rather than NaN (1x1 maps).
+    return max(m - correction, 1)
+
+
+def _plane_grad_sums(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) ``sum(g * (x - mu))`` and ``sum(g)`` over the spatial dims, in one pass."""
+    gf, xf = _flat(g), _flat(x)
+    if gf is None or xf is None:
+        spatial = tuple(range(2, x.dim()))
+        g_sum = g.sum(spatial)
+        return (g * x).sum(spatial) - mu * g_sum, g_sum
+    # NOTE: the native batch-norm backward with unit inverse std computes exactly these two
+    # reductions (its grad_weight and grad_bias) in one fused pass over g and x.
+    ones = torch.ones_like(mu.reshape(-1))
+    _, g_xc, g_sum = torch.ops.aten.native_batch_norm_backward(
+        gf, xf, None, None, None, mu.reshape(-1), ones, True, 0.0, [False, True, True]
+    )
+    return g_xc.view_as(mu), g_sum.view_as(mu)
+
+
+class _SwitchNormFn(torch.autograd.Function):
+    """Mixture normalisation with a hand-written backward over the activation.
+
+    Autograd through the naive formula reads and writes the activation ~9 times in the backward;
+    here it is one fused reduction and two elementwise passes, while the small (N, C) graph from
+    the statistics, ratios and affine parameters to the per-plane scale and shift is
+    differentiated by autograd inside.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        mean_ratio: Tensor,
+        var_ratio: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        bn_mean: Tensor | None,
+        bn_var: Tensor | None,
+        eps: float,
+        correction: int,
+        group: object,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # NOTE: statistics in float32 at least (fp16/bf16 inputs under autocast).
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        m = math.prod(xs.shape[2:])
+        mu_in, var_in = _plane_moments(xs, correction)
+        c, stats = _mixture_coeffs(
+            mu_in, var_in, mean_ratio, var_ratio, weight, bias, bn_mean, bn_var, eps, m, group
+        )
+        y = _plane_affine(xs, c.scale, c.shift)
+        ctx.save_for_backward(xs, mean_ratio, var_ratio, weight)
+        ctx.coeffs = c
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.dof = _dof(m, correction)
+        if stats is None:
+            empty = mu_in.new_empty(0)
+            batch = (empty, empty, mu_in.new_tensor(0.0))
+        else:
+            batch = (stats.mean.squeeze(0), stats.var.squeeze(0), mu_in.new_tensor(stats.count))
+        ctx.mark_non_differentiable(*batch)
+        return (y.to(x.dtype), *batch)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor, *_: Tensor):  # type: ignore[override]
+        xs, mean_ratio, var_ratio, weight = ctx.saved_tensors
+        c: _Coeffs = ctx.coeffs
+        mu = c.mus[IN]
+        g = grad_y.to(xs.dtype)
+        g_xc, g_shift = _plane_grad_sums(g, xs, mu)
+        g_scale = g_xc + mu * g_shift  # sum(g * x)
+        g_mu, g_var, g_mr, g_vr, g_w, g_b = _mixture_coeffs_backward(c, g_scale, g_shift, mean_ratio, var_ratio, weight)
+        # d mu_in / dx = 1/M and d var_in / dx = 2 (x - mu_in) / dof, so
+        # grad_x = g * scale + g_mu / M + (x - mu_in) * 2 g_var / dof: one affine + one addcmul.
+        m = math.prod(xs.shape[2:])
+        c2 = g_var * (2 / ctx.dof)
+        grad_x = _plane_affine(xs, c2, g_mu / m - c2 * mu)
+        grad_x = grad_x.addcmul_(g, c.scale.view(c.scale.shape + (1,) * (xs.dim() - 2)))
+        need = ctx.needs_input_grad
+        return (
+            grad_x.to(grad_y.dtype),
+            g_mr.to(mean_ratio.dtype) if need[1] else None,
+            g_vr.to(var_ratio.dtype) if need[2] else None,
+            g_w.to(weight.dtype) if need[3] and weight is not None else None,
+            g_b.to(ctx.bias_dtype) if need[4] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
