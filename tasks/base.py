@@ -256,10 +256,10 @@ class NormTask(pl.LightningModule):
                 self.log("ssn/ratio_grad_norm", norm, on_step=True, on_epoch=False)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        from .callbacks import NormRatioMonitor, RadiusSchedule
+        from .callbacks import NormRatioMonitor, RadiusSchedule, RunSummary
 
         layers = [m for _, m in ssn.switch_norms(self)]
-        callbacks: list[pl.Callback] = []
+        callbacks: list[pl.Callback] = [RunSummary()]  # <default_root_dir>/summary.json, for compare
         if any(isinstance(m, _Sparsest) for m in layers):
             hp = self.hparams
             callbacks.append(RadiusSchedule(end=hp.radius_end, ramp_fraction=hp.radius_ramp_fraction,
@@ -318,10 +318,10 @@ class NormTask(pl.LightningModule):
             self.log("data/skipped_images", float(skipped), sync_dist=True, reduce_fx="sum")
 
     # ------------------------------------------------------------------------ summaries
-    def on_fit_start(self) -> None:
-        # What dashboards group and compare runs by.
+    def run_info(self) -> dict[str, Any]:
+        """What dashboards and ``ssn-bench compare`` group and compare runs by."""
         dm = self.trainer.datamodule
-        summary = {
+        return {
             "task": type(self).__name__,
             "dataset": type(dm).__name__ if dm is not None else None,
             "arch": getattr(self.hparams, "arch", None),
@@ -335,5 +335,8 @@ class NormTask(pl.LightningModule):
             "pretrained": self.hparams.pretrained,
             "pretrained_ratios": self.hparams.pretrained_ratios if self.hparams.pretrained else None,
         }
+
+    def on_fit_start(self) -> None:
+        summary = self.run_info()
         for logger in self.loggers:
             logger.log_hyperparams(summary)

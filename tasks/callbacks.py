@@ -24,7 +24,10 @@ import ssn
 from ssn.io import write_text_atomic
 from ssn.schedule import AUTHORS_RADIUS_END, radius_at
 
-__all__ = ["NormRatioMonitor", "RadiusSchedule", "layer_ratios", "selection_table"]
+__all__ = [
+    "NormRatioMonitor", "RadiusSchedule", "RunSummary", "complete_summary", "layer_ratios", "read_summary", "selection_table",
+    "update_summary",
+]
 
 
 class RadiusSchedule(pl.Callback):
@@ -224,3 +227,176 @@ class NormRatioMonitor(pl.Callback):
 
             wb.experiment.summary["ssn/latched_layers"] = sum(bool(r["mean_latch"] and r["var_latch"]) for r in rows)
             wb.experiment.log({"ssn/selection": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])})
+
+
+# ------------------------------------------------------------------------------ run summary
+SUMMARY_FILE = "summary.json"
+
+
+def _number(v: Any) -> float | None:
+    try:
+        x = float(v.item() if isinstance(v, torch.Tensor) else v)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _metrics(values: dict[str, Any]) -> dict[str, float]:
+    """Finite scalar metrics as plain floats (dashboards' ``a/b`` names kept)."""
+    out = {k: _number(v) for k, v in values.items()}
+    return {k: v for k, v in sorted(out.items()) if v is not None}
+
+
+def _better(name: str) -> Any:
+    """``min`` for losses, ``max`` for everything else (accuracy, IoU)."""
+    return min if "loss" in name.split("/")[-1] else max
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """Peak memory in MiB and what it measures: the CUDA allocator's peak on a GPU, else the
+    process's peak resident set (``ru_maxrss``, all of the process: Python, libraries, data)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_max_rss"  # bytes on macOS, KiB on Linux
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """A run's ``summary.json`` (``path``: the file or the run's folder)."""
+    path = Path(path)
+    return json.loads((path / SUMMARY_FILE if path.is_dir() else path).read_text())
+
+
+def update_summary(path: str | Path, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into the summary at ``path`` (``metrics`` merged key by key) atomically."""
+    summary = read_summary(path)
+    for k, v in fields.items():
+        summary[k] = {**summary.get(k, {}), **v} if k == "metrics" else v
+    write_text_atomic(path, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+class RunSummary(pl.Callback):
+    """Write ``<default_root_dir>/summary.json`` when fitting ends: the machine-readable record of
+    the run that ``ssn-bench compare`` reads (wandb's API cannot read offline runs).
+
+    It holds the run's identity (``NormTask.run_info``: task, dataset, arch, normalizer, per-device
+    and global batch, seed...), the resolved config (the CLI's ``config.yaml`` when there is one),
+    the hyperparameters, the final metrics and the best of each validation metric over the
+    validations (``best/val/...``: max, min for losses), the validation history, the training
+    throughput (samples/s over all devices, measured over training batches only: data loading and
+    the step, excluding validation and each fit's first batch), the peak memory
+    (:func:`peak_memory`) and the final per-layer selection (:func:`layer_ratios`).
+
+    ``status`` is ``fitted``; the CLI adds the test metrics after fit and sets it to ``complete``
+    (a sweep re-runs anything not complete). The history and the throughput counters are saved in
+    checkpoints, so a resumed run's summary covers the whole run.
+    """
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self.train_samples = 0
+        self._mark: float | None = None
+        self._first = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # NOTE: trainer.log_dir is a collective under DDP: resolved here, on every rank.
+        self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._path = Path(trainer.default_root_dir) / SUMMARY_FILE
+        self._started = time.time()
+        self._first = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark = time.perf_counter()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark = None  # validation time is not training time
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark = time.perf_counter()  # training resumes (mid-epoch validation) from here
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._mark is not None and not self._first:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            n = len(x) if hasattr(x, "__len__") else getattr(trainer.datamodule, "batch_size", 0) or 0
+            self.train_seconds += now - self._mark
+            self.train_samples += n * trainer.world_size
+        self._first = False
+        self._mark = now
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        values = _metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")})
+        if values:
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **values})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "train_seconds": self.train_seconds, "train_samples": self.train_samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+        self.train_seconds, self.train_samples = state_dict["train_seconds"], state_dict["train_samples"]
+
+    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = _metrics(trainer.callback_metrics)
+        if self.history:  # a resumed run with nothing left to train validated nothing this time
+            metrics = {**{k: v for k, v in self.history[-1].items() if k not in ("epoch", "step")}, **metrics}
+        keys = {k for h in self.history for k in h if k not in ("epoch", "step")}
+        for k in sorted(keys):
+            values = [h[k] for h in self.history if k in h]
+            metrics[f"best/{k}"] = _better(k)(values)
+        memory, memory_kind = peak_memory(pl_module.device)
+        config = None
+        config_file = self._log_dir / "config.yaml"
+        if config_file.is_file():
+            import yaml
+
+            config = yaml.safe_load(config_file.read_text())
+        info = pl_module.run_info() if hasattr(pl_module, "run_info") else {}
+        return {
+            **info,
+            "status": "fitted",
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "ckpt_path": trainer.ckpt_path,
+            "fit_seconds": time.time() - self._started,
+            "train_seconds": self.train_seconds,
+            "train_samples": self.train_samples,
+            "throughput": self.train_samples / self.train_seconds if self.train_seconds > 0 else None,
+            "peak_memory_mb": memory,
+            "peak_memory_kind": memory_kind,
+            "device": str(pl_module.device),
+            "metrics": metrics,
+            "history": self.history,
+            "selection": layer_ratios(pl_module),
+            "hparams": json.loads(json.dumps(dict(pl_module.hparams), default=str)),
+            "config": config,
+        }
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.interrupted:
+            return
+        summary = self.summary(trainer, pl_module)
+        if trainer.is_global_zero:
+            write_text_atomic(self._path, json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def complete_summary(trainer: pl.Trainer, results: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    """Mark the run's summary ``complete`` after the CLI's post-fit steps, with their test metrics
+    (``results``: name -> ``trainer.test`` output; ``model``'s keep their names, others are
+    prefixed, e.g. ``exported/test/acc1``). Rank zero writes; no summary, nothing to do."""
+    path = Path(trainer.default_root_dir) / SUMMARY_FILE
+    if not trainer.is_global_zero or not path.is_file():
+        return
+    metrics: dict[str, float] = {}
+    for name, res in (results or {}).items():
+        for k, v in _metrics(res[0] if res else {}).items():
+            metrics[k if name == "model" else f"{name}/{k}"] = v
+    update_summary(path, metrics=metrics, status="complete")

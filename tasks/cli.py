@@ -28,6 +28,7 @@ from ssn.io import atomic_write, save_atomic
 from ssn.transfer import record_norms
 
 from .base import NormTask
+from .callbacks import complete_summary
 
 __all__ = ["SSNCLI", "main", "export_model"]
 
@@ -78,7 +79,10 @@ class SSNCLI(LightningCLI):
                 cb.dirpath = os.path.realpath(Path(self.trainer.default_root_dir) / "checkpoints")
 
     def after_fit(self) -> None:
-        if not self.config[self.subcommand].get("export", True) or self.trainer.interrupted:
+        if self.trainer.interrupted:
+            return
+        if not self.config[self.subcommand].get("export", True):
+            complete_summary(self.trainer)  # the run is complete without its test
             return
         trainer, model, dm = self.trainer, self.model, self.datamodule
         # NOTE: every rank runs this (trainer.test is collective under DDP); only rank 0 writes.
@@ -103,6 +107,7 @@ class SSNCLI(LightningCLI):
         for name, res in results.items():
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(res[0].items()) if "acc" in k or "IoU" in k)
             say(f"test ({name}): {metrics}")
+        complete_summary(trainer, results)  # summary.json: test metrics, status complete
 
 
 def main(args: list[str] | None = None) -> SSNCLI:
@@ -124,7 +129,12 @@ def main(args: list[str] | None = None) -> SSNCLI:
 
 
 def console() -> None:
-    """The ``ssn-bench`` console script (returns nothing, so the exit status is 0 on success)."""
+    """The ``ssn-bench`` console script (returns nothing, so the exit status is 0 on success);
+    ``ssn-bench sweep|compare ...`` go to :mod:`tasks.compare`."""
+    if sys.argv[1:2] in (["sweep"], ["compare"]):
+        from .compare import command
+
+        raise SystemExit(command(sys.argv[1:]))
     main()
 
 
