@@ -15,7 +15,15 @@ from .norm import (
 from .inflate import inflate_resnet_state_dict
 from .integrations import bridge_pytorchvideo, register_mmengine
 from .schedule import radius_at
-from .surgery import average_running_stats, convert_norm, export_norm, param_groups, set_radius, switch_norms
+from .surgery import (
+    average_running_stats,
+    convert_norm,
+    export_norm,
+    param_groups,
+    set_radius,
+    switch_norms,
+    update_latches,
+)
 
 __all__ = [
     "LatchedNorm",
@@ -43,4 +51,5 @@ __all__ = [
     "sparsemax",
     "sparsestmax",
     "switch_norms",
+    "update_latches",
 ]

@@ -122,6 +122,7 @@ class _SwitchNorm(nn.Module):
         self.register_buffer("mean_latch", torch.tensor(UNLATCHED, dtype=torch.long))
         self.register_buffer("var_latch", torch.tensor(UNLATCHED, dtype=torch.long))
         self._latch_cache: tuple[tuple[int, ...], tuple[int, int]] | None = None
+        self._refresh_latches()  # NOTE: filled from the start, so a compiled forward reads constants
 
     # ----------------------------------------------------------------------------- ratios
     def _map_logits(self, logits: Tensor) -> Tensor:
@@ -190,10 +191,6 @@ class _SwitchNorm(nn.Module):
         """The statistic each of mean and variance has latched to (``None`` while dense)."""
         return tuple(STATS[i] if i != UNLATCHED else None for i in self._latches())  # type: ignore[return-value]
 
-    def _maybe_latch(self, mean_ratio: Tensor, var_ratio: Tensor) -> tuple[int, int]:
-        """Latch the ratios that are exactly one-hot; SN's softmax never latches."""
-        return self._latches()
-
     # ---------------------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
         _check_input(self, x, self.spatial_dims, self._layout)
@@ -208,13 +205,10 @@ class _SwitchNorm(nn.Module):
         ml, vl = self._latches()
         if ml == vl != UNLATCHED and self._native_ok(x, ml):
             return self._native(x, ml)
+        # NOTE: latches are decided outside the forward (ssn.update_latches, once per optimizer
+        # step for the whole network), so the forward reads no device value: a ratio that is
+        # one-hot but not latched yet gives the same output through the mixture.
         mean_ratio, var_ratio = self.ratios()
-        if self.training and UNLATCHED in (ml, vl):
-            # NOTE: a ratio that just became one-hot has a zero Jacobian, so the ratios computed
-            # before latching are reused as they are.
-            ml, vl = self._maybe_latch(mean_ratio, var_ratio)
-            if ml == vl != UNLATCHED and self._native_ok(x, ml):
-                return self._native(x, ml)
         tie = self._tie_unused()
         if tie is not None:
             mean_ratio = mean_ratio + tie
@@ -333,19 +327,6 @@ class _Sparsest(_SwitchNorm):
         if self.projection == "authors":
             return authors_sparsestmax(logits, self.radius.to(logits.dtype))
         return sparsestmax(logits, self.radius.to(logits.dtype))
-
-    def _maybe_latch(self, mean_ratio: Tensor, var_ratio: Tensor) -> tuple[int, int]:
-        latches = list(self._latches())
-        with torch.no_grad():
-            ratios = torch.stack([mean_ratio, var_ratio])
-            hot, which = ratios.max(-1)
-            state = torch.cat([hot == 1, which]).tolist()  # one host sync for both
-        for i, buf in enumerate((self.mean_latch, self.var_latch)):
-            if latches[i] == UNLATCHED and state[i]:
-                buf.fill_(state[2 + i])
-                latches[i] = state[2 + i]
-        self._latch_cache = None
-        return self._latches()
 
     @property
     def max_radius(self) -> float:

@@ -14,9 +14,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .factory import create_norm
+from .functional import sparsestmax
 from .norm import BN, IN, LN, STATS, UNLATCHED, LatchedNorm, _Sparsest, _SwitchNorm
 
-__all__ = ["average_running_stats", "convert_norm", "export_norm", "set_radius", "param_groups", "switch_norms"]
+__all__ = [
+    "average_running_stats", "convert_norm", "export_norm", "param_groups", "set_radius", "switch_norms",
+    "update_latches",
+]
 
 _BN_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
@@ -159,6 +163,53 @@ def set_radius(model: nn.Module, radius: float) -> int:
             m.radius.fill_(radius)
             count += 1
     return count
+
+
+@torch.no_grad()
+def update_latches(model: nn.Module) -> int:
+    """Latch every SSN ratio of ``model`` that is exactly one-hot; call once per optimizer step.
+
+    A layer in training mode whose mean or variance ratio (SparsestMax of its logits at its
+    radius) is exactly one-hot keeps that statistic from then on: the latch never flips back and
+    is saved in the state_dict. Called before the step's forward (after the radius is set), it
+    gives the latches the layers took inside their forward before: the forward itself reads no
+    device value (no host synchronisation, no graph break under torch.compile). SN layers (softmax)
+    and layers in eval mode never latch.
+
+    The ratios of all exact-projection layers sharing a device and dtype come from one batched
+    SparsestMax call, and all layers' verdicts from one host read.
+
+    Returns:
+        How many ratios latched in this call.
+    """
+    groups: dict[tuple[Any, ...], list[_Sparsest]] = {}
+    for _, m in switch_norms(model):
+        if isinstance(m, _Sparsest) and m.training and UNLATCHED in m._latches():
+            key = (m.mean_logits.device, m.mean_logits.dtype, m.projection)
+            groups.setdefault(key, []).append(m)
+    if not groups:
+        return 0
+    layers, verdicts = [], []
+    for (_, _, projection), ms in groups.items():
+        if projection == "exact":  # (L, 2, 3) logits, (L, 1) radii: one call for the group
+            logits = torch.stack([torch.stack([m.mean_logits, m.var_logits]) for m in ms])
+            radius = torch.stack([m.radius for m in ms]).to(logits.dtype).unsqueeze(-1)
+            ratios = sparsestmax(logits, radius)
+        else:  # the authors' projection maps one row at a time anyway
+            ratios = torch.stack([m._map_logits(torch.stack([m.mean_logits, m.var_logits])) for m in ms])
+        hot, which = ratios.max(-1)
+        layers += ms
+        verdicts.append(torch.cat([(hot == 1).long(), which], dim=1))
+    state = torch.cat([v.cpu() for v in verdicts]).tolist()  # one host read for every layer: (L, 4) hot_m, hot_v, which_m, which_v
+    latched = 0
+    for m, (hot_m, hot_v, which_m, which_v) in zip(layers, state):
+        current = m._latches()
+        for i, (buf, hot, which) in enumerate(((m.mean_latch, hot_m, which_m), (m.var_latch, hot_v, which_v))):
+            if current[i] == UNLATCHED and hot:
+                buf.fill_(which)
+                latched += 1
+        m._refresh_latches()
+    return latched
 
 
 _NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, _SwitchNorm, LatchedNorm)

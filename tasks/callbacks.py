@@ -68,6 +68,7 @@ class RadiusSchedule(pl.Callback):
         self.ramp_steps: int | None = None
         self.delay_steps = 0
         self.radius = self.start
+        self._latched_at: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.ramp_steps is None:  # not restored from a checkpoint
@@ -86,6 +87,12 @@ class RadiusSchedule(pl.Callback):
             raise RuntimeError("RadiusSchedule: the ramp is set in on_train_start, which did not run")
         self.radius = radius_at(trainer.global_step, self.ramp_steps, self.start, self.end, self.delay_steps)
         ssn.set_radius(pl_module, self.radius)
+        # NOTE: the latches are decided here, once per step for every layer, rather than by each
+        # layer inside its forward (no host sync there); repeated micro-batches of one step (gradient
+        # accumulation) see the same logits and radius, so the call is made once per global step.
+        if self._latched_at != trainer.global_step:
+            ssn.update_latches(pl_module)
+            self._latched_at = trainer.global_step
         pl_module.log("ssn/radius", self.radius, on_step=True, on_epoch=False)
 
     _STATE = ("ramp_steps", "delay_steps", "start", "end", "ramp_fraction", "delay_fraction", "radius")

@@ -160,6 +160,8 @@ def test_latching_at_max_radius_persists_and_stops_gradients():
     m.radius.fill_(m.max_radius)
     x = torch.randn(SHAPES[2])
     m(x).sum().backward()
+    assert m.latched == (None, None)  # the forward decides nothing: update_latches does
+    assert ssn.update_latches(m) == 2
     assert m.latched == ("bn", "in")
     assert int(m.mean_latch) == BN and int(m.var_latch) == IN
     mr, vr = m.ratios()
@@ -169,6 +171,7 @@ def test_latching_at_max_radius_persists_and_stops_gradients():
         m.mean_logits.copy_(torch.tensor([5.0, 0.0, 0.0]))
     m.radius.fill_(0.0)
     m.zero_grad()
+    assert ssn.update_latches(m) == 0
     m(x).sum().backward()
     assert m.latched == ("bn", "in")
     assert m.mean_logits.grad is None or not m.mean_logits.grad.any()
@@ -192,13 +195,14 @@ def test_ratios_contract_and_latch_at_sparse_point_before_max_radius():
     torch.testing.assert_close(mr, torch.full((3,), 1 / 3))
     with torch.no_grad():
         m.mean_logits.copy_(torch.tensor([3.0, 0.0, 0.0]))  # sparsemax already one-hot at r = 0
-    m(torch.randn(2, 4, 3, 3))
-    assert m.latched == ("in", None)
+    m.eval()
+    assert ssn.update_latches(m) == 0 and m.latched == (None, None)  # only training latches
+    m.train()
+    assert ssn.update_latches(m) == 1 and m.latched == ("in", None)
     sn = SwitchNorm2d(4)
     with torch.no_grad():
         sn.mean_logits.copy_(torch.tensor([300.0, 0.0, 0.0]))  # softmax saturates but SN never latches
-    sn(torch.randn(2, 4, 3, 3))
-    assert sn.latched == (None, None)
+    assert ssn.update_latches(sn) == 0 and sn.latched == (None, None)
 
 
 def test_eval_changes_no_state():
