@@ -117,7 +117,8 @@ def _as_radius(radius: float | Tensor, z: Tensor) -> Tensor:
     """Radius as a tensor broadcastable to ``z``'s leading dims, with a trailing 1."""
     if isinstance(radius, Tensor):
         # NOTE: checking a CUDA tensor's sign would sync the device on every call.
-        if radius.device.type == "cpu" and bool((radius < 0).any() | radius.isnan().any()):
+        checkable = radius.device.type == "cpu" and not torch.compiler.is_compiling()
+        if checkable and bool((radius < 0).any() | radius.isnan().any()):
             raise ValueError(f"radius must be non-negative, got {radius}")
         r = radius.to(z.dtype)
     else:
@@ -289,7 +290,7 @@ def _sparsestmax_small_cpu(z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor
 class _SparsestMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, r: Tensor) -> Tensor:  # type: ignore[override]
-        small = z.device.type == "cpu" and z.numel() <= SMALL_CPU and not _force_batched
+        small = z.device.type == "cpu" and z.numel() <= SMALL_CPU and not (_force_batched or torch.compiler.is_compiling())
         p, mask, coef, dz, dr = (_sparsestmax_small_cpu if small else _sparsestmax_forward)(z, r)
         ctx.save_for_backward(mask, coef, dz, dr)
         ctx.r_shape = r.shape

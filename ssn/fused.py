@@ -40,15 +40,30 @@ def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return y.view_as(x).detach()
 
 
+def _cache_blocked(x: Tensor) -> bool:
+    """Whether ``x`` takes the CPU kernels (cache-blocked loops, native-kernel tricks).
+
+    NOTE: on the CPU the blocked centred-variance loop keeps its temporary in cache; on a GPU its
+    many small launches cost more than one Welford reduction (``torch.var_mean``), which is
+    exact and a single kernel there. Tests flip this to run the device path on the CPU.
+    """
+    return x.device.type == "cpu"
+
+
 def _plane_moments(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
     """Per-(n, c) mean and variance over the spatial dims (biased unless ``correction`` is 1).
 
-    NOTE: two passes (mean, then the centred squares) are exact where E[x^2] - E[x]^2 is not,
-    and on the CPU ~3x faster than torch.var_mean's Welford reduction. The centred values are
+    NOTE: on the CPU, two passes (mean, then the centred squares) are exact where E[x^2] - E[x]^2
+    is not, and ~3x faster than torch.var_mean's Welford reduction. The centred values are
     formed a block of planes at a time, so the temporary stays in cache instead of costing a
-    fresh activation-sized allocation (page faults and zeroing) on every call.
+    fresh activation-sized allocation (page faults and zeroing) on every call. Elsewhere (CUDA):
+    one var_mean kernel.
     """
     spatial = tuple(range(2, x.dim()))
+    if not _cache_blocked(x):
+        var, mu = torch.var_mean(x, spatial, correction=0)
+        m = math.prod(x.shape[2:])
+        return mu, var if correction == 0 else var * (m / _dof(m, correction))
     mu = x.mean(spatial)
     flat = _flat(x)
     if flat is None:
@@ -62,6 +77,33 @@ def _plane_moments(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
         xc = rows[i : i + step] - mu_rows[i : i + step]
         torch.sum(xc.square_(), -1, out=var[i : i + step])
     return mu, (var / _dof(m, correction)).view_as(mu)
+
+
+def _plane_moments_eval(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and variance in one pass over ``x``, for evaluation (no backward).
+
+    NOTE: on the CPU the native batch-norm backward with zero mean and unit inverse std returns
+    ``sum(x * x)`` and ``sum(x)`` of every plane from one fused read of ``x``, where the exact
+    two-pass moments read it twice; small maps (7x7, 14x14) gain most. The variance then comes
+    from raw moments, with a relative error of about ``eps * (1 + mean^2 / var)``: 1e-6 for
+    activations whose mean is a few standard deviations, far below what eval needs. Elsewhere
+    (CUDA, non-contiguous inputs): the two-pass path.
+    """
+    flat = _flat(x)
+    if flat is None or not _cache_blocked(x):
+        return _plane_moments(x, correction)
+    planes, m = flat.shape[1], flat.shape[2]
+    zeros = x.new_zeros(planes)
+    ones = torch.ones_like(zeros)
+    _, sq, total = torch.ops.aten.native_batch_norm_backward(
+        flat, flat, None, None, None, zeros, ones, True, 0.0, [False, True, True]
+    )
+    mu = total.div_(m)
+    var = torch.addcmul(sq.div_(m), mu, mu, value=-1).clamp_min_(0)
+    if correction:
+        var = var.mul_(m / _dof(m, correction))
+    shape = x.shape[:2]
+    return mu.view(shape), var.view(shape)
 
 
 def _dof(m: int, correction: int) -> int:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import PROJECTIONS, authors_sparsestmax, max_radius, sparsestmax
-from .fused import _SwitchNormFn
+from . import traceable
+from .fused import _plane_affine, _plane_moments_eval, _SwitchNormFn
 from .latched import LatchedNorm  # noqa: F401  (re-exported: ssn.norm.LatchedNorm)
 from .stats import BN, IN, LN, STATS, UNLATCHED, _batch_momentum, _check_input, _update_running  # noqa: F401
 
@@ -123,6 +124,7 @@ class _SwitchNorm(nn.Module):
         self.register_buffer("var_latch", torch.tensor(UNLATCHED, dtype=torch.long))
         self._latch_cache: tuple[tuple[int, ...], tuple[int, int]] | None = None
         self._refresh_latches()  # NOTE: filled from the start, so a compiled forward reads constants
+        self._fold: tuple[tuple[Any, ...], tuple[Tensor, ...]] | None = None  # dense eval constants
 
     # ----------------------------------------------------------------------------- ratios
     def _map_logits(self, logits: Tensor) -> Tensor:
@@ -175,7 +177,7 @@ class _SwitchNorm(nn.Module):
 
     def _ratio(self, logits: Tensor, latch: int) -> Tensor:
         if latch != UNLATCHED:
-            return F.one_hot(torch.tensor(latch, device=logits.device), len(STATS)).to(logits.dtype)
+            return torch.eye(len(STATS), dtype=logits.dtype, device=logits.device)[latch]
         return self._map_logits(logits)
 
     def ratios(self) -> tuple[Tensor, Tensor]:
@@ -208,6 +210,8 @@ class _SwitchNorm(nn.Module):
         # NOTE: latches are decided outside the forward (ssn.update_latches, once per optimizer
         # step for the whole network), so the forward reads no device value: a ratio that is
         # one-hot but not latched yet gives the same output through the mixture.
+        if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            return self._folded_eval(x)
         mean_ratio, var_ratio = self.ratios()
         tie = self._tie_unused()
         if tie is not None:
@@ -282,13 +286,58 @@ class _SwitchNorm(nn.Module):
         training = self.training
         bn_mean = None if training else self.running_mean
         bn_var = None if training else self.running_var
-        y, batch_mean, batch_var, count = _SwitchNormFn.apply(
-            x, mean_ratio, var_ratio, self.weight, self.bias, bn_mean, bn_var, self.eps,
-            self.in_var_correction, self._sync_group(),
-        )
+        group = self._sync_group()
+        if torch.compiler.is_compiling() and group is None:
+            # NOTE: plain ops the compiler traces into one graph (the fused Function would break it)
+            y, batch_mean, batch_var, count = traceable.mixture(
+                x, mean_ratio, var_ratio, self.weight, self.bias, bn_mean, bn_var, self.eps,
+                self.in_var_correction,
+            )
+        else:
+            y, batch_mean, batch_var, count = _SwitchNormFn.apply(
+                x, mean_ratio, var_ratio, self.weight, self.bias, bn_mean, bn_var, self.eps,
+                self.in_var_correction, group,
+            )
         if training:
             _update_running(self, batch_mean, batch_var, float(count))
         return y
+
+    # ------------------------------------------------------------------------- dense eval
+    def _fold_key(self, dtype: torch.dtype) -> tuple[Any, ...]:
+        tensors = (self.mean_logits, self.var_logits, self.radius, self.running_mean, self.running_var,
+                   self.weight, self.bias, self.mean_latch, self.var_latch)
+        # NOTE: identity and version counter of every input of the fold: any in-place write
+        # (optimizer step, load_state_dict, EMA copy_) or replacement (.to()) refolds.
+        versions = tuple(None if t is None else (id(t), t._version) for t in tensors)
+        return (dtype, self.eps, getattr(self, "projection", None), versions)
+
+    def _make_fold(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        mr, vr = (r.to(dtype) for r in self.ratios())
+        ones = torch.ones(self.num_features, dtype=dtype, device=self.running_mean.device)
+        weight = ones if self.weight is None else self.weight.to(dtype)
+        bias = torch.zeros_like(ones) if self.bias is None else self.bias.to(dtype)
+        bn_mean = mr[BN] * self.running_mean.to(dtype)
+        bn_var = vr[BN] * self.running_var.to(dtype) + self.eps
+        return mr[IN], mr[LN], vr[IN], vr[LN], bn_mean, bn_var, weight, bias
+
+    @torch.no_grad()
+    def _folded_eval(self, x: Tensor) -> Tensor:
+        """Dense evaluation: the ratios and the BN terms are constants, folded once (per eval(),
+        refolded when a parameter or buffer changes); per call only the per-sample IN/LN
+        statistics (one pass over ``x``), a few (N, C) ops and one affine pass."""
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        key = self._fold_key(xs.dtype)
+        if self._fold is None or self._fold[0] != key:
+            self._fold = (key, self._make_fold(xs.dtype))
+        mr_in, mr_ln, vr_in, vr_ln, bn_mean, bn_var, weight, bias = self._fold[1]
+        mu, var_in = _plane_moments_eval(xs, self.in_var_correction)
+        mu_ln = mu.mean(1, keepdim=True)
+        var_ln = (var_in + (mu - mu_ln).square_()).mean(1, keepdim=True)
+        mean = torch.addcmul(bn_mean + mr_ln * mu_ln, mu, mr_in)
+        var = torch.addcmul(bn_var + vr_ln * var_ln, var_in, vr_in)
+        scale = var.rsqrt_().mul_(weight)
+        shift = torch.addcmul(bias, mean, scale, value=-1)
+        return _plane_affine(xs, scale, shift).to(x.dtype)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"

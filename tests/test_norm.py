@@ -373,3 +373,65 @@ def test_nan_radius_or_bad_latch_in_a_state_dict_is_refused_on_load():
     with pytest.raises(ValueError, match="radius must be non-negative"):
         m(torch.randn(2, 3, 4, 4))
     assert m.latched == (None, None)
+
+
+@pytest.mark.parametrize("kind,dim", sorted(CLASSES))
+@pytest.mark.parametrize("device_path", [False, True])
+def test_folded_dense_eval_matches_float64_reference(kind, dim, device_path, monkeypatch):
+    """Eval under no_grad folds the ratios and BN terms once; compared with the unfolded formula
+    in float64, for a float32 layer on inputs whose mean is a few standard deviations."""
+    if device_path:  # the CUDA path (one var_mean kernel, no CPU kernel tricks), run on the CPU
+        monkeypatch.setattr(ssn.fused, "_cache_blocked", lambda x: False)
+    m = _randomise(CLASSES[(kind, dim)](6)).eval()
+    if kind == "ssn":
+        m.radius.fill_(0.25)
+    x = torch.randn(SHAPES[dim]) * 2 + 3
+    ref_m = copy.deepcopy(m).double()
+    mr, vr = _ref_ratios(ref_m)
+    y_ref = reference(x.double(), mr, vr, ref_m.weight, ref_m.bias, m.eps, (ref_m.running_mean, ref_m.running_var))
+    with torch.no_grad():
+        y = m(x)
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=2e-5, rtol=1e-5)
+    y_fused = m(x)  # grad enabled: the fused path, as in training
+    torch.testing.assert_close(y, y_fused.detach(), atol=2e-5, rtol=1e-5)
+    with torch.no_grad():  # the unbiased instance variance of the authors' layers
+        m.in_var_correction = 1
+        torch.testing.assert_close(m(x), m.__class__.forward(m, x.requires_grad_()).detach(), atol=2e-5, rtol=1e-5)
+
+
+def test_dense_eval_folds_once_and_refolds_on_any_change(monkeypatch):
+    m = _randomise(SparseSwitchNorm2d(6)).eval()
+    m.radius.fill_(0.25)
+    calls = []
+    real = m.ratios
+    monkeypatch.setattr(m, "ratios", lambda: calls.append(1) or real())
+    x = torch.randn(SHAPES[2])
+    with torch.no_grad():
+        y = m(x)
+        for _ in range(3):
+            assert torch.equal(m(x), y)
+    assert len(calls) == 1
+    expected = []
+    for change in (
+        lambda: m.weight.mul_(2),
+        lambda: m.mean_logits.add_(torch.tensor([0.3, 0.0, 0.0])),
+        lambda: m.radius.fill_(0.5),
+        lambda: m.running_var.mul_(3),
+        lambda: m.load_state_dict(SparseSwitchNorm2d(6).state_dict()),
+        lambda: m.latch(None, "in"),
+    ):
+        with torch.no_grad():
+            change()
+            y_new = m(x)
+        expected.append(not torch.equal(y_new, y))
+        y = y_new
+        with torch.enable_grad():  # the fused path computes the same from the current state
+            torch.testing.assert_close(y_new, m(x).detach(), atol=1e-5, rtol=1e-5)
+    assert all(expected) and len(calls) == 1 + 6 + 6  # one fold per change, and the fused calls
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_device_path_of_the_fused_kernels_matches_reference(training, monkeypatch):
+    monkeypatch.setattr(ssn.fused, "_cache_blocked", lambda x: False)
+    test_forward_backward_match_reference_float64("ssn", 2, training)
+    test_forward_backward_match_reference_float64("sn", 3, training)

@@ -1,0 +1,65 @@
+"""The mixture in plain differentiable ops: what ``torch.compile`` traces instead of the fused path.
+
+The fused ``autograd.Function`` (``fused.py``) saves work in eager mode with native-kernel tricks
+and a hand-written backward; a compiler gains nothing from those and cannot see through them.
+Written here as plain tensor ops, the whole layer (statistics, ratios, affine map, running
+averages) is one graph that inductor fuses into a few reductions and one elementwise pass, with
+autograd deriving the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .stats import BN, IN, LN
+
+
+def mixture(
+    x: Tensor,
+    mean_ratio: Tensor,
+    var_ratio: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    eps: float,
+    correction: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
+    """``(y, batch_mean, batch_var, count)``: the same arithmetic as the fused path.
+
+    Solves: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with ``mean`` and ``var`` the
+    ratio-weighted IN, LN and BN statistics; the BN ones from the batch when ``bn_mean`` is None
+    (returned, biased, over ``count`` elements per channel, for the running averages), else the
+    given running statistics.
+    """
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()  # statistics in float32 at least
+    spatial = tuple(range(2, x.dim()))
+    m = math.prod(x.shape[2:])
+    var_in, mu_in = torch.var_mean(xs, spatial, correction=0, keepdim=True)
+    if correction:
+        var_in = var_in * (m / max(m - correction, 1))
+    mu_ln = mu_in.mean(1, keepdim=True)
+    var_ln = (var_in + (mu_in - mu_ln).square()).mean(1, keepdim=True)
+    batch_mean = batch_var = None
+    if bn_mean is None or bn_var is None:
+        mu_bn = batch_mean = mu_in.mean(0, keepdim=True)
+        var_bn = batch_var = (var_in + (mu_in - mu_bn).square()).mean(0, keepdim=True)
+    else:
+        shape = (1, -1) + (1,) * len(spatial)
+        mu_bn, var_bn = bn_mean.to(xs.dtype).view(shape), bn_var.to(xs.dtype).view(shape)
+    mr, vr = mean_ratio.to(xs.dtype), var_ratio.to(xs.dtype)
+    mean = mr[IN] * mu_in + mr[LN] * mu_ln + mr[BN] * mu_bn
+    var = vr[IN] * var_in + vr[LN] * var_ln + vr[BN] * var_bn
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(xs.dtype).view((1, -1) + (1,) * len(spatial))
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(xs.dtype).view((1, -1) + (1,) * len(spatial))
+    y = (xs * scale + shift).to(x.dtype)
+    if batch_mean is None:
+        return y, None, None, 0
+    return y, batch_mean.reshape(-1).detach(), batch_var.reshape(-1).detach(), x.shape[0] * m
