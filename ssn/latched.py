@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import traceable
 from .fused import _SwitchNormFn, _dof
 from .stats import BN, IN, STATS, _check_input, _update_running
 
@@ -64,10 +65,12 @@ class LatchedNorm(nn.Module):
         if not self.training:
             return self._eval(x)
         eye = torch.eye(len(STATS), device=x.device)
-        y, batch_mean, batch_var, count = _SwitchNormFn.apply(
-            x, eye[self.mean_stat], eye[self.var_stat], self.weight, self.bias, None, None,
-            self.eps, self.in_var_correction, None,
-        )
+        args = (x, eye[self.mean_stat], eye[self.var_stat], self.weight, self.bias, None, None, self.eps,
+                self.in_var_correction)
+        if torch.compiler.is_compiling():  # plain ops: one graph (see ssn/traceable.py)
+            y, batch_mean, batch_var, count = traceable.mixture(*args)
+        else:
+            y, batch_mean, batch_var, count = _SwitchNormFn.apply(*args, None)
         _update_running(self, batch_mean, batch_var, float(count))
         return y
 
