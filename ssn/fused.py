@@ -158,7 +158,9 @@ class _SwitchNormFn(torch.autograd.Function):
             mu_in, var_in, mean_ratio, var_ratio, weight, bias, bn_mean, bn_var, eps, m, group
         )
         y = _plane_affine(xs, c.scale, c.shift)
-        ctx.save_for_backward(xs, mean_ratio, var_ratio, weight)
+        # NOTE: the input is saved as it came (fp16/bf16 under autocast) and widened again in the
+        # backward: saving the float32 copy would double the activation memory of the network.
+        ctx.save_for_backward(x, mean_ratio, var_ratio, weight)
         ctx.coeffs = c
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.dof = _dof(m, correction)
@@ -173,7 +175,8 @@ class _SwitchNormFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor, *_: Tensor):  # type: ignore[override]
-        xs, mean_ratio, var_ratio, weight = ctx.saved_tensors
+        x, mean_ratio, var_ratio, weight = ctx.saved_tensors
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
         c: _Coeffs = ctx.coeffs
         mu = c.mus[IN]
         g = grad_y.to(xs.dtype)

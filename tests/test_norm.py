@@ -435,3 +435,16 @@ def test_device_path_of_the_fused_kernels_matches_reference(training, monkeypatc
     monkeypatch.setattr(ssn.fused, "_cache_blocked", lambda x: False)
     test_forward_backward_match_reference_float64("ssn", 2, training)
     test_forward_backward_match_reference_float64("sn", 3, training)
+
+
+def test_autocast_saves_the_half_precision_input_not_a_float32_copy():
+    m = _randomise(SparseSwitchNorm2d(8))
+    m.radius.fill_(0.2)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = m(x)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert big and all(t.dtype == torch.bfloat16 for t in big)
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
