@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO   := --config configs/base/trainer.yaml --config configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml
 
-.PHONY: setup data demo test bench lock clean
+.PHONY: setup data demo test bench study lock clean
 
 $(STAMP): pyproject.toml requirements/lock.txt requirements/extras-seg.txt requirements/extras-video.txt
 	python3 -m venv $(VENV)
@@ -36,6 +36,11 @@ test: setup data
 
 bench: setup
 	$(PY) benchmarks/bench_norm.py
+
+# The small-batch study (docs/comparison.md): BN/GN/SN/SSN x per-device batch 2-32 x seeds, a
+# resumable sweep, then the compare report into docs/img/small-batch/. SEEDS="0 1" for fewer.
+study: setup data
+	benchmarks/small_batch_study.sh $(SEEDS)
 
 lock: setup
 	{ head -2 requirements/lock.txt; $(PY) -m pip freeze --all --exclude-editable | grep -v "^pip=="; } > requirements/lock.new && mv requirements/lock.new requirements/lock.txt

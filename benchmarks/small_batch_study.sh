@@ -5,11 +5,14 @@
 # (FRACTION of the 50,000-image training split per epoch, EPOCHS epochs) and is evaluated on
 # 10,000 held-out training images (val/acc1 at the end of training).
 #   benchmarks/small_batch_study.sh [SEEDS...]     (default: 0 1 2; running it again resumes)
+# Then the report (table, CSV, plots) goes to REPORT (default docs/img/small-batch).
 # The full grid (3 seeds, 5 batch sizes, 8 full epochs at the demo's lr; days on 2 CPU cores):
-#   OUT=outputs/sweeps/small-batch-full FRACTION=1.0 EPOCHS=8 LR=0.2 BATCHES="2 4 8 32 128" benchmarks/small_batch_study.sh
+#   OUT=outputs/sweeps/small-batch-full REPORT=outputs/sweeps/small-batch-full/report FRACTION=1.0 EPOCHS=8 LR=0.2 \
+#     BATCHES="2 4 8 32 128" benchmarks/small_batch_study.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/sweeps/small-batch}
+REPORT=${REPORT:-docs/img/small-batch}
 FRACTION=${FRACTION:-0.08}
 EPOCHS=${EPOCHS:-1}
 LR=${LR:-0.8}
@@ -25,3 +28,6 @@ for seed in $SEEDS; do  # seed-major: a whole seed before the next one
     --set trainer.num_sanity_val_steps=0 --set trainer.enable_progress_bar=false \
     --set trainer.enable_model_summary=false -- --export=false || true  # failures are reported, the rest goes on
 done
+.venv/bin/python -m tasks.cli compare "$OUT" --out "$REPORT" --metric val/acc1 best/val/acc1 \
+  --group-by norm batch_size global_batch_size \
+  --title "Small-batch study: Fashion-MNIST, small ResNet, per-device statistics"
