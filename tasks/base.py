@@ -87,6 +87,9 @@ class NormTask(pl.LightningModule):
             new label set even of the same size).
         backbone_lr_scale: learning rate of the pretrained backbone relative to the new head.
         freeze: parameter-name prefixes of the backbone to freeze (e.g. ``["conv1", "bn1", "layer1"]``).
+        compile: compile the network (the backbone for segmentation) with ``torch.compile`` in place
+            (``nn.Module.compile``: state_dict keys unchanged). SN/SSN layers trace to one graph;
+            the latches are decided between steps, and a new latch recompiles its layer's path.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class NormTask(pl.LightningModule):
         pretrained_head: bool = False,
         backbone_lr_scale: float = 1.0,
         freeze: list[str] = [],  # noqa: B006
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # NOTE: collects the subclass's arguments too (Lightning walks the __init__ frames).
@@ -183,6 +187,9 @@ class NormTask(pl.LightningModule):
                 raise ValueError(f"freeze: no backbone parameter starts with {prefix!r}")
             for p in params:
                 p.requires_grad_(False)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.pretrained_module().compile()
+            self._compiled = True
 
     # ------------------------------------------------------------------------- optimisation
     def global_batch_size(self) -> int:

@@ -94,3 +94,16 @@ def test_compiled_forward_follows_latches_taken_between_steps():
 def test_inductor_matches_eager(kind):
     torch._dynamo.reset()
     _compare(kind, True, "inductor")
+
+
+def test_task_compile_switch_compiles_the_network_in_place():
+    from tasks.classification import ImageClassifier
+
+    plain = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn")
+    task = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", compile=True)
+    task.configure_model()
+    plain.configure_model()
+    assert task.net._compiled_call_impl is not None and plain.net._compiled_call_impl is None
+    assert list(task.state_dict()) == list(plain.state_dict())  # checkpoints keep their keys
+    task.configure_model()  # idempotent (Lightning may call it again)
+    assert task.hparams.compile

@@ -1,0 +1,230 @@
+"""End-to-end benchmark: whole networks with each normaliser, eager and compiled, as ratios to BN.
+
+For ResNet-50 (classification), the 3-D ResNet (slow_r50 layout, video) and DeepLabV3 (mmseg,
+segmentation), times a training step (forward, backward, SGD step) and an eval step (forward
+under no_grad), and measures the peak memory of a training step in float32 and under bfloat16
+autocast, for:
+
+    BN, GN, SN, SSN dense, SSN latched (BN), SSN exported (ssn.export_norm)   eager
+    BN, SSN dense, SSN latched                                                 torch.compile
+
+Every figure is a ratio to the eager BN network measured in the same run (candidates timed
+alternately, median over rounds; see bench_norm._alternate). Memory: the peak, during one
+training step, of the bytes the PyTorch allocator holds above what was live when the step
+began (parameters, optimizer state and input excluded), summed from the allocation events of
+torch.profiler(profile_memory=True); the same method on CPU and GPU.
+
+    python benchmarks/bench_e2e.py                          # ResNet-50, eager and compiled
+    python benchmarks/bench_e2e.py --models resnet50 video deeplabv3 --no-compile
+    python benchmarks/bench_e2e.py --quick                  # small inputs, few rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ssn  # noqa: E402
+from bench_norm import _alternate, steady_allocator  # noqa: E402
+
+EAGER = ["BN", "GN", "SN", "SSN dense", "SSN latched", "SSN exported"]
+COMPILED = ["BN", "SSN dense", "SSN latched"]
+
+
+# ---------------------------------------------------------------------------------- networks
+class _Seg(nn.Module):
+    """mmseg's EncoderDecoder as a plain module: backbone, ASPP head and auxiliary FCN head."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.model.extract_feat(x)
+        return self.model.decode_head(feats).mean((2, 3)) + 0.4 * self.model.auxiliary_head(feats).mean((2, 3))
+
+
+def build(name: str, quick: bool) -> tuple[nn.Module, torch.Tensor, int]:
+    """The BN network, an input batch and its number of classes."""
+    torch.manual_seed(0)
+    if name == "resnet50":
+        import torchvision
+
+        batch, size = (2, 64) if quick else (8, 112)
+        return torchvision.models.resnet50(), torch.randn(batch, 3, size, size), 1000
+    if name == "video":
+        from tasks.video import build_slow_resnet
+
+        batch, frames, size = (1, 4, 64) if quick else (2, 8, 96)
+        net = build_slow_resnet("slow_r50", 400, 3, nn.BatchNorm3d, frames=frames, crop_size=size, dropout=0.0)
+        return net, torch.randn(batch, 3, frames, size, size), 400
+    if name == "deeplabv3":
+        from ssn.integrations import bridge_mmcv_lite
+
+        bridge_mmcv_lite()
+        from mmengine.config import ConfigDict
+        from mmengine.registry import init_default_scope
+        from mmseg.registry import MODELS
+
+        from tasks.segmentation import deeplabv3_config
+
+        init_default_scope("mmseg")
+        cfg = deeplabv3_config(50, 19, dict(type="BN", requires_grad=True))
+        batch, size = (1, 64) if quick else (2, 128)
+        return _Seg(MODELS.build(ConfigDict(cfg))), torch.randn(batch, 3, size, size), 19
+    raise KeyError(f"unknown model {name!r}")
+
+
+def variants(native: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The network with each normaliser; SSN dense at a radius and ratios that stay dense."""
+    out: dict[str, nn.Module] = {}
+    for name in names:
+        if name == "BN":
+            out[name] = copy.deepcopy(native)
+        elif name == "GN":
+            out[name] = ssn.convert_norm(copy.deepcopy(native), "gn")
+        elif name == "SN":
+            out[name] = ssn.convert_norm(copy.deepcopy(native), "sn")
+        elif name == "SSN dense":
+            net = ssn.convert_norm(copy.deepcopy(native), "ssn", radius=0.3)
+            with torch.no_grad():
+                for _, m in ssn.switch_norms(net):
+                    m.mean_logits.copy_(torch.tensor([0.3, 0.2, 0.5]))
+                    m.var_logits.copy_(torch.tensor([0.2, 0.4, 0.3]))
+            out[name] = net
+        elif name in ("SSN latched", "SSN exported"):
+            net = ssn.convert_norm(copy.deepcopy(native), "ssn")
+            for _, m in ssn.switch_norms(net):
+                m.latch("bn", "bn")
+            out[name] = ssn.export_norm(net) if name == "SSN exported" else net
+    return out
+
+
+# ---------------------------------------------------------------------------------- steps
+def train_step(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: bool = False, zero_grad: bool = True
+) -> Callable[[], None]:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+
+    def run() -> None:
+        if zero_grad:
+            opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = nn.functional.cross_entropy(model(x).float(), target)
+        loss.backward()
+        opt.step()
+
+    return run
+
+
+def eval_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    return run
+
+
+def peak_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: bool) -> int:
+    """Peak allocator bytes above the start during one training step (after a warm-up step); the
+    gradients are freed before the profiled step, so they count as the step allocates them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = train_step(model, x, target, autocast, zero_grad=False)
+    run()
+    model.zero_grad(set_to_none=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        run()
+    model.zero_grad(set_to_none=True)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+# ---------------------------------------------------------------------------------- main
+def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    native, x, classes = build(name, args.quick)
+    target = torch.randint(0, classes, (x.shape[0],))
+    eager = variants(native, EAGER)
+    nets: dict[str, nn.Module] = dict(eager)
+    compiled_names = [] if args.no_compile or name not in args.compile_models else COMPILED
+    for cname in compiled_names:
+        nets[f"{cname} compiled"] = torch.compile(variants(native, [cname])[cname])
+    rows = {n: {"model": name, "candidate": n} for n in nets}
+    for mode in ("train", "eval"):
+        runs: dict[str, Callable[[], None]] = {}
+        for n, net in nets.items():
+            t0 = time.perf_counter()
+            runs[n] = train_step(net, x, target) if mode == "train" else eval_step(net, x)
+            runs[n]()  # warm-up (and compilation)
+            if n.endswith("compiled"):
+                print(f"  {name} {n} {mode}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+        times = _alternate(runs, args.rounds)
+        for n, t in times.items():
+            rows[n][f"{mode}_ms"] = t * 1e3
+            rows[n][f"{mode}_ratio"] = t / times["BN"]
+    if not args.no_memory:
+        for precision, autocast in (("fp32", False), ("bf16", True)):
+            base = None
+            for n, net in nets.items():
+                if n.endswith("compiled"):
+                    continue  # NOTE: inductor's buffer reuse is its own; the eager layers are what we own
+                peak = peak_bytes(net, x, target, autocast)
+                base = peak if n == "BN" else base
+                rows[n][f"mem_{precision}_mb"] = peak / 2**20
+                rows[n][f"mem_{precision}_ratio"] = peak / base
+    return list(rows.values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet50"], choices=["resnet50", "video", "deeplabv3"])
+    ap.add_argument("--compile-models", nargs="+", default=["resnet50"], help="models also timed compiled")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small inputs, 3 rounds")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 3)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    args.rounds = args.rounds or (3 if args.quick else 7)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steady_allocator()
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {args.rounds} alternating rounds")
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args)
+        print_table([r for r in rows if r["model"] == name])
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    cols = [("train_ratio", "train step"), ("eval_ratio", "eval step"), ("mem_fp32_ratio", "peak mem fp32"),
+            ("mem_bf16_ratio", "peak mem bf16")]
+    print(f"\n| {rows[0]['model']} | " + " | ".join(c for _, c in cols) + " | train ms | eval ms |")
+    print("|---|" + "---:|" * (len(cols) + 2))
+    for r in rows:
+        cells = [f"{r[k]:.2f}x" if k in r else "-" for k, _ in cols]
+        print(f"| {r['candidate']} | " + " | ".join(cells) + f" | {r['train_ms']:.0f} | {r['eval_ms']:.0f} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
