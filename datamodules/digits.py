@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from .resumable import ResumableLoader, eval_loader
+
 __all__ = ["DigitsDataModule"]
 
 
@@ -64,8 +66,9 @@ class DigitsDataModule(pl.LightningDataModule):
         self.data = {"train": norm(train), "val": norm(val), "test": norm(test)}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.data[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.hparams.num_workers)
+        cls = ResumableLoader if shuffle else eval_loader  # the training loader resumes exactly
+        return cls(self.data[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
+                   num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from .resumable import ResumableLoader, eval_loader
+
 __all__ = ["FashionMNISTDataModule", "read_idx", "DEBIAN_ROOT"]
 
 log = logging.getLogger(__name__)
@@ -148,10 +150,11 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             self.data["test"] = TensorDataset(*self._load("test"))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        cls = ResumableLoader if shuffle else eval_loader  # the training loader resumes exactly
         batch_size = self.batch_size if shuffle else self.hparams.eval_batch_size or self.batch_size
-        return DataLoader(self.data[split], batch_size=batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, drop_last=shuffle,
-                          persistent_workers=self.hparams.num_workers > 0)
+        return cls(self.data[split], batch_size=batch_size, shuffle=shuffle,
+                   num_workers=self.hparams.num_workers, drop_last=shuffle,
+                   persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

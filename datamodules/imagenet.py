@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
+from .resumable import ResumableLoader, eval_loader
+
 __all__ = ["ImageNetDataModule", "SkippingImageFolder"]
 
 log = logging.getLogger(__name__)
@@ -192,9 +194,10 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         w = self.hparams.num_workers
-        return DataLoader(self.data[split], batch_size=self.batch_size, shuffle=train, drop_last=train,
-                          num_workers=w, pin_memory=torch.cuda.is_available(), persistent_workers=w > 0,
-                          collate_fn=collate_skipping)
+        cls = ResumableLoader if train else eval_loader  # the training loader resumes exactly
+        return cls(self.data[split], batch_size=self.batch_size, shuffle=train, drop_last=train,
+                   num_workers=w, pin_memory=torch.cuda.is_available(), persistent_workers=w > 0,
+                   collate_fn=collate_skipping)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .resumable import ResumableLoader, eval_loader
+
 __all__ = ["CheckLabelSize", "SegDataModule", "SegFolderDataModule", "SkippingSegDataset", "collate_skipping",
            "readable"]
 
@@ -205,9 +207,10 @@ class SegDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         w = self.num_workers
-        return DataLoader(self.data[split], batch_size=self.batch_size if train else self.val_batch_size,
-                          shuffle=train, drop_last=train, num_workers=w, persistent_workers=w > 0,
-                          pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
+        cls = ResumableLoader if train else eval_loader  # the training loader resumes exactly
+        return cls(self.data[split], batch_size=self.batch_size if train else self.val_batch_size,
+                   shuffle=train, drop_last=train, num_workers=w, persistent_workers=w > 0,
+                   pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -313,6 +313,13 @@ class NormTask(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.stack([p.sum() for p in params]).sum() * 0.0
 
+    def on_train_start(self) -> None:
+        # NOTE: Lightning hands a resumed run's loader states (datamodules.resumable) to the loader
+        # only when it builds the loader after restoring the checkpoint; configure_optimizers
+        # builds it earlier (estimated_stepping_batches), so they are applied here, before the
+        # first batch (a no-op when not resuming). Pinned by tests/test_resume.py.
+        self.trainer.fit_loop._load_combined_loader_states()
+
     def on_train_epoch_start(self) -> None:
         set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
         if callable(set_epoch):  # epoch-dependent augmentation (e.g. the authors' final-epochs crop)
