@@ -16,6 +16,7 @@ from lightning.fabric.utilities.seed import seed_everything
 from torch.utils.data import Dataset
 
 from datamodules.resumable import ResumableLoader
+from tasks.checkpointing import AtomicCheckpointIO
 from tasks.cli import main
 
 from test_tasks import BASE, FMNIST, ROOT, needs_fmnist
@@ -47,6 +48,7 @@ def _state(cli) -> dict[str, torch.Tensor]:  # noqa: ANN001
 def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     full = main(["fit", *_args(tmp_path_factory.mktemp("full"), "full")])
     assert full.trainer.global_step == 10
+    assert isinstance(full.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # from configs/base/trainer.yaml
     return _state(full), dict(full.trainer.callback_metrics)
 
 
