@@ -162,7 +162,7 @@ def peak_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
     native, x, classes = build(name, args.quick)
     target = torch.randint(0, classes, (x.shape[0],))
-    eager = variants(native, EAGER)
+    eager = variants(native, [n for n in EAGER if n == "BN" or n in args.eager])
     nets: dict[str, nn.Module] = dict(eager)
     compiled_names = [] if args.no_compile or name not in args.compile_models else COMPILED
     for cname in compiled_names:
@@ -177,6 +177,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
             if n.endswith("compiled"):
                 print(f"  {name} {n} {mode}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         times = _alternate(runs, args.rounds)
+        print(f"  {name} {mode}: " + ", ".join(f"{n} {t / times['BN']:.2f}x" for n, t in times.items()), flush=True)
         for n, t in times.items():
             rows[n][f"{mode}_ms"] = t * 1e3
             rows[n][f"{mode}_ratio"] = t / times["BN"]
@@ -190,6 +191,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
                 base = peak if n == "BN" else base
                 rows[n][f"mem_{precision}_mb"] = peak / 2**20
                 rows[n][f"mem_{precision}_ratio"] = peak / base
+                print(f"  {name} peak memory {precision}: {n} {peak / 2**20:.0f} MiB ({peak / base:.2f}x)", flush=True)
     return list(rows.values())
 
 
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=["resnet50"], choices=["resnet50", "video", "deeplabv3"])
     ap.add_argument("--compile-models", nargs="+", default=["resnet50"], help="models also timed compiled")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--eager", nargs="*", default=EAGER, help=f"eager candidates besides BN (default: {EAGER})")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small inputs, 3 rounds")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 3)")

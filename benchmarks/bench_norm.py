@@ -16,6 +16,7 @@ with ssn.export_norm, each against torchvision's BatchNorm ResNet-50.
 
     python benchmarks/bench_norm.py            # full table (a few minutes on 2 CPU cores)
     python benchmarks/bench_norm.py --quick    # one small shape per rank
+    python benchmarks/bench_norm.py --compiled --no-models --shapes 16x64x56x56   # torch.compile'd layers
 """
 
 from __future__ import annotations
@@ -85,9 +86,20 @@ def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, train: bool) -
     return run
 
 
-def measure(shape: tuple[int, ...], train: bool, rounds: int) -> list[tuple[str, float, float, str]]:
+def compiled_candidates(dim: int, c: int) -> dict[str, tuple[nn.Module, str]]:
+    """Eager BatchNorm against torch.compile'd dense SSN and SN and latched SSN (one graph each)."""
+    cands = candidates(dim, c)
+    out = {"BatchNorm": cands["BatchNorm"]}
+    for name in ("SN", "SSN dense", "SSN latched BN"):
+        out[f"{name} compiled"] = (torch.compile(cands[name][0], fullgraph=True, dynamic=False), "BatchNorm")
+    return out
+
+
+def measure(
+    shape: tuple[int, ...], train: bool, rounds: int, compiled: bool = False
+) -> list[tuple[str, float, float, str]]:
     dim = len(shape) - 2
-    cands = candidates(dim, shape[1])
+    cands = (compiled_candidates if compiled else candidates)(dim, shape[1])
     x = torch.randn(shape, requires_grad=train)
     grad = torch.randn(shape)
     runs = {name: _step(m, x, grad, train) for name, (m, _) in cands.items()}
@@ -191,11 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table of the ratios")
     ap.add_argument("--no-models", action="store_true", help="skip the whole-ResNet-50 comparison")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="compiled (inductor, fullgraph) SN / SSN dense / SSN latched against eager BatchNorm")
+    ap.add_argument("--shapes", nargs="+", default=None, help="shapes to run, e.g. 16x64x56x56 (default: all)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (5 if args.quick else 15)
     shapes = (QUICK_2D + QUICK_3D) if args.quick else (SHAPES_2D + SHAPES_3D)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     torch.manual_seed(0)
     steady = steady_allocator()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} alternating rounds, median"
@@ -203,9 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'shape':<22} {'mode':<6} {'layer':<16} {'ms':>8} {'ratio':>7}  vs")
     table: dict[tuple[str, str, str], float] = {}  # (layer, mode, shape) -> ratio
     for shape in shapes:
-        for train in (True, False):
+        for train in (True,) if args.compiled else (True, False):
             mode = "train" if train else "eval"
-            for name, t, ratio, ref in measure(shape, train, rounds):
+            for name, t, ratio, ref in measure(shape, train, rounds, args.compiled):
                 if name == ref:
                     continue
                 print(f"{str(shape):<22} {mode:<6} {name:<16} {t * 1e3:8.2f} {ratio:6.2f}x  {ref}")
@@ -226,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|" + "---:|" * (len(cols) + 1))
         for name, mode in rows:
             vals = [table[(name, mode, c)] for c in cols]
-            ref = candidates(2, 8)[name][1]
+            ref = (compiled_candidates if args.compiled else candidates)(2, 8)[name][1]
             cells = " | ".join(f"{v:.2f}" for v in vals)
             print(f"| {name} (vs {ref}) | {mode} | {cells} | **{max(vals):.2f}** |")
         if not args.no_models:
