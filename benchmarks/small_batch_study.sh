@@ -28,6 +28,6 @@ for seed in $SEEDS; do  # seed-major: a whole seed before the next one
     --set trainer.num_sanity_val_steps=0 --set trainer.enable_progress_bar=false \
     --set trainer.enable_model_summary=false -- --export=false || true  # failures are reported, the rest goes on
 done
-.venv/bin/python -m tasks.cli compare "$OUT" --out "$REPORT" --metric val/acc1 best/val/acc1 \
+.venv/bin/python -m tasks.cli compare "$OUT" --out "$REPORT" --metric val/acc1 \
   --group-by norm batch_size global_batch_size \
   --title "Small-batch study: Fashion-MNIST, small ResNet, per-device statistics"
