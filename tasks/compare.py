@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ssn import STATS  # the statistics in ratio order: in, ln, bn
+
 from .callbacks import SUMMARY_FILE
 
 __all__ = ["GridRun", "build_grid", "command", "compare", "load_records", "run_status", "sweep"]
 
 NORM_ORDER = ("bn", "syncbn", "gn", "in", "ln", "sn", "syncsn", "ssn", "syncssn")
-STATS = ("in", "ln", "bn")
 DEFAULT_BASE = "configs/base/trainer.yaml"
 
 
