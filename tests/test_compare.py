@@ -140,6 +140,9 @@ def test_report_on_runs_with_known_values(tmp_path):
     assert load_records([runs / "bn-b2-s0" / "summary.json"])[0]["model.lr"] == 0.1
     with pytest.raises(ValueError, match="no run summary"):
         compare([runs], tmp_path / "r4", filters=["norm=gn"])
+    # the command line: prints the table, writes the files
+    assert command(["compare", str(runs), "--out", str(tmp_path / "r5"), "--no-plots", "--filter", "norm=bn"]) == 0
+    assert "| bn | 32 | 32 | 0,1 | 0.9100 ± 0.0141 |" in (tmp_path / "r5" / "report.md").read_text()
 
 
 @pytest.mark.timeout(400)
