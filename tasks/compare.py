@@ -124,7 +124,8 @@ def _pairs(items: Sequence[str], what: str) -> list[tuple[str, str]]:
 def build_grid(
     tasks: Sequence[str], *, base: Sequence[str] = (DEFAULT_BASE,), norms: Sequence[str] | None = None,
     batch_sizes: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
-    grid: Sequence[str] = (), sets: Sequence[str] = (), extra: Sequence[str] = (), out: str | Path = "outputs/sweep",
+    grid: Sequence[str] = (), sets: Sequence[str] = (), extra: Sequence[str] = (),
+    out: str | Path = "outputs/sweep",
     sweep_name: str | None = None,
 ) -> list[GridRun]:
     """The runs of a sweep, in a fixed order (task, normalizer, batch size, seed, then the
@@ -160,9 +161,9 @@ def build_grid(
         args += [f"--trainer.default_root_dir={run_dir}"]
         if _wandb_logger(configs):
             tags = [sweep_name, label, norm_name] + ([f"batch{bs}"] if bs is not None else [])
-            args += [f"--trainer.logger.init_args.save_dir={run_dir}", f"--trainer.logger.init_args.name={name}",
-                     f"--trainer.logger.init_args.group={group}", f"--trainer.logger.init_args.job_type={norm_name}",
-                     f"--trainer.logger.init_args.tags=[{', '.join(tags)}]"]
+            logger = "--trainer.logger.init_args"
+            args += [f"{logger}.save_dir={run_dir}", f"{logger}.name={name}", f"{logger}.group={group}",
+                     f"{logger}.job_type={norm_name}", f"{logger}.tags=[{', '.join(tags)}]"]
         if override:
             args += [f"--model.init_args.norm={norm_name}"]
         args += [f"--{k}={v}" for k, v in _pairs(sets, "--set")]
@@ -210,7 +211,8 @@ def _launch(run: GridRun, threads: int | None, total: int) -> tuple[GridRun, str
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    print(f"[{run.index + 1}/{total}] {run.name}: {'resumed from last.ckpt' if resume else 'started'}", flush=True)
+    what = "resumed from last.ckpt" if resume else "started"
+    print(f"[{run.index + 1}/{total}] {run.name}: {what}", flush=True)
     start = time.time()
     with open(run.dir / "run.log", "a") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
@@ -304,21 +306,21 @@ def sweep_main(argv: Sequence[str]) -> int:
                                 epilog="Arguments after `--` are passed to every run as they are.")
     p.add_argument("--task", nargs="+", required=True, help="task config file(s), one grid axis")
     p.add_argument("--config", nargs="+", default=[DEFAULT_BASE], help="base config(s) before each task file")
-    p.add_argument("--norms", nargs="+", help="normalizers (per-norm sibling config files are used when present)")
-    p.add_argument("--batch-sizes", nargs="+", type=int, help="per-device batch sizes (the lr scales linearly)")
+    p.add_argument("--norms", nargs="+", help="normalizers (per-norm sibling configs are used when present)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, help="per-device batch sizes (lr scales linearly)")
     p.add_argument("--seeds", nargs="+", type=int, help="seed_everything values")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="more axes, any config key")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="more axes: any config key")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--out", default="outputs/sweep", help="sweep folder (one subfolder per run)")
     p.add_argument("--name", help="sweep name, a wandb tag of every run (default: the folder's name)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (SLURM: array tasks at a time)")
     p.add_argument("--threads", type=int, help="torch threads of each run (OMP_NUM_THREADS)")
-    p.add_argument("--index", type=int, action="append", help="run only these grid entries (SLURM, wandb agents)")
+    p.add_argument("--index", type=int, action="append", help="run only these entries (SLURM, wandb agents)")
     p.add_argument("--dry-run", action="store_true", help="print each run's status and command, run nothing")
     p.add_argument("--slurm", metavar="FILE", help="write a SLURM job array script instead of running")
     p.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
                    help="an #SBATCH line, e.g. --slurm-option=--gres=gpu:1")
-    p.add_argument("--wandb-sweep", metavar="FILE", help="write a wandb sweep file (method grid) instead of running")
+    p.add_argument("--wandb-sweep", metavar="FILE", help="write a wandb grid sweep file instead of running")
     ns = p.parse_args(argv)
     ns.extra = extra
     try:
@@ -342,7 +344,8 @@ def sweep_main(argv: Sequence[str]) -> int:
             project = next((_get(_yaml(c), "trainer.logger.init_args.project") for c in reversed(ns.config)
                             if _get(_yaml(c), "trainer.logger.init_args.project")), None)
             write_text_atomic(ns.wandb_sweep, wandb_sweep_file(ns, runs, project))
-            print(f"wrote {ns.wandb_sweep}: a wandb grid sweep of {len(runs)} runs (wandb sweep {ns.wandb_sweep})")
+            print(f"wrote {ns.wandb_sweep}: a wandb grid sweep of {len(runs)} runs "
+                  f"(wandb sweep {ns.wandb_sweep})")
         return 0
     if ns.index is not None:
         bad = [i for i in ns.index if not 0 <= i < len(runs)]
@@ -451,7 +454,9 @@ def _sort_key(value: Any) -> tuple:
     return (1, str(value))
 
 
-def aggregate(records: list[dict[str, Any]], group_by: Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
+def aggregate(
+    records: list[dict[str, Any]], group_by: Sequence[str], metrics: Sequence[str]
+) -> list[dict[str, Any]]:
     """One row per distinct ``group_by`` values: mean and sample std (over the runs, i.e. the seeds)
     of each metric, mean throughput, peak memory (max), mean fraction of choices latched to each
     statistic, and the seeds and runs."""
@@ -472,7 +477,8 @@ def aggregate(records: list[dict[str, Any]], group_by: Sequence[str], metrics: S
         row["throughput"] = statistics.fmean(thr) if thr else None
         mem = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb")]
         row["peak_memory_mb"] = max(mem) if mem else None
-        row["peak_memory_kind"] = ",".join(sorted({str(r.get("peak_memory_kind")) for r in rs if r.get("peak_memory_mb")}))
+        kinds = {str(r.get("peak_memory_kind")) for r in rs if r.get("peak_memory_mb")}
+        row["peak_memory_kind"] = ",".join(sorted(kinds))
         for st in STATS:
             vals = [r[f"latched_{st}"] for r in rs if r.get(f"latched_{st}") is not None]
             row[f"latched_{st}"] = statistics.fmean(vals) if vals else None
@@ -492,7 +498,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], group_by: Sequence[str], metrics: Sequence[str]) -> str:
-    head = [*group_by, "seeds", *[f"{m} (mean ± std)" for m in metrics], "samples/s", "peak MiB", "latched IN / LN / BN"]
+    head = [*group_by, "seeds", *[f"{m} (mean ± std)" for m in metrics], "samples/s", "peak MiB",
+            "latched IN / LN / BN"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < len(group_by) + 1 else "---:"
                                                           for i in range(len(head))) + "|"]
     for r in rows:
@@ -686,15 +693,17 @@ def log_to_wandb(result: dict[str, Any], *, project: str, mode: str, name: str |
 
 
 def compare_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="ssn-bench compare", description="Compare runs from their summary.json files.")
-    p.add_argument("runs", nargs="+", help="run folders, sweep folders (searched recursively) or summary files")
+    p = argparse.ArgumentParser(prog="ssn-bench compare", description="Compare runs from their summary.json.")
+    p.add_argument("runs", nargs="+", help="run folders, sweep folders (searched) or summary files")
     p.add_argument("--out", default=None, help="report folder (default: <first RUNS>/report)")
     p.add_argument("--metric", nargs="+", default=["test/acc1"], help="metrics to tabulate (the first is plotted)")
-    p.add_argument("--group-by", nargs="+", default=list(DEFAULT_GROUP), help="fields (any config key, e.g. model.lr)")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=V1,V2", help="keep matching runs (KEY!=V drops)")
+    p.add_argument("--group-by", nargs="+", default=list(DEFAULT_GROUP), help="fields (any config key: model.lr)")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=V1,V2",
+                   help="keep matching runs (KEY!=V drops)")
     p.add_argument("--title", default="", help="report title")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--wandb", choices=["off", "offline", "online"], default="off", help="also log the report to wandb")
+    p.add_argument("--wandb", choices=["off", "offline", "online"], default="off",
+                   help="also log the report to wandb")
     p.add_argument("--wandb-project", default="ssn-bench")
     ns = p.parse_args(list(argv))
     out = Path(ns.out) if ns.out else Path(ns.runs[0]) / "report"
