@@ -24,3 +24,14 @@ class KillAt(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NaNInputAt(pl.Callback):
+    """Puts a NaN into the input of the batch trained at optimizer step ``step`` (a diverging loss)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, *args: object) -> None:
+        if trainer.global_step == self.step:
+            batch[0].view(-1)[0] = float("nan")  # type: ignore[index]

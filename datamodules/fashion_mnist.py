@@ -46,6 +46,8 @@ def read_idx(path: Path) -> np.ndarray:
     if dtype not in _IDX_TYPES:
         raise ValueError(f"{path}: unsupported idx element type 0x{dtype:02x}")
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated idx header ({len(data)} bytes, expected {header} for {ndim} dimensions)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = header + int(np.prod(dims))
     if len(data) != expected:
@@ -143,10 +145,14 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and "train" not in self.data:
             x, y = self._load("train")
+            if not 0 <= self.hparams.val_size < len(y):
+                raise ValueError(f"val_size {self.hparams.val_size} must be in [0, {len(y)}): the training file "
+                                 f"holds {len(y)} images and at least one must remain for training")
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.hparams.seed))
             val, train = order[: self.hparams.val_size], order[self.hparams.val_size :]
             self.data["train"], self.data["val"] = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
-        if stage in (None, "test", "predict") and "test" not in self.data:
+        # NOTE: fit reads the test files too, so a corrupt one fails now, not after the whole fit
+        if stage in (None, "fit", "test", "predict") and "test" not in self.data:
             self.data["test"] = TensorDataset(*self._load("test"))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

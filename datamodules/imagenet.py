@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, default_collate
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .resumable import ResumableLoader, eval_loader
 
@@ -36,9 +37,16 @@ class SkippingImageFolder(ImageFolder):
     bad validation image seen every epoch counts once), and each is logged once with its path.
     """
 
-    def __init__(self, root: str, transform: Callable | None, classes: list[str] | None = None) -> None:
+    def __init__(self, root: str, transform: Callable | None, classes: list[str] | None = None,
+                 every_class: bool = True) -> None:
         self._classes = classes
-        super().__init__(root, transform=transform, allow_empty=classes is not None)
+        super().__init__(root, transform=transform, allow_empty=True)
+        if every_class:  # a (training) class without images is an error that names its folder
+            present = {target for _, target in self.samples}
+            empty = [c for c, i in self.class_to_idx.items() if i not in present]
+            if empty:
+                raise FileNotFoundError(f"{Path(root) / empty[0]}: class folder without images (looked for "
+                                        f"{', '.join(IMG_EXTENSIONS)}); {len(empty)} such: {empty[:5]}")
         self._bad = mp.Array("b", max(1, len(self.samples)), lock=False)
 
     @property
@@ -187,7 +195,8 @@ class ImageNetDataModule(pl.LightningDataModule):
                 if not (self.root / split).is_dir():
                     raise FileNotFoundError(f"{self.root / split} is missing (needed to {stage}); "
                                             + LAYOUT.format(root=self.root))
-                ds = SkippingImageFolder(str(self.root / split), self._transform(train), classes)
+                # NOTE: a val split lacking a class is legal; a training class folder without images is not
+                ds = SkippingImageFolder(str(self.root / split), self._transform(train), classes, every_class=train)
                 if len(ds) == 0:
                     raise FileNotFoundError(f"{self.root / split} holds no images; " + LAYOUT.format(root=self.root))
                 self.data[split] = ds

@@ -90,6 +90,10 @@ class NormTask(pl.LightningModule):
         compile: compile the network (the backbone for segmentation) with ``torch.compile`` in place
             (``nn.Module.compile``: state_dict keys unchanged). SN/SSN layers trace to one graph;
             the latches are decided between steps, and a new latch recompiles its layer's path.
+        nonfinite: what a NaN/Inf loss or gradient does: ``stop`` the run (default) or ``skip`` the
+            step (no update; counted in ``train/skipped_nonfinite``). Either way the message names
+            the step and the first layer where it appeared, and nothing non-finite reaches a
+            checkpoint: parameters that become non-finite in an update always stop the run.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class NormTask(pl.LightningModule):
         backbone_lr_scale: float = 1.0,
         freeze: list[str] = [],  # noqa: B006
         compile: bool = False,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         # NOTE: collects the subclass's arguments too (Lightning walks the __init__ frames).
@@ -197,6 +202,8 @@ class NormTask(pl.LightningModule):
         per_device = getattr(dm, "batch_size", None) if dm is not None else None
         if per_device is None:
             raise ValueError("the data module must expose batch_size (per device) to scale the lr")
+        if not isinstance(per_device, int) or per_device < 1:
+            raise ValueError(f"data batch_size must be a positive number of samples per device, got {per_device!r}")
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def effective_lr(self) -> float:
@@ -253,6 +260,45 @@ class NormTask(pl.LightningModule):
     def ratio_parameters(self) -> list[nn.Parameter]:
         return [p for _, m in ssn.switch_norms(self) for p in (m.mean_logits, m.var_logits)]
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # NOTE: the non-finite guard: the closure (forward + backward) runs first, so a bad loss or
+        # gradient can stop the run or skip the update before the optimizer touches any weight.
+        loss = optimizer_closure()
+        where = self._nonfinite(loss, grads=True)
+        if where is not None:
+            message = f"step {self.global_step} (epoch {epoch}, batch {batch_idx}): non-finite {where}"
+            if self.hparams.nonfinite != "skip":
+                raise FloatingPointError(f"{message}; stopping before anything non-finite is saved "
+                                         "(nonfinite: skip skips such steps instead)")
+            log.warning("%s; step skipped (no update)", message)
+            optimizer.zero_grad()
+            self._skipped_nonfinite = getattr(self, "_skipped_nonfinite", 0) + 1
+            self.log("train/skipped_nonfinite", float(self._skipped_nonfinite), on_step=True, on_epoch=False)
+            return
+        optimizer.step(closure=lambda: loss)
+        where = self._nonfinite(None, grads=False)
+        if where is not None:
+            raise FloatingPointError(f"step {self.global_step} (epoch {epoch}, batch {batch_idx}): the update "
+                                     f"made {where} non-finite (learning rate {optimizer.param_groups[0]['lr']}); "
+                                     "stopping before it is saved")
+
+    def _nonfinite(self, loss: Tensor | None, grads: bool) -> str | None:
+        """Where the first non-finite value is (``loss``, or a parameter/gradient by module name),
+        or None. One reduction over all tensors; the names are looked up only on a failure."""
+        tensors = [p.grad if grads else p for p in self.parameters() if (p.grad is not None if grads else True)]
+        checks = [torch.stack(torch._foreach_norm(tensors)).sum()] if tensors else []
+        if loss is not None:
+            checks.append(loss.detach().float().reshape(()))
+        if not checks or bool(torch.isfinite(torch.stack(checks)).all()):
+            return None
+        if loss is not None and not torch.isfinite(loss).all():
+            return f"loss ({loss.item()})"
+        for name, p in self.named_parameters():
+            t = p.grad if grads else p
+            if t is not None and not torch.isfinite(t).all():
+                return f"{'gradient of ' if grads else ''}{name} (layer {name.rsplit('.', 1)[0]})"
+        return "values"
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # NOTE: after DDP's gradient averaging and AMP's unscaling, as the authors clip after
         # their all-reduce; latched logits have no (or a zero) gradient and add nothing.
@@ -280,6 +326,9 @@ class NormTask(pl.LightningModule):
         ssn.average_running_stats(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the loggers' run ids, so that a resumed run continues the same dashboard run (tasks.cli)
+        checkpoint["logger_versions"] = {type(lg).__name__: lg.version for lg in self.loggers
+                                         if isinstance(lg.version, str)}
         # NOTE: every rank gets here (a collective is safe); the state_dict was collected before
         # this hook, so the averaged statistics are written into it as well.
         if ssn.average_running_stats(self):
@@ -321,6 +370,7 @@ class NormTask(pl.LightningModule):
         self.trainer.fit_loop._load_combined_loader_states()
 
     def on_train_epoch_start(self) -> None:
+        self._epoch_start_step = self.global_step
         set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
         if callable(set_epoch):  # epoch-dependent augmentation (e.g. the authors' final-epochs crop)
             set_epoch(self.current_epoch, self.trainer.max_epochs)
@@ -328,6 +378,13 @@ class NormTask(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         dm = self.trainer.datamodule
         skipped = getattr(dm, "skipped_samples", getattr(dm, "skipped_images", None))
+        # an epoch in which no batch could be read (Lightning skips a batch that collates to None)
+        # trained nothing: an error, not a "successful" run; decided together, so under DDP every
+        # rank stops
+        nothing = float(self.global_step == getattr(self, "_epoch_start_step", -1))
+        if self.trainer.strategy.reduce(torch.tensor(nothing, device=self.device), reduce_op="sum") > 0:
+            raise RuntimeError(f"epoch {self.current_epoch}: every training batch was unreadable ({skipped} samples "
+                               "skipped, each logged with its path): check the training files")
         if skipped is not None:
             self.log("data/skipped_images", float(skipped), sync_dist=True, reduce_fx="sum")
 

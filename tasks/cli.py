@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import ssn
 from ssn.io import atomic_write, save_atomic
-from ssn.transfer import record_norms
+from ssn.transfer import read_checkpoint, record_norms
 
 from .base import NormTask
 from .callbacks import complete_summary
@@ -77,6 +77,61 @@ class SSNCLI(LightningCLI):
         for cb in self.trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = os.path.realpath(Path(self.trainer.default_root_dir) / "checkpoints")
+        saved = getattr(self, "_checkpoint", None)
+        if saved is not None:  # a resumed run continues its own wandb run, not a new one
+            versions = saved.get("logger_versions", {})
+            for logger in self.trainer.loggers:
+                run_id = versions.get(type(logger).__name__)
+                init = getattr(logger, "_wandb_init", None)  # WandbLogger's arguments of wandb.init
+                if run_id and isinstance(init, dict) and getattr(logger, "_experiment", None) is None:
+                    init.update(id=run_id, resume="allow")
+                    logger._id = run_id
+
+    def before_validate(self) -> None:
+        self._warn_untrained()
+
+    def before_test(self) -> None:
+        self._warn_untrained()
+
+    def _warn_untrained(self) -> None:
+        if self.config_init[self.subcommand].get("ckpt_path") is None and not getattr(self.model.hparams, "pretrained", None):
+            say(f"WARNING: {self.subcommand} without --ckpt_path: these are the metrics of an untrained "
+                "(randomly initialised) model; pass --ckpt_path last or a checkpoint file")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` against the config, where Lightning would quietly replace the config.
+
+        NOTE: LightningCLI builds the model from a checkpoint's hyper-parameters instead of the
+        config's (another architecture or normalizer is silently swapped in), takes the newest
+        ``*last*.ckpt`` for ``last`` (e.g. another config's ``last-v1.ckpt`` in a shared folder),
+        and starts from scratch when there is none. Here ``last`` is exactly this run's
+        ``<checkpoint dir>/last.ckpt`` and must exist; a missing, empty or corrupt file is named; a
+        checkpoint of another task, architecture or normalizer is refused by name; the config
+        builds the model.
+        """
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt or ckpt in ("best", "hpc", "registry") or "://" in str(ckpt):
+            return  # nothing to check, or Lightning's own aliases and remote paths
+        cfg = self.config[sub]
+        if ckpt == "last":
+            dirpaths = [cb.init_args.get("dirpath") for cb in (cfg.trainer.callbacks or [])
+                        if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint")]
+            folder = Path(next((d for d in dirpaths if d), Path(cfg.trainer.default_root_dir or ".") / "checkpoints"))
+            ckpt = str(folder / "last.ckpt")
+            if not Path(ckpt).is_file():
+                raise FileNotFoundError(f"--ckpt_path last: no {ckpt} (this run's folder has never saved a "
+                                        "checkpoint); leave --ckpt_path out to start from scratch")
+        checkpoint = read_checkpoint(ckpt)  # safe, as Lightning reads it
+        saved = dict(checkpoint.get("hyper_parameters", {}))
+        saved["task"] = str(saved.get("_class_path", "")).rsplit(".", 1)[-1] or None
+        current = {**dict(cfg.model.init_args or {}), "task": str(cfg.model.class_path).rsplit(".", 1)[-1]}
+        for key in ("task", "arch", "depth", "model", "norm"):  # (classes and channels come from the data)
+            if saved.get(key) is not None and current.get(key) is not None and saved[key] != current[key]:
+                raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, the config has {key}="
+                                 f"{current[key]!r}: pass the matching config or another checkpoint")
+        cfg.ckpt_path = ckpt
+        self._checkpoint = checkpoint
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:

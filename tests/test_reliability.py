@@ -1,0 +1,124 @@
+"""What used to go silently wrong on the CLI: resuming from nothing, another run's checkpoint, a
+checkpoint of another normalizer, evaluating an untrained model, corrupt checkpoint files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.cli import main
+
+from test_tasks import ROOT, _args, needs_fmnist
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--ckpt_path last: no .*checkpoints/last.ckpt"):
+        main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--ckpt_path=last")])
+
+
+@pytest.mark.parametrize("content", [b"", b"\x13\x37 not a checkpoint" * 50])
+def test_corrupt_checkpoint_file_is_named(tmp_path, content):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{bad}: (empty file|not a readable PyTorch checkpoint)"):
+        main(["validate", *_args(tmp_path, "bn"), f"--ckpt_path={bad}"])
+
+
+@needs_fmnist
+def test_checkpoint_of_another_normalizer_is_refused_by_name(tmp_path, capsys):
+    main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                        "--export=false")])
+    # another config in the same folder: `last` is that folder's last.ckpt, which holds BN weights
+    with pytest.raises(ValueError, match="trained with norm='bn', the config has norm='ssn'"):
+        main(["validate", *_args(tmp_path, "ssn"), "--ckpt_path=last"])
+    with pytest.raises(ValueError, match="trained with arch='resnet_small', the config has arch='resnet18'"):
+        main(["fit", *_args(tmp_path, "bn", "--model.init_args.arch=resnet18", "--ckpt_path=last")])
+    main(["validate", *_args(tmp_path, "bn"), "--ckpt_path=last"])  # the matching config loads it
+    assert "untrained" not in capsys.readouterr().out
+    main(["test", *_args(tmp_path, "bn")])
+    assert "test without --ckpt_path: these are the metrics of an untrained" in capsys.readouterr().out
+
+
+@needs_fmnist
+def test_diverging_update_stops_before_a_checkpoint_and_names_the_layer(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step 0 .*the update made net\.\S+ \(layer net\.\S+\) non-finite"):
+        main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--model.init_args.lr=.nan", "--export=false")])
+    assert not list((tmp_path / "out").rglob("*.ckpt"))  # nothing non-finite was saved
+
+
+@needs_fmnist
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nan_loss_stops_or_skips_the_step(tmp_path, mode):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    run = ["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false",
+                         f"--model.init_args.nonfinite={mode}", "--trainer.callbacks+=faults.NaNInputAt",
+                         "--trainer.callbacks.step=2")]
+    if mode == "stop":
+        with pytest.raises(FloatingPointError, match=r"step 2 \(epoch 0, batch 2\): non-finite loss \(nan\)"):
+            main(run)
+        return
+    cli = main(run)
+    assert cli.trainer.global_step == 6  # the skipped step counts (the schedules move on) but updates nothing
+    assert cli.trainer.callback_metrics["train/skipped_nonfinite"] == 1
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+def test_truncated_idx_header_names_the_file(tmp_path):
+    from datamodules.fashion_mnist import read_idx
+
+    bad = tmp_path / "train-images-idx3-ubyte"
+    bad.write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(ValueError, match=f"{bad}: truncated idx header"):
+        read_idx(bad)
+
+
+@needs_fmnist
+def test_fashion_mnist_checks_val_size_and_every_split_before_fitting(tmp_path):
+    import gzip
+    import shutil
+
+    from datamodules import fashion_mnist as fm
+
+    with pytest.raises(ValueError, match="val_size 100000 must be in"):
+        fm.FashionMNISTDataModule(val_size=100_000).setup("fit")
+    for f in fm.DEBIAN_ROOT.glob("*-ubyte.gz"):
+        shutil.copy(f, tmp_path / f.name)
+    test_images = tmp_path / "t10k-images-idx3-ubyte.gz"
+    data = gzip.decompress(test_images.read_bytes())
+    test_images.write_bytes(gzip.compress(data[: len(data) // 2]))  # a half-copied test file
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: corrupt or truncated"):
+        fm.FashionMNISTDataModule(root=str(tmp_path)).setup("fit")  # found before training, not after
+
+
+def test_negative_batch_size_is_named(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--data.batch_size=-4")])
+
+
+def test_imagenet_class_folder_without_images_names_the_folder(tmp_path):
+    from datamodules import ImageNetDataModule
+
+    from test_datamodules import _imagenet_fixture
+
+    _imagenet_fixture(tmp_path)
+    (tmp_path / "train" / "n09999999").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'train' / 'n09999999'}: class folder without images"):
+        ImageNetDataModule(str(tmp_path), batch_size=2).setup("fit")
+
+
+def test_every_training_image_unreadable_fails_the_run(tmp_path):
+    from test_datamodules import _imagenet_fixture
+
+    _imagenet_fixture(tmp_path / "imagenet", corrupt=False)
+    for f in (tmp_path / "imagenet" / "train").rglob("*.JPEG"):
+        f.write_bytes(b"\xff\xd8\xff garbage")
+    out = str(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="epoch 0: every training batch was unreadable"):
+        main(["fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
+              "--config", str(ROOT / "configs/imagenet/resnet50_bn_imagenet-224.yaml"), "--model.init_args.arch=resnet18",
+              f"--data.init_args.root={tmp_path / 'imagenet'}", "--data.init_args.crop_size=32",
+              "--data.init_args.resize_size=36", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+              "--trainer.max_epochs=1", f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+              "--trainer.enable_progress_bar=false", "--export=false"])
