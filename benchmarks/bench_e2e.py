@@ -164,7 +164,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
     target = torch.randint(0, classes, (x.shape[0],))
     eager = variants(native, [n for n in EAGER if n == "BN" or n in args.eager])
     nets: dict[str, nn.Module] = dict(eager)
-    compiled_names = [] if args.no_compile or name not in args.compile_models else COMPILED
+    compiled_names = [] if args.no_compile or name not in args.compile_models else args.compiled
     for cname in compiled_names:
         nets[f"{cname} compiled"] = torch.compile(variants(native, [cname])[cname])
     rows = {n: {"model": name, "candidate": n} for n in nets}
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=["resnet50"], choices=["resnet50", "video", "deeplabv3"])
     ap.add_argument("--compile-models", nargs="+", default=["resnet50"], help="models also timed compiled")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compiled", nargs="*", default=COMPILED, help=f"compiled candidates (default: {COMPILED})")
     ap.add_argument("--eager", nargs="*", default=EAGER, help=f"eager candidates besides BN (default: {EAGER})")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small inputs, 3 rounds")

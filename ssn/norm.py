@@ -122,7 +122,8 @@ class _SwitchNorm(nn.Module):
         self.register_buffer("radius", torch.tensor(float(radius)))
         self.register_buffer("mean_latch", torch.tensor(UNLATCHED, dtype=torch.long))
         self.register_buffer("var_latch", torch.tensor(UNLATCHED, dtype=torch.long))
-        self._latch_cache: tuple[tuple[int, ...], tuple[int, int]] | None = None
+        self._latch_key: tuple[int, ...] | None = None
+        self._latch_state: tuple[int, int] = (UNLATCHED, UNLATCHED)
         self._refresh_latches()  # NOTE: filled from the start, so a compiled forward reads constants
         self._fold: tuple[tuple[Any, ...], tuple[Tensor, ...]] | None = None  # dense eval constants
 
@@ -134,18 +135,21 @@ class _SwitchNorm(nn.Module):
         # NOTE: mirrored on the host so the latched fast path needs no device sync and
         # torch.compile sees plain ints. The mirror is keyed on the buffers' identity and version
         # counters, so any in-place write (DDP's buffer broadcast, an EMA copy_, load_state_dict
-        # on any module, a direct fill_) or replacement (.to(), assign=True) re-reads it.
+        # on any module, a direct fill_) or replacement (.to(), assign=True) re-reads it. The key
+        # and the values are separate attributes: a compiled forward is guarded on the values only,
+        # so every layer in the same state shares one graph (no recompile per layer or per .to()).
         if torch.compiler.is_compiling():
-            return self._latch_cache[1] if self._latch_cache else (int(self.mean_latch), int(self.var_latch))
+            return self._latch_state
         ml, vl = self.mean_latch, self.var_latch
         key = (id(ml), ml._version, id(vl), vl._version)
-        if self._latch_cache is None or self._latch_cache[0] != key:
-            self._latch_cache = (key, (int(ml), int(vl)))
-        return self._latch_cache[1]
+        if self._latch_key != key:
+            self._latch_state = (int(ml), int(vl))
+            self._latch_key = key
+        return self._latch_state
 
     def _refresh_latches(self) -> None:
         """Re-read the latch buffers into the host-side mirror."""
-        self._latch_cache = None
+        self._latch_key = None
         self._latches()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

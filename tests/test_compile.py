@@ -107,3 +107,15 @@ def test_task_compile_switch_compiles_the_network_in_place():
     assert list(task.state_dict()) == list(plain.state_dict())  # checkpoints keep their keys
     task.configure_model()  # idempotent (Lightning may call it again)
     assert task.hparams.compile
+
+
+def test_layers_in_the_same_state_share_one_compiled_graph():
+    """The compiled forward is guarded on the latch values, not on which layer or buffer holds
+    them: many layers (a ResNet's 53) compile once, within dynamo's recompile limit."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 3, 3)
+    for _ in range(10):  # beyond the default recompile limit of 8
+        layer = ssn.create_norm("ssn", 4)
+        torch.compile(layer, fullgraph=True, backend="eager")(x)
+        layer.to(torch.float64)  # replaced buffers: a new mirror key, the same values
+        torch.compile(layer, fullgraph=True, backend="eager")(x.double())
