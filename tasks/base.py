@@ -263,15 +263,21 @@ class NormTask(pl.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         # NOTE: the non-finite guard: the closure (forward + backward) runs first, so a bad loss or
         # gradient can stop the run or skip the update before the optimizer touches any weight.
+        skip = self.hparams.nonfinite == "skip"
+        # the forward updates running statistics before the loss is known: a skipped step puts
+        # them back (per-channel vectors: a cheap copy)
+        buffers = [(b, b.clone()) for b in self.buffers()] if skip else []
         loss = optimizer_closure()
         where = self._nonfinite(loss, grads=True)
         if where is not None:
             message = f"step {self.global_step} (epoch {epoch}, batch {batch_idx}): non-finite {where}"
-            if self.hparams.nonfinite != "skip":
+            if not skip:
                 raise FloatingPointError(f"{message}; stopping before anything non-finite is saved "
                                          "(nonfinite: skip skips such steps instead)")
             log.warning("%s; step skipped (no update)", message)
             optimizer.zero_grad()
+            for buffer, before in buffers:
+                buffer.copy_(before)
             self._skipped_nonfinite = getattr(self, "_skipped_nonfinite", 0) + 1
             self.log("train/skipped_nonfinite", float(self._skipped_nonfinite), on_step=True, on_epoch=False)
             return

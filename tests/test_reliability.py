@@ -62,7 +62,8 @@ def test_nan_loss_stops_or_skips_the_step(tmp_path, mode):
     cli = main(run)
     assert cli.trainer.global_step == 6  # the skipped step counts (the schedules move on) but updates nothing
     assert cli.trainer.callback_metrics["train/skipped_nonfinite"] == 1
-    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+    state = cli.model.state_dict()  # weights and running statistics (the NaN forward's are put back)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 def test_truncated_idx_header_names_the_file(tmp_path):

@@ -3,6 +3,7 @@ ends bit-identical to the uninterrupted run: weights, running statistics, latche
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -49,7 +50,7 @@ def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, 
     full = main(["fit", *_args(tmp_path_factory.mktemp("full"), "full")])
     assert full.trainer.global_step == 10
     assert isinstance(full.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # from configs/base/trainer.yaml
-    return _state(full), dict(full.trainer.callback_metrics)
+    return _state(full), {k: float(v) for k, v in full.trainer.callback_metrics.items()}
 
 
 @needs_fmnist
@@ -58,21 +59,33 @@ def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, 
 def test_sigkilled_run_resumes_bit_identical(tmp_path, kill_at, uninterrupted):
     expected, metrics = uninterrupted
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)])}
-    killed = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "fit", *_args(tmp_path, "cut"), "--trainer.callbacks+=faults.KillAt",
-         f"--trainer.callbacks.step={kill_at}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # NOTE: without this process's wandb service: each child starts its own, as a real run does (a
+    # killed child's run would stay registered in a shared service)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)])
+    cli = [sys.executable, "-m", "tasks.cli", "fit", *_args(tmp_path, "cut")]
+    killed = subprocess.run([*cli, "--trainer.callbacks+=faults.KillAt", f"--trainer.callbacks.step={kill_at}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]  # it really died, by SIGKILL
-    assert torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=False)["global_step"] == kill_at
+    last = tmp_path / "cut/checkpoints/last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == kill_at
 
-    resumed = main(["fit", *_args(tmp_path, "cut"), "--ckpt_path=last"])
-    assert resumed.trainer.global_step == 10
-    got = _state(resumed)
+    # NOTE: resumed in a new process, as a user would (and wandb allows one run id per process)
+    resumed = subprocess.run([*cli, "--ckpt_path=last"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(last, weights_only=True)
+    assert final["global_step"] == 10
+    got = final["state_dict"]
     assert got.keys() == expected.keys()
     for name, value in expected.items():  # bit-identical: weights, ratios, running stats, latches
         assert torch.equal(got[name], value), name
+    summary = json.loads((tmp_path / "cut/summary.json").read_text())
     for key in ("val/acc1", "val/loss"):
-        assert resumed.trainer.callback_metrics[key] == metrics[key], key
+        assert summary["metrics"][key] == metrics[key], key
+    runs = sorted((tmp_path / "cut/wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].name.rsplit("-", 1)[1] == runs[1].name.rsplit("-", 1)[1]  # one wandb run id
+    assert runs[0].name.rsplit("-", 1)[1] == saved["logger_versions"]["WandbLogger"]
 
 
 class _Noisy(Dataset):

@@ -1,0 +1,193 @@
+"""Fault injection: break an ``ssn-bench`` run in the ways clusters and datasets do, and report what
+survived. Every trial runs the real CLI in its own process (killed with SIGKILL where it says so).
+
+    python benchmarks/fault_injection.py            # every trial (~5-10 min on 2 cores)
+    python benchmarks/fault_injection.py --short    # kill-save and corrupt-idx (what CI runs: tests/test_faults.py)
+
+Trials:
+  kill-train    SIGKILL mid-epoch, resume with --ckpt_path last: final weights vs the uninterrupted run
+  kill-save     SIGKILL in the middle of writing last.ckpt, TMPDIR on another filesystem (/dev/shm)
+  corrupt-img   ImageNet layout with 2 broken JPEGs (skipped, counted), then with every image broken
+  corrupt-idx   a Fashion-MNIST root with a truncated idx file
+  diverge       lr = NaN (stops at step 0 with the layer named, nothing saved); a NaN loss with
+                nonfinite=skip (the step is skipped, the run finishes finite)
+Exit status 1 if any trial did not end as expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = "configs/fashion_mnist/resnet_small_{}_fashionmnist-28.yaml"
+EVERY_STEP = "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args: {save_last: true, every_n_train_steps: 1}\n"
+
+
+def cli(out: Path, *extra: str, norm: str = "ssn", config: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "tasks.cli", "fit", "--config", "configs/base/trainer.yaml",
+            "--config", config or FMNIST.format(norm), f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=2", "--export=false", *extra]
+
+
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    full_env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)]), **env)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=900)
+
+
+def last_error(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln and ":" in ln]
+    return lines[-1].strip()[:240] if lines else f"exit {proc.returncode}"
+
+
+def trial_kill_train(tmp: Path) -> tuple[bool, str]:
+    (tmp / "every.yaml").write_text(EVERY_STEP)
+    short = ["--config", str(tmp / "every.yaml"), "--trainer.limit_train_batches=5", "--trainer.max_epochs=2",
+             "--data.batch_size=16"]
+    full = run(cli(tmp / "full", *short))
+    killed = run([*cli(tmp / "cut", *short), "--trainer.callbacks+=faults.KillAt", "--trainer.callbacks.step=3"])
+    resumed = run([*cli(tmp / "cut", *short), "--ckpt_path=last"])
+    if full.returncode or killed.returncode != -9 or resumed.returncode:
+        return False, f"exit codes full {full.returncode}, killed {killed.returncode}, resumed {resumed.returncode}"
+    a = torch.load(tmp / "full/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp / "cut/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    same = sum(torch.equal(a[k], b[k]) for k in a)
+    return same == len(a), f"killed at step 3 of 10, resumed: {same}/{len(a)} tensors bit-identical to the uninterrupted run"
+
+
+KILL_SAVE = textwrap.dedent("""
+    import sys, time, io, torch
+    from tasks.checkpointing import AtomicCheckpointIO
+    path, ready = sys.argv[1], sys.argv[2]
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(2_000_000)}, path)
+    real = torch.save
+    def half_then_hang(obj, f):
+        buf = io.BytesIO(); real(obj, buf); f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+        open(ready, "w").close(); time.sleep(300)
+    torch.save = half_then_hang
+    AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(2_000_000)}, path)
+""")
+
+
+def trial_kill_save(tmp: Path) -> tuple[bool, str]:
+    path, ready = tmp / "ckpt" / "last.ckpt", tmp / "ready"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    env.update(PYTHONPATH=str(ROOT), TMPDIR="/dev/shm" if os.path.isdir("/dev/shm") else str(tmp))
+    child = subprocess.Popen([sys.executable, "-c", KILL_SAVE, str(path), str(ready)], cwd=ROOT, env=env)
+    while not ready.exists() and child.poll() is None:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    try:
+        kept = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        return False, f"last.ckpt unreadable after the kill: {e}"
+    partial = len(list(path.parent.glob(".last.ckpt.*.tmp")))
+    from tasks.checkpointing import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint({"step": 3}, path)
+    left = sorted(p.name for p in path.parent.iterdir())
+    ok = kept["step"] == 1 and left == ["last.ckpt"]
+    return ok, (f"killed half-way through a save (TMPDIR={env['TMPDIR']}): last.ckpt still the previous one "
+                f"(step {kept['step']}); {partial} partial file removed by the next save; folder now {left}")
+
+
+def _imagenet(root: Path, broken: str) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 2)):
+        for c in range(2):
+            d = root / split / f"n0000000{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
+    files = sorted((root / "train").rglob("*.JPEG"))
+    for f in files if broken == "all" else files[:2]:
+        f.write_bytes(b"\xff\xd8\xff broken")
+
+
+def trial_corrupt_images(tmp: Path) -> tuple[bool, str]:
+    results = []
+    for broken in ("two", "all"):
+        root = tmp / f"imagenet-{broken}"
+        _imagenet(root, broken)
+        proc = run(cli(tmp / f"out-{broken}", "--model.init_args.arch=resnet18", f"--data.init_args.root={root}",
+                       "--data.init_args.crop_size=32", "--data.init_args.resize_size=36", "--data.init_args.batch_size=4",
+                       "--data.init_args.num_workers=0", "--trainer.max_epochs=1",
+                       config="configs/imagenet/resnet50_bn_imagenet-224.yaml"))
+        results.append((broken, proc))
+    two, every = results[0][1], results[1][1]
+    warned = two.stderr.count("skipping unreadable image")
+    ok = two.returncode == 0 and warned == 2 and every.returncode != 0 and "every training batch was unreadable" in every.stderr
+    return ok, (f"2 broken JPEGs: exit {two.returncode}, {warned} logged with their paths and skipped; "
+                f"every JPEG broken: exit {every.returncode}: {last_error(every)}")
+
+
+def trial_corrupt_idx(tmp: Path) -> tuple[bool, str]:
+    from datamodules.fashion_mnist import DEBIAN_ROOT
+
+    root = tmp / "fmnist"
+    root.mkdir()
+    for f in DEBIAN_ROOT.glob("*-ubyte.gz"):
+        shutil.copy(f, root / f.name)
+    labels = root / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes())[:6]))  # cut inside the header
+    proc = run(cli(tmp / "out", f"--data.init_args.root={root}", "--trainer.max_epochs=1"))
+    ok = proc.returncode != 0 and "truncated idx header" in proc.stderr and str(labels) in proc.stderr
+    return ok, f"train labels cut inside the header: exit {proc.returncode}: {last_error(proc)}"
+
+
+def trial_diverge(tmp: Path) -> tuple[bool, str]:
+    nan_lr = run(cli(tmp / "nan-lr", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--model.init_args.lr=.nan"))
+    saved = list((tmp / "nan-lr").rglob("*.ckpt"))
+    skip = run(cli(tmp / "skip", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+                   "--model.init_args.nonfinite=skip", "--trainer.callbacks+=faults.NaNInputAt", "--trainer.callbacks.step=1"))
+    final = tmp / "skip/checkpoints/last.ckpt"
+    finite = final.is_file() and all(torch.isfinite(v).all() for v in torch.load(final, weights_only=True)["state_dict"].values()
+                                     if v.is_floating_point())
+    ok = nan_lr.returncode != 0 and "FloatingPointError" in nan_lr.stderr and not saved and skip.returncode == 0 and finite
+    return ok, (f"lr=NaN: exit {nan_lr.returncode}, {len(saved)} checkpoints: {last_error(nan_lr)}; "
+                f"NaN loss with nonfinite=skip: exit {skip.returncode}, final weights finite: {finite}")
+
+
+TRIALS = {"kill-train": trial_kill_train, "kill-save": trial_kill_save, "corrupt-img": trial_corrupt_images,
+          "corrupt-idx": trial_corrupt_idx, "diverge": trial_diverge}
+SHORT = ("kill-save", "corrupt-idx")  # CI (tests/test_faults.py); the rest are in tests/test_resume.py, test_reliability.py
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help=f"only {', '.join(SHORT)}")
+    parser.add_argument("trials", nargs="*", choices=[*TRIALS, []], help="default: all (or the short set)")
+    args = parser.parse_args()
+    names = args.trials or (SHORT if args.short else list(TRIALS))
+    failed = []
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix=f"fault-{name}-") as tmp:
+            start = time.perf_counter()
+            ok, what = TRIALS[name](Path(tmp))
+            print(f"[{'survived' if ok else 'FAILED'}] {name} ({time.perf_counter() - start:.0f} s): {what}", flush=True)
+            if not ok:
+                failed.append(name)
+    print(f"\n{len(names) - len(failed)}/{len(names)} faults handled" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
