@@ -19,7 +19,7 @@ OLD_IN_FORWARD = {
 }
 
 
-def _seeded_run(dtype: torch.dtype, steps: int = 60) -> dict[tuple[int, int], tuple[int, str]]:
+def _seeded_run(dtype: torch.dtype, steps: int = 45) -> dict[tuple[int, int], tuple[int, str]]:
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), ssn.SparseSwitchNorm2d(8), nn.ReLU(),
