@@ -267,6 +267,39 @@ def test_classification_backbone_loads_into_segmentation_backbone(mmseg_ready):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["keep", "reopen"])
+def test_pretrained_argument_keep_and_reopen_in_the_segmentation_task(mode, mmseg_ready, tmp_path):
+    """Through the task's own ``pretrained`` path (a checkpoint file of our classification task)."""
+    from tasks import ImageClassifier, SemanticSegmenter
+
+    torch.manual_seed(0)
+    clf = ImageClassifier(arch="resnet18", num_classes=10, norm="ssn")
+    with torch.no_grad():
+        for i, (_, m) in enumerate(ssn.switch_norms(clf.net)):
+            m.running_mean.normal_()
+            m.mean_logits.normal_()
+            m.var_logits.normal_()
+            m.radius.fill_(0.4)
+            if i % 2 == 0:
+                m.latch(ssn.STATS[i % 3], ssn.STATS[(i + 1) % 3])
+    path = tmp_path / "clf.ckpt"
+    torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams)}, path)
+    source = {n.removeprefix("net."): m for n, m in ssn.switch_norms(clf)}
+    seg = SemanticSegmenter(depth=18, num_classes=3, norm="ssn", pretrained=str(path), pretrained_ratios=mode,
+                            pretrained_radius_start=0.25)
+    seg.configure_model()
+    got = dict(ssn.switch_norms(seg.pretrained_module()))
+    assert set(source) <= set(got)  # every backbone layer found (the heads' layers are new)
+    for name, src in source.items():
+        m = got[name]
+        torch.testing.assert_close(m.mean_logits, src.mean_logits, rtol=0, atol=0)
+        torch.testing.assert_close(m.running_mean, src.running_mean, rtol=0, atol=0)
+        if mode == "keep":
+            assert m.latched == src.latched and float(m.radius) == pytest.approx(0.4)
+        else:  # reopened: the ratios learn again from the inherited logits, from radius 0.25
+            assert m.latched == (None, None) and float(m.radius) == pytest.approx(0.25)
+
+
 def test_authors_resnet50_loads_into_the_segmentation_backbone(mmseg_ready):
     from mmseg.registry import MODELS
 
