@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .stats import BN, IN, LN
+from .stats import BN, IN, LN, _moments
 
 
 def mixture(
@@ -41,12 +41,10 @@ def mixture(
     var_in, mu_in = torch.var_mean(xs, spatial, correction=0, keepdim=True)
     if correction:
         var_in = var_in * (m / max(m - correction, 1))
-    mu_ln = mu_in.mean(1, keepdim=True)
-    var_ln = (var_in + (mu_in - mu_ln).square()).mean(1, keepdim=True)
+    mu_ln, var_ln = _moments(mu_in, var_in, 1)
     batch_mean = batch_var = None
     if bn_mean is None or bn_var is None:
-        mu_bn = batch_mean = mu_in.mean(0, keepdim=True)
-        var_bn = batch_var = (var_in + (mu_in - mu_bn).square()).mean(0, keepdim=True)
+        mu_bn, var_bn = batch_mean, batch_var = _moments(mu_in, var_in, 0)
     else:
         shape = (1, -1) + (1,) * len(spatial)
         mu_bn, var_bn = bn_mean.to(xs.dtype).view(shape), bn_var.to(xs.dtype).view(shape)
