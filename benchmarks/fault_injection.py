@@ -43,10 +43,16 @@ def cli(out: Path, *extra: str, norm: str = "ssn", config: str | None = None) ->
             "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=2", "--export=false", *extra]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """A child process's environment: the repo importable, and without this process's wandb
+    service (a killed child's run would stay registered in a shared one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)]), **extra)
+    return env
+
+
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
-    full_env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)]), **env)
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(**env), capture_output=True, text=True, timeout=900)
 
 
 def last_error(proc: subprocess.CompletedProcess) -> str:
@@ -85,13 +91,14 @@ KILL_SAVE = textwrap.dedent("""
 
 def trial_kill_save(tmp: Path) -> tuple[bool, str]:
     path, ready = tmp / "ckpt" / "last.ckpt", tmp / "ready"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
-    env.update(PYTHONPATH=str(ROOT), TMPDIR="/dev/shm" if os.path.isdir("/dev/shm") else str(tmp))
+    env = child_env(TMPDIR="/dev/shm" if os.path.isdir("/dev/shm") else str(tmp))
     child = subprocess.Popen([sys.executable, "-c", KILL_SAVE, str(path), str(ready)], cwd=ROOT, env=env)
     while not ready.exists() and child.poll() is None:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
+    if child.returncode != -signal.SIGKILL:
+        return False, f"the child ended with {child.returncode} before it was killed mid-save"
     try:
         kept = torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -101,7 +108,8 @@ def trial_kill_save(tmp: Path) -> tuple[bool, str]:
 
     AtomicCheckpointIO().save_checkpoint({"step": 3}, path)
     left = sorted(p.name for p in path.parent.iterdir())
-    ok = kept["step"] == 1 and left == ["last.ckpt"]
+    ok = (kept["step"] == 1 and torch.equal(kept["w"], torch.ones(2_000_000)) and partial == 1
+          and torch.load(path, weights_only=True)["step"] == 3 and left == ["last.ckpt"])
     return ok, (f"killed half-way through a save (TMPDIR={env['TMPDIR']}): last.ckpt still the previous one "
                 f"(step {kept['step']}); {partial} partial file removed by the next save; folder now {left}")
 

@@ -234,22 +234,31 @@ def test_backbone_keys_are_torchvision_resnet_keys(mmseg_ready):
         assert {k: v.shape for k, v in bb.state_dict().items()} == want
 
 
-def test_classification_backbone_loads_into_segmentation_backbone(mmseg_ready):
-    from tasks import ImageClassifier, SemanticSegmenter
+def _trained_looking_classifier(radius: float):  # noqa: ANN202
+    """A ResNet-18 SSN classifier as if trained: statistics, logits, ``radius``, every third layer
+    latched (to different statistics for mean and variance)."""
+    from tasks import ImageClassifier
 
     torch.manual_seed(0)
     clf = ImageClassifier(arch="resnet18", num_classes=10, norm="ssn")
-    layers = list(ssn.switch_norms(clf.net))
-    with torch.no_grad():  # a trained-looking checkpoint: stats, logits, radius, some layers latched
-        for i, (_, m) in enumerate(layers):
+    with torch.no_grad():
+        for i, (_, m) in enumerate(ssn.switch_norms(clf.net)):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2)
             m.num_batches_tracked.fill_(7 + i)
             m.mean_logits.normal_()
             m.var_logits.normal_()
-            m.radius.fill_(0.3)
+            m.radius.fill_(radius)
             if i % 3 == 0:
                 m.latch(ssn.STATS[i % 3], ssn.STATS[(i + 1) % 3])
+    return clf
+
+
+def test_classification_backbone_loads_into_segmentation_backbone(mmseg_ready):
+    from tasks import SemanticSegmenter
+
+    clf = _trained_looking_classifier(radius=0.3)
+    layers = list(ssn.switch_norms(clf.net))
     state = {k: v for k, v in clf.net.state_dict().items() if not k.startswith("fc.")}
     seg = SemanticSegmenter(depth=18, num_classes=3, norm="ssn")
     target = seg.pretrained_module()
@@ -270,18 +279,9 @@ def test_classification_backbone_loads_into_segmentation_backbone(mmseg_ready):
 @pytest.mark.parametrize("mode", ["keep", "reopen"])
 def test_pretrained_argument_keep_and_reopen_in_the_segmentation_task(mode, mmseg_ready, tmp_path):
     """Through the task's own ``pretrained`` path (a checkpoint file of our classification task)."""
-    from tasks import ImageClassifier, SemanticSegmenter
+    from tasks import SemanticSegmenter
 
-    torch.manual_seed(0)
-    clf = ImageClassifier(arch="resnet18", num_classes=10, norm="ssn")
-    with torch.no_grad():
-        for i, (_, m) in enumerate(ssn.switch_norms(clf.net)):
-            m.running_mean.normal_()
-            m.mean_logits.normal_()
-            m.var_logits.normal_()
-            m.radius.fill_(0.4)
-            if i % 2 == 0:
-                m.latch(ssn.STATS[i % 3], ssn.STATS[(i + 1) % 3])
+    clf = _trained_looking_classifier(radius=0.4)
     path = tmp_path / "clf.ckpt"
     torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams)}, path)
     source = {n.removeprefix("net."): m for n, m in ssn.switch_norms(clf)}
