@@ -63,6 +63,12 @@ def export_model(task: NormTask, path: Path, example: torch.Tensor) -> None:
     save_atomic(state, path.with_suffix(".state_dict.pt"))
 
 
+def checkpoint_dir(default_root_dir: str | os.PathLike) -> Path:
+    """Where a run's checkpoints go unless its ModelCheckpoint names a dirpath (and so where
+    ``--ckpt_path last`` looks)."""
+    return Path(default_root_dir) / "checkpoints"
+
+
 class SSNCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -76,7 +82,7 @@ class SSNCLI(LightningCLI):
         # last.ckpt from `--ckpt_path last`, and a resume would silently start over.
         for cb in self.trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
-                cb.dirpath = os.path.realpath(Path(self.trainer.default_root_dir) / "checkpoints")
+                cb.dirpath = os.path.realpath(checkpoint_dir(self.trainer.default_root_dir))
         saved = getattr(self, "_checkpoint", None)
         if saved is not None:  # a resumed run continues its own wandb run, not a new one
             versions = saved.get("logger_versions", {})
@@ -117,7 +123,7 @@ class SSNCLI(LightningCLI):
         if ckpt == "last":
             dirpaths = [cb.init_args.get("dirpath") for cb in (cfg.trainer.callbacks or [])
                         if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint")]
-            folder = Path(next((d for d in dirpaths if d), Path(cfg.trainer.default_root_dir or ".") / "checkpoints"))
+            folder = Path(next((d for d in dirpaths if d), checkpoint_dir(cfg.trainer.default_root_dir or ".")))
             ckpt = str(folder / "last.ckpt")
             if not Path(ckpt).is_file():
                 raise FileNotFoundError(f"--ckpt_path last: no {ckpt} (this run's folder has never saved a "
