@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .stats import IN, _Coeffs, _mixture_coeffs, _mixture_coeffs_backward
+from .stats import _Coeffs, _mixture_coeffs, _mixture_coeffs_backward
 
 _BLOCK_ELEMS = 1 << 20  # elements of the temporary in _plane_moments (4 MB in float32)
 
@@ -33,8 +33,7 @@ def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         view = scale.shape + (1,) * (x.dim() - 2)
         return torch.mul(x, scale.view(view)).add_(shift.view(view))
     s, b = scale.reshape(-1), shift.reshape(-1)
-    ones = torch.ones_like(s)
-    y = F.batch_norm(flat, torch.zeros_like(s), ones, s, b, False, 0.0, 0.0)
+    y = F.batch_norm(flat, torch.zeros_like(s), torch.ones_like(s), s, b, False, 0.0, 0.0)
     # NOTE: detach() drops the view relation, so the layer's output can be modified in place
     # (torchvision's ReLU(inplace=True)); there is no graph inside the autograd.Function anyway.
     return y.view_as(x).detach()
@@ -50,8 +49,9 @@ def _cache_blocked(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _plane_moments(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and variance over the spatial dims (biased unless ``correction`` is 1).
+def _plane_moments(x: Tensor, correction: int = 0) -> Tensor:
+    """Per-(n, c) mean and variance over the spatial dims (biased unless ``correction`` is 1),
+    stacked: ``(2, N, C)``.
 
     NOTE: on the CPU, two passes (mean, then the centred squares) are exact where E[x^2] - E[x]^2
     is not, and ~3x faster than torch.var_mean's Welford reduction. The centred values are
@@ -60,50 +60,48 @@ def _plane_moments(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
     one var_mean kernel.
     """
     spatial = tuple(range(2, x.dim()))
+    m = math.prod(x.shape[2:])
     if not _cache_blocked(x):
         var, mu = torch.var_mean(x, spatial, correction=0)
-        m = math.prod(x.shape[2:])
-        return mu, var if correction == 0 else var * (m / _dof(m, correction))
-    mu = x.mean(spatial)
+        return torch.stack([mu, var if correction == 0 else var * (m / _dof(m, correction))])
+    out = x.new_empty((2,) + x.shape[:2])
+    mu, var = out[0], out[1]
+    torch.mean(x, spatial, out=mu)
     flat = _flat(x)
     if flat is None:
         xc = x - mu.view(mu.shape + (1,) * len(spatial))
-        return mu, (xc * xc).sum(spatial) / _dof(math.prod(x.shape[2:]), correction)
-    planes, m = flat.shape[1], flat.shape[2]
-    rows, mu_rows = flat[0], mu.view(-1, 1)
-    var = torch.empty_like(mu).view(-1)
-    step = max(1, _BLOCK_ELEMS // m)
-    for i in range(0, planes, step):
-        xc = rows[i : i + step] - mu_rows[i : i + step]
-        torch.sum(xc.square_(), -1, out=var[i : i + step])
-    return mu, (var / _dof(m, correction)).view_as(mu)
+        torch.sum(xc.square_(), spatial, out=var)
+    else:
+        planes = flat.shape[1]
+        rows, mu_rows, var_rows = flat[0], mu.view(-1, 1), var.view(-1)
+        step = max(1, _BLOCK_ELEMS // m)
+        for i in range(0, planes, step):
+            xc = rows[i : i + step] - mu_rows[i : i + step]
+            torch.sum(xc.square_(), -1, out=var_rows[i : i + step])
+    var.div_(_dof(m, correction))
+    return out
 
 
-def _plane_moments_eval(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and variance in one pass over ``x``, for evaluation (no backward).
+def _plane_sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) ``sum(x)`` and ``sum(x * x)`` over the spatial dims, ``(N, C)`` each, in one pass
+    over ``x``: the raw moments dense evaluation works from (no backward).
 
     NOTE: on the CPU the native batch-norm backward with zero mean and unit inverse std returns
-    ``sum(x * x)`` and ``sum(x)`` of every plane from one fused read of ``x``, where the exact
-    two-pass moments read it twice; small maps (7x7, 14x14) gain most. The variance then comes
-    from raw moments, with a relative error of about ``eps * (1 + mean^2 / var)``: 1e-6 for
-    activations whose mean is a few standard deviations, far below what eval needs. Elsewhere
-    (CUDA, non-contiguous inputs): the two-pass path.
+    both sums of every plane from one fused read of ``x``, where exact two-pass moments read it
+    twice; small maps (7x7, 14x14) gain most. A variance from raw moments has a relative error of
+    about ``eps * (1 + mean^2 / var)``: 1e-6 for activations whose mean is a few standard
+    deviations, far below what eval needs. Elsewhere (CUDA, non-contiguous inputs): two
+    reductions without a temporary.
     """
     flat = _flat(x)
     if flat is None or not _cache_blocked(x):
-        return _plane_moments(x, correction)
-    planes, m = flat.shape[1], flat.shape[2]
-    zeros = x.new_zeros(planes)
-    ones = torch.ones_like(zeros)
+        spatial = tuple(range(2, x.dim()))
+        return x.sum(spatial), torch.linalg.vector_norm(x, 2, spatial).square_()
+    zeros = x.new_zeros(flat.shape[1])
     _, sq, total = torch.ops.aten.native_batch_norm_backward(
-        flat, flat, None, None, None, zeros, ones, True, 0.0, [False, True, True]
+        flat, flat, None, None, None, zeros, torch.ones_like(zeros), True, 0.0, [False, True, True]
     )
-    mu = total.div_(m)
-    var = torch.addcmul(sq.div_(m), mu, mu, value=-1).clamp_min_(0)
-    if correction:
-        var = var.mul_(m / _dof(m, correction))
-    shape = x.shape[:2]
-    return mu.view(shape), var.view(shape)
+    return total.view(x.shape[:2]), sq.view(x.shape[:2])
 
 
 def _dof(m: int, correction: int) -> int:
@@ -120,28 +118,28 @@ def _plane_grad_sums(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
         return (g * x).sum(spatial) - mu * g_sum, g_sum
     # NOTE: the native batch-norm backward with unit inverse std computes exactly these two
     # reductions (its grad_weight and grad_bias) in one fused pass over g and x.
-    ones = torch.ones_like(mu.reshape(-1))
+    mu = mu.reshape(-1)
     _, g_xc, g_sum = torch.ops.aten.native_batch_norm_backward(
-        gf, xf, None, None, None, mu.reshape(-1), ones, True, 0.0, [False, True, True]
+        gf, xf, None, None, None, mu, torch.ones_like(mu), True, 0.0, [False, True, True]
     )
-    return g_xc.view_as(mu), g_sum.view_as(mu)
+    return g_xc.view(x.shape[:2]), g_sum.view(x.shape[:2])
 
 
 class _SwitchNormFn(torch.autograd.Function):
-    """Mixture normalisation with a hand-written backward over the activation.
+    """Mixture normalisation with a hand-written backward.
 
     Autograd through the naive formula reads and writes the activation ~9 times in the backward;
-    here it is one fused reduction and two elementwise passes, while the small (N, C) graph from
-    the statistics, ratios and affine parameters to the per-plane scale and shift is
-    differentiated by autograd inside.
+    here it is one fused reduction and two elementwise passes. The small (N, C) graph from the
+    statistics, ratios and affine parameters to the per-plane scale and shift has a hand-written
+    backward too (``stats._mixture_coeffs_backward``), in few ops: on small maps (7x7 at batch 8)
+    the dispatch of each op costs as much as a pass over the activation.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         x: Tensor,
-        mean_ratio: Tensor,
-        var_ratio: Tensor,
+        ratios: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         bn_mean: Tensor | None,
@@ -150,52 +148,53 @@ class _SwitchNormFn(torch.autograd.Function):
         correction: int,
         group: object,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(y, batch_mean, batch_var, count)``; ``ratios`` is ``(2, 3)``: mean and variance
+        ratios over IN, LN, BN. The batch statistics (biased, over ``count`` elements per channel,
+        a CPU tensor so reading it syncs nothing) are empty with running statistics."""
         # NOTE: statistics in float32 at least (fp16/bf16 inputs under autocast).
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
         m = math.prod(xs.shape[2:])
-        mu_in, var_in = _plane_moments(xs, correction)
-        c, stats = _mixture_coeffs(
-            mu_in, var_in, mean_ratio, var_ratio, weight, bias, bn_mean, bn_var, eps, m, group
-        )
+        planes = _plane_moments(xs, correction)
+        c, count = _mixture_coeffs(planes, ratios, weight, bias, bn_mean, bn_var, eps, m, group)
         y = _plane_affine(xs, c.scale, c.shift)
         # NOTE: the input is saved as it came (fp16/bf16 under autocast) and widened again in the
         # backward: saving the float32 copy would double the activation memory of the network.
-        ctx.save_for_backward(x, mean_ratio, var_ratio, weight)
+        ctx.save_for_backward(x, ratios, weight)
         ctx.coeffs = c
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.dof = _dof(m, correction)
-        if stats is None:
-            empty = mu_in.new_empty(0)
-            batch = (empty, empty, mu_in.new_tensor(0.0))
+        if c.dev_bn is None:
+            empty = planes.new_empty(0)
+            batch = (empty, empty)
         else:
-            batch = (stats.mean.squeeze(0), stats.var.squeeze(0), mu_in.new_tensor(stats.count))
+            batch = (c.bn[0, 0], c.bn[1, 0])
+        batch += (torch.tensor(count),)
         ctx.mark_non_differentiable(*batch)
-        return (y.to(x.dtype), *batch)
+        return y.to(x.dtype), *batch
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor, *_: Tensor):  # type: ignore[override]
-        x, mean_ratio, var_ratio, weight = ctx.saved_tensors
+        x, ratios, weight = ctx.saved_tensors
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
         c: _Coeffs = ctx.coeffs
-        mu = c.mus[IN]
+        mu = c.planes[0]
         g = grad_y.to(xs.dtype)
         g_xc, g_shift = _plane_grad_sums(g, xs, mu)
-        g_scale = g_xc + mu * g_shift  # sum(g * x)
-        g_mu, g_var, g_mr, g_vr, g_w, g_b = _mixture_coeffs_backward(c, g_scale, g_shift, mean_ratio, var_ratio, weight)
+        g_planes, g_ratios, g_w, g_b = _mixture_coeffs_backward(c, g_xc, g_shift, ratios, weight)
         # d mu_in / dx = 1/M and d var_in / dx = 2 (x - mu_in) / dof, so
         # grad_x = g * scale + g_mu / M + (x - mu_in) * 2 g_var / dof: one affine + one addcmul.
         m = math.prod(xs.shape[2:])
-        c2 = g_var * (2 / ctx.dof)
-        grad_x = _plane_affine(xs, c2, g_mu / m - c2 * mu)
+        c2 = g_planes[1].mul_(2 / ctx.dof)
+        shift = g_planes[0].div_(m).addcmul_(c2, mu, value=-1)
+        grad_x = _plane_affine(xs, c2, shift)
         grad_x = grad_x.addcmul_(g, c.scale.view(c.scale.shape + (1,) * (xs.dim() - 2)))
         need = ctx.needs_input_grad
         return (
             grad_x.to(grad_y.dtype),
-            g_mr.to(mean_ratio.dtype) if need[1] else None,
-            g_vr.to(var_ratio.dtype) if need[2] else None,
-            g_w.to(weight.dtype) if need[3] and weight is not None else None,
-            g_b.to(ctx.bias_dtype) if need[4] else None,
+            g_ratios.to(ratios.dtype) if need[1] else None,
+            g_w.to(weight.dtype) if need[2] and g_w is not None else None,
+            g_b.to(ctx.bias_dtype) if need[3] else None,
             None,
             None,
             None,

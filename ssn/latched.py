@@ -64,13 +64,12 @@ class LatchedNorm(nn.Module):
         _check_input(self, x, self.spatial_dims, "(N, C, ...)")
         if not self.training:
             return self._eval(x)
-        eye = torch.eye(len(STATS), device=x.device)
-        args = (x, eye[self.mean_stat], eye[self.var_stat], self.weight, self.bias, None, None, self.eps,
-                self.in_var_correction)
+        ratios = torch.eye(len(STATS), device=x.device)[[self.mean_stat, self.var_stat]]
+        rest = (self.weight, self.bias, None, None, self.eps, self.in_var_correction)
         if torch.compiler.is_compiling():  # plain ops: one graph (see ssn/traceable.py)
-            y, batch_mean, batch_var, count = traceable.mixture(*args)
+            y, batch_mean, batch_var, count = traceable.mixture(x, ratios[0], ratios[1], *rest)
         else:
-            y, batch_mean, batch_var, count = _SwitchNormFn.apply(*args, None)
+            y, batch_mean, batch_var, count = _SwitchNormFn.apply(x, ratios, *rest, None)
         _update_running(self, batch_mean, batch_var, float(count))
         return y
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .functional import PROJECTIONS, authors_sparsestmax, max_radius, sparsestmax
 from . import traceable
-from .fused import _plane_affine, _plane_moments_eval, _SwitchNormFn
+from .fused import _dof, _plane_affine, _plane_sums, _SwitchNormFn
 from .latched import LatchedNorm  # noqa: F401  (re-exported: ssn.norm.LatchedNorm)
 from .stats import BN, IN, LN, STATS, UNLATCHED, _batch_momentum, _check_input, _update_running  # noqa: F401
 
@@ -125,7 +125,7 @@ class _SwitchNorm(nn.Module):
         self._latch_key: tuple[int, ...] | None = None
         self._latch_state: tuple[int, int] = (UNLATCHED, UNLATCHED)
         self._refresh_latches()  # NOTE: filled from the start, so a compiled forward reads constants
-        self._fold: tuple[tuple[Any, ...], tuple[Tensor, ...]] | None = None  # dense eval constants
+        self._fold: tuple[tuple[Any, ...], dict[Any, Any]] | None = None  # dense eval constants
 
     # ----------------------------------------------------------------------------- ratios
     def _map_logits(self, logits: Tensor) -> Tensor:
@@ -179,18 +179,20 @@ class _SwitchNorm(nn.Module):
             buf.fill_(UNLATCHED if stat is None else STATS.index(stat))
         self._refresh_latches()
 
-    def _ratio(self, logits: Tensor, latch: int) -> Tensor:
-        if latch != UNLATCHED:
-            return torch.eye(len(STATS), dtype=logits.dtype, device=logits.device)[latch]
-        return self._map_logits(logits)
+    def _ratio_rows(self) -> Tensor:
+        """The mean and variance ratios stacked, ``(2, 3)`` (IN, LN, BN)."""
+        ml, vl = self._latches()
+        logits = torch.stack([self.mean_logits, self.var_logits])
+        if ml == vl == UNLATCHED:  # one call for both rows: the ratio maps are many tiny ops
+            return self._map_logits(logits)
+        eye = torch.eye(len(STATS), dtype=logits.dtype, device=logits.device)
+        return torch.stack([eye[latch] if latch != UNLATCHED else self._map_logits(row)
+                            for row, latch in zip(logits, (ml, vl))])
 
     def ratios(self) -> tuple[Tensor, Tensor]:
         """The mean and variance importance ratios, probabilities in IN, LN, BN order."""
-        ml, vl = self._latches()
-        if ml == vl == UNLATCHED:  # one batched call for both: the ratio maps are many tiny ops
-            both = self._map_logits(torch.stack([self.mean_logits, self.var_logits]))
-            return both[0], both[1]
-        return self._ratio(self.mean_logits, ml), self._ratio(self.var_logits, vl)
+        rows = self._ratio_rows()
+        return rows[0], rows[1]
 
     @property
     def latched(self) -> tuple[str | None, str | None]:
@@ -216,11 +218,11 @@ class _SwitchNorm(nn.Module):
         # one-hot but not latched yet gives the same output through the mixture.
         if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
             return self._folded_eval(x)
-        mean_ratio, var_ratio = self.ratios()
+        ratios = self._ratio_rows()
         tie = self._tie_unused()
         if tie is not None:
-            mean_ratio = mean_ratio + tie
-        return self._mixture(x, mean_ratio, var_ratio)
+            ratios = ratios + tie
+        return self._mixture(x, ratios)
 
     def _sync_group(self) -> object:
         """The process group to synchronise BN statistics over, or None (no sync this call)."""
@@ -286,7 +288,7 @@ class _SwitchNorm(nn.Module):
             return F.instance_norm(x, weight=weight, bias=bias, eps=self.eps)
         return F.group_norm(x, 1, weight, bias, self.eps)
 
-    def _mixture(self, x: Tensor, mean_ratio: Tensor, var_ratio: Tensor) -> Tensor:
+    def _mixture(self, x: Tensor, ratios: Tensor) -> Tensor:
         training = self.training
         bn_mean = None if training else self.running_mean
         bn_var = None if training else self.running_var
@@ -294,12 +296,12 @@ class _SwitchNorm(nn.Module):
         if torch.compiler.is_compiling() and group is None:
             # NOTE: plain ops the compiler traces into one graph (the fused Function would break it)
             y, batch_mean, batch_var, count = traceable.mixture(
-                x, mean_ratio, var_ratio, self.weight, self.bias, bn_mean, bn_var, self.eps,
+                x, ratios[0], ratios[1], self.weight, self.bias, bn_mean, bn_var, self.eps,
                 self.in_var_correction,
             )
         else:
             y, batch_mean, batch_var, count = _SwitchNormFn.apply(
-                x, mean_ratio, var_ratio, self.weight, self.bias, bn_mean, bn_var, self.eps,
+                x, ratios, self.weight, self.bias, bn_mean, bn_var, self.eps,
                 self.in_var_correction, group,
             )
         if training:
@@ -315,33 +317,59 @@ class _SwitchNorm(nn.Module):
         versions = tuple(None if t is None else (id(t), t._version) for t in tensors)
         return (dtype, self.eps, getattr(self, "projection", None), versions)
 
-    def _make_fold(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        mr, vr = (r.to(dtype) for r in self.ratios())
-        ones = torch.ones(self.num_features, dtype=dtype, device=self.running_mean.device)
-        weight = ones if self.weight is None else self.weight.to(dtype)
-        bias = torch.zeros_like(ones) if self.bias is None else self.bias.to(dtype)
-        bn_mean = mr[BN] * self.running_mean.to(dtype)
-        bn_var = vr[BN] * self.running_var.to(dtype) + self.eps
-        return mr[IN], mr[LN], vr[IN], vr[LN], bn_mean, bn_var, weight, bias
+    def _make_fold(self, dtype: torch.dtype) -> dict[Any, Any]:
+        r = self._ratio_rows().to(dtype)
+        bn = torch.stack([self.running_mean, self.running_var]).to(dtype).mul_(r[:, BN, None])
+        bn[1].add_(self.eps)
+        # NOTE: the IN and LN ratios as Python numbers (one host read per fold): scalar operands of
+        # the per-call ops, which then need no broadcasting of their own.
+        return {"ratios": r[:, :BN].tolist(), "bn": bn}
+
+    def _folded_affine(self, fold: dict[Any, Any], n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Weight and bias repeated for ``n`` samples, one per plane (cached in the fold)."""
+        if n not in fold:
+            ones = torch.ones(self.num_features, dtype=dtype, device=self.running_mean.device)
+            weight = ones if self.weight is None else self.weight.to(dtype)
+            bias = torch.zeros_like(ones) if self.bias is None else self.bias.to(dtype)
+            fold[n] = torch.stack([weight, bias]).repeat(1, n)
+        return fold[n][0], fold[n][1]
 
     @torch.no_grad()
     def _folded_eval(self, x: Tensor) -> Tensor:
         """Dense evaluation: the ratios and the BN terms are constants, folded once (per eval(),
-        refolded when a parameter or buffer changes); per call only the per-sample IN/LN
-        statistics (one pass over ``x``), a few (N, C) ops and one affine pass."""
+        refolded when a parameter or buffer changes); per call only the per-plane sums (one pass
+        over ``x``), a few (N, C) ops and one affine pass.
+
+        From the raw moments ``s1 = sum(x)``, ``s2 = sum(x^2)`` of each plane (M elements, ``k =
+        M / dof``): ``var_in = k (s2 / M - mu_in^2)``; LN pools over channels, ``var_ln =
+        mean_c(var_in) + var_c(mu_in) = k mean_c(s2) / M - (k - 1) mean_c(mu_in^2) - mu_ln^2``.
+        """
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
         key = self._fold_key(xs.dtype)
         if self._fold is None or self._fold[0] != key:
             self._fold = (key, self._make_fold(xs.dtype))
-        mr_in, mr_ln, vr_in, vr_ln, bn_mean, bn_var, weight, bias = self._fold[1]
-        mu, var_in = _plane_moments_eval(xs, self.in_var_correction)
-        mu_ln = mu.mean(1, keepdim=True)
-        var_ln = (var_in + (mu - mu_ln).square_()).mean(1, keepdim=True)
-        mean = torch.addcmul(bn_mean + mr_ln * mu_ln, mu, mr_in)
-        var = torch.addcmul(bn_var + vr_ln * var_ln, var_in, vr_in)
-        scale = var.rsqrt_().mul_(weight)
-        shift = torch.addcmul(bias, mean, scale, value=-1)
-        return _plane_affine(xs, scale, shift).to(x.dtype)
+        fold = self._fold[1]
+        (m_in, m_ln), (v_in, v_ln) = fold["ratios"]
+        s1, s2 = _plane_sums(xs)
+        ch, m = x.shape[1], math.prod(x.shape[2:])
+        k = m / _dof(m, self.in_var_correction)
+        mu_ln = s1.sum(1, keepdim=True).mul_(1 / (ch * m))
+        var_ln = s2.sum(1, keepdim=True).mul_(k / (ch * m)).addcmul_(mu_ln, mu_ln, value=-1)
+        if k != 1:
+            var_ln.sub_(torch.linalg.vecdot(s1, s1).unsqueeze(1), alpha=(k - 1) / (ch * m * m))
+        mean = torch.add(fold["bn"][0], mu_ln, alpha=m_ln).add_(s1, alpha=m_in / m)
+        var = torch.add(fold["bn"][1], var_ln, alpha=v_ln).add_(s2, alpha=v_in * k / m)
+        # NOTE: raw moments may round a variance below zero; the exact mixture is >= eps
+        var = var.addcmul_(s1, s1, value=-v_in * k / (m * m)).clamp_min_(self.eps)
+        weight, bias = self._folded_affine(fold, x.shape[0], xs.dtype)
+        if not xs.is_contiguous():  # e.g. channels_last: broadcast ops keep the layout
+            scale = var.rsqrt_().mul_(weight.view_as(var))
+            return _plane_affine(xs, scale, torch.addcmul(bias.view_as(scale), mean, scale, value=-1)).to(x.dtype)
+        # NOTE: the native eval kernel normalises each plane by its own mixed mean and variance
+        # (eps is already in it) and applies the per-plane weight and bias, in one pass.
+        flat = xs.view(1, -1, m)
+        y = F.batch_norm(flat, mean.view(-1), var.view(-1), weight, bias, False, 0.0, 0.0)
+        return y.view_as(x).to(x.dtype)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"

@@ -30,53 +30,67 @@ def _moments(mu_in: Tensor, var_in: Tensor, dim: int) -> tuple[Tensor, Tensor]:
 
 
 class _Coeffs(NamedTuple):
-    """The small (N, C) graph from statistics and ratios to the per-plane affine map."""
+    """The small (N, C) graph from statistics and ratios to the per-plane affine map.
 
-    scale: Tensor  # y = x * scale + shift
+    Statistics are stacked mean-over-variance, ``(2, ...)``, so that one op serves both.
+    """
+
+    scale: Tensor  # y = x * scale + shift, (N, C)
     shift: Tensor
-    mean: Tensor
-    rstd: Tensor
-    mus: tuple[Tensor, Tensor, Tensor]  # IN (N, C), LN (N, 1), BN (1, C) means
-    vars: tuple[Tensor, Tensor, Tensor]
+    mix: Tensor  # (2, N, C): the mixed mean and the mixed variance + eps
+    rstd: Tensor  # (N, C)
+    planes: Tensor  # (2, N, C): IN mean and variance
+    ln: Tensor  # (2, N, 1): LN mean and variance
+    bn: Tensor  # (2, 1, C): BN mean and variance (the batch's or the running ones)
     dev_ln: Tensor  # mu_in - mu_ln
-    dev_bn: Tensor  # mu_in - mu_bn
-    batch_stats: bool  # BN statistics from the batch (training) or the running buffers
-    bn_share: float  # d mu_bn / d mu_in[n, c]: this plane's share of the pooled BN statistics
+    dev_bn: Tensor | None  # mu_in - mu_bn (batch statistics only)
+    bn_share: float  # d mu_bn / d mu_in[n, c]: this plane's share of the pooled BN statistics (0: running)
     group: object  # process group the BN statistics are synchronised over, or None
 
 
-class _BatchStats(NamedTuple):
-    mean: Tensor  # (1, C), pooled over the batch (and the processes, when synchronised)
-    var: Tensor  # (1, C), biased
-    count: float  # elements per channel behind them
+def _pool(planes: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Pooled (mean, biased variance) of the planes along ``dim``, stacked ``(2, ...)``, and the
+    deviations of the plane means from the pooled mean.
+
+    The pooled variance is the mean of the variances plus the variance of the means, which avoids
+    the cancellation of ``E[x^2] - E[x]^2``.
+    """
+    mu, var = planes[0], planes[1]
+    out = planes.new_empty((2,) + tuple(1 if d == dim else n for d, n in enumerate(mu.shape)))
+    # NOTE: not torch.var_mean, whose Welford reduction is ~4x slower on the CPU
+    torch.mean(mu, dim, keepdim=True, out=out[0])
+    dev = mu - out[0]
+    torch.mean(torch.addcmul(var, dev, dev), dim, keepdim=True, out=out[1])
+    return out, dev
 
 
-def _batch_stats(mu_in: Tensor, var_in: Tensor, m: int, group: object) -> _BatchStats:
-    """BN statistics from per-plane moments; all-reduced over ``group`` (SyncBatchNorm-style).
+def _batch_pool(planes: Tensor, m: int, group: object) -> tuple[Tensor, Tensor, float]:
+    """BN statistics ``(2, 1, C)`` from the planes, their deviations and the element count;
+    all-reduced over ``group`` (SyncBatchNorm-style) when one is given.
 
     Two small all-reduces (sum of means, then sum of centred second moments around the global
     mean) keep the pooled variance free of the E[x^2] - E[x]^2 cancellation.
     """
-    n = mu_in.shape[0]
+    n = planes.shape[1]
     if group is None:
-        mean, var = _moments(mu_in, var_in, 0)
-        return _BatchStats(mean, var, float(n * m))
+        bn, dev = _pool(planes, 0)
+        return bn, dev, float(n * m)
     import torch.distributed as dist
 
-    local = torch.cat([mu_in.sum(0) * m, mu_in.new_tensor([n * m])])
+    mu, var = planes[0], planes[1]
+    local = torch.cat([mu.sum(0) * m, mu.new_tensor([n * m])])
     dist.all_reduce(local, group=group)
-    count = float(local[-1])
+    count = float(local[-1])  # NOTE: a host read, as SyncBatchNorm's
     mean = (local[:-1] / count)[None]
-    second = ((var_in + (mu_in - mean) ** 2).sum(0) * m)
+    dev = mu - mean
+    second = torch.addcmul(var, dev, dev).sum(0) * m
     dist.all_reduce(second, group=group)
-    return _BatchStats(mean, (second / count)[None], count)
+    return torch.stack([mean, (second / count)[None]]), dev, count
 
 
 def _mixture_coeffs(
-    mu_in: Tensor,
-    var_in: Tensor,
-    mean_ratio: Tensor,
-    var_ratio: Tensor,
+    planes: Tensor,
+    ratios: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     bn_mean: Tensor | None,
@@ -84,63 +98,72 @@ def _mixture_coeffs(
     eps: float,
     m: int,
     group: object,
-) -> tuple[_Coeffs, _BatchStats | None]:
-    mu_ln, var_ln = _moments(mu_in, var_in, 1)
-    batch_stats = bn_mean is None or bn_var is None
-    stats = None
-    if batch_stats:
-        stats = _batch_stats(mu_in, var_in, m, group)
-        bn_mean, bn_var = stats.mean, stats.var
+) -> tuple[_Coeffs, float]:
+    """The per-plane affine map of the mixture, and the BN element count (0 with running stats).
+
+    Args:
+        planes: ``(2, N, C)`` per-plane means and variances.
+        ratios: ``(2, 3)``: the mean and the variance ratios, IN, LN, BN.
+    """
+    ln, dev_ln = _pool(planes, 1)
+    if bn_mean is None or bn_var is None:
+        bn, dev_bn, count = _batch_pool(planes, m, group)
     else:
-        bn_mean, bn_var = bn_mean.to(mu_in.dtype)[None], bn_var.to(mu_in.dtype)[None]
-    mus, vars_ = (mu_in, mu_ln, bn_mean), (var_in, var_ln, bn_var)
-    mr, vr = mean_ratio.to(mu_in.dtype), var_ratio.to(mu_in.dtype)
-    # NOTE: few ops on the (N, C) tensors: at 7x7 maps they are as large as a tenth of the
-    # activation, and each one costs a dispatch; the LN and BN terms are broadcast first.
-    mean = torch.addcmul(mr[LN] * mu_ln + mr[BN] * bn_mean, mu_in, mr[IN])
-    var = torch.addcmul(vr[LN] * var_ln + vr[BN] * bn_var, var_in, vr[IN])
-    rstd = var.add_(eps).rsqrt_()
+        bn, dev_bn, count = torch.stack([bn_mean, bn_var]).to(planes.dtype)[:, None], None, 0.0
+    # NOTE: few ops on the (N, C) tensors (at 7x7 maps as large as a tenth of the activation, and
+    # each one a dispatch): the mean and the variance are mixed together, (3, 2, 1, 1) ratios.
+    r = ratios.to(planes.dtype).t()[..., None, None]
+    mix = torch.mul(planes, r[IN]).addcmul_(ln, r[LN]).addcmul_(bn, r[BN])
+    rstd = mix[1].add_(eps).rsqrt()
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    shift = torch.addcmul(torch.zeros_like(scale) if bias is None else bias.to(scale.dtype), mean, scale, value=-1)
-    share = m / stats.count if stats is not None else 0.0
-    coeffs = _Coeffs(scale, shift, mean, rstd, mus, vars_, mu_in - mu_ln, mu_in - bn_mean, batch_stats, share, group)
-    return coeffs, stats
+    shift = torch.mul(mix[0], scale).neg_() if bias is None else torch.addcmul(bias.to(scale.dtype), mix[0], scale, value=-1)
+    share = m / count if count else 0.0
+    return _Coeffs(scale, shift, mix, rstd, planes, ln, bn, dev_ln, dev_bn, share, group), count
 
 
 def _mixture_coeffs_backward(
-    c: _Coeffs, g_scale: Tensor, g_shift: Tensor, mean_ratio: Tensor, var_ratio: Tensor, weight: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Hand-written backward of ``_mixture_coeffs``: grads of mu_in, var_in, the ratios, the
-    weight and the bias. (Autograd over these ~30 tiny ops costs more than the big passes on
-    small activations.)"""
-    ch = g_scale.shape[1]
-    mr, vr = mean_ratio.to(g_scale.dtype), var_ratio.to(g_scale.dtype)
-    mu_in, mu_ln, mu_bn = c.mus
-    g_mean = torch.mul(g_shift, c.scale).neg_()
-    g_sc = torch.addcmul(g_scale, g_shift, c.mean, value=-1)
-    g_weight = torch.linalg.vecdot(g_sc, c.rstd, dim=0)
-    r3 = c.rstd.pow(3)
-    g_var = (g_sc if weight is None else g_sc * weight.to(g_sc.dtype)).mul_(r3).mul_(-0.5)
-    # ratio grads: <g_mean, mu> for each statistic, the LN/BN ones reduced over their broadcast dim
-    gm_n, gm_c = g_mean.sum(1, keepdim=True), g_mean.sum(0, keepdim=True)
-    gv_n, gv_c = g_var.sum(1, keepdim=True), g_var.sum(0, keepdim=True)
-    g_mr = torch.stack([torch.vdot(g_mean.reshape(-1), mu_in.reshape(-1)), (gm_n * mu_ln).sum(), (gm_c * mu_bn).sum()])
-    var_in, var_ln, var_bn = c.vars
-    g_vr = torch.stack([torch.vdot(g_var.reshape(-1), var_in.reshape(-1)), (gv_n * var_ln).sum(), (gv_c * var_bn).sum()])
-    # LN statistics pool over channels: mu_ln = mean_c mu_in, var_ln = mean_c(var_in) + var_c(mu_in)
-    gm_ln, gv_ln = gm_n * (mr[LN] / ch), gv_n * (vr[LN] / ch)
-    g_mu_in = torch.addcmul(gm_ln, g_mean, mr[IN]).addcmul_(c.dev_ln, gv_ln, value=2)
-    g_var_in = torch.addcmul(gv_ln, g_var, vr[IN])
-    if c.batch_stats:  # BN statistics pool over the batch (and the processes) likewise
-        g_bn = torch.cat([gm_c * mr[BN], gv_c * vr[BN]])
+    c: _Coeffs, g_xc: Tensor, g_shift: Tensor, ratios: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Hand-written backward of ``_mixture_coeffs``.
+
+    Args:
+        g_xc, g_shift: per plane ``sum(g * (x - mu_in))`` and ``sum(g)`` (g: the output's grad).
+
+    Returns:
+        Grads of the planes ``(2, N, C)`` (mean, variance), of the ratios ``(2, 3)``, of the
+        weight and of the bias. (Autograd over these tiny ops costs more than the big passes on
+        small activations.)
+    """
+    ch = g_xc.shape[1]
+    mean, ve = c.mix[0], c.mix[1]
+    # sum(g * (x - mean)): the grad of scale before the weight
+    g_sc = torch.addcmul(g_xc, g_shift, c.planes[0] - mean)
+    g_weight = None if weight is None else torch.linalg.vecdot(g_sc, c.rstd, dim=0)
+    # grads of the mixed mean and variance (y = (x - mean) * scale, scale = weight / sqrt(ve))
+    g_mix = torch.empty_like(c.planes)
+    torch.mul(g_shift, c.scale, out=g_mix[0]).neg_()
+    torch.mul(g_sc, c.scale, out=g_mix[1]).div_(ve).mul_(-0.5)
+    g_n, g_c = g_mix.sum(2, keepdim=True), g_mix.sum(1, keepdim=True)  # what reaches LN and BN
+    flat = lambda t: t.flatten(1)  # noqa: E731
+    g_ratios = torch.stack([torch.linalg.vecdot(flat(g_mix), flat(c.planes)),
+                            torch.linalg.vecdot(flat(g_n), flat(c.ln)),
+                            torch.linalg.vecdot(flat(g_c), flat(c.bn))], 1)
+    r = ratios.to(g_mix.dtype).t()[..., None, None]
+    # LN statistics pool over channels: mu_ln = mean_c mu_in, var_ln = mean_c(var_in) + var_c(mu_in);
+    # BN statistics likewise over the batch (and the processes)
+    g_ln = g_n * (r[LN] / ch)
+    g_planes = torch.mul(g_mix, r[IN]).add_(g_ln)
+    g_planes[0].addcmul_(c.dev_ln, g_ln[1], value=2)
+    if c.dev_bn is not None:
+        g_bn = g_c * r[BN]
         if c.group is not None:
             import torch.distributed as dist
 
             dist.all_reduce(g_bn, group=c.group)  # the pooled statistics depend on every rank's planes
-        gm_bn, gv_bn = (g_bn * c.bn_share).unbind(0)
-        g_mu_in = g_mu_in.add_(gm_bn).addcmul_(c.dev_bn, gv_bn, value=2)
-        g_var_in = g_var_in.add_(gv_bn)
-    return g_mu_in, g_var_in, g_mr, g_vr, g_weight, g_shift.sum(0)
+        g_bn = g_bn.mul_(c.bn_share)
+        g_planes.add_(g_bn)
+        g_planes[0].addcmul_(c.dev_bn, g_bn[1], value=2)
+    return g_planes, g_ratios, g_weight, g_shift.sum(0)
 
 
 def _batch_momentum(module: nn.Module) -> float:

@@ -403,8 +403,8 @@ def test_dense_eval_folds_once_and_refolds_on_any_change(monkeypatch):
     m = _randomise(SparseSwitchNorm2d(6)).eval()
     m.radius.fill_(0.25)
     calls = []
-    real = m.ratios
-    monkeypatch.setattr(m, "ratios", lambda: calls.append(1) or real())
+    real = m._ratio_rows
+    monkeypatch.setattr(m, "_ratio_rows", lambda: calls.append(1) or real())
     x = torch.randn(SHAPES[2])
     with torch.no_grad():
         y = m(x)
