@@ -1,7 +1,7 @@
 """End-to-end benchmark: whole networks with each normaliser, eager and compiled, as ratios to BN.
 
-For ResNet-50 (classification), the 3-D ResNet (slow_r50 layout, video) and DeepLabV3 (mmseg,
-segmentation), times a training step (forward, backward, SGD step) and an eval step (forward
+For ResNet-50 (classification), the 3-D ResNet (slow_r50 layout, video), DeepLabV3 (mmseg,
+segmentation) and the main job's small ResNet (Fashion-MNIST, batch 128), times a training step (forward, backward, SGD step) and an eval step (forward
 under no_grad), and measures the peak memory of a training step in float32 and under bfloat16
 autocast, for:
 
@@ -17,6 +17,7 @@ torch.profiler(profile_memory=True); the same method on CPU and GPU.
     python benchmarks/bench_e2e.py                          # ResNet-50, eager and compiled
     python benchmarks/bench_e2e.py --models resnet50 video deeplabv3 --no-compile
     python benchmarks/bench_e2e.py --quick                  # small inputs, few rounds
+    python benchmarks/bench_e2e.py --models resnet_small --no-compile --channels-last   # + channels-last copies
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def build(name: str, quick: bool) -> tuple[nn.Module, torch.Tensor, int]:
 
         batch, size = (2, 64) if quick else (8, 112)
         return torchvision.models.resnet50(), torch.randn(batch, 3, size, size), 1000
+    if name == "resnet_small":  # the main job's network and batch (make demo)
+        from tasks.classification import SmallResNet
+
+        return SmallResNet(), torch.randn(32 if quick else 128, 1, 28, 28), 10
     if name == "video":
         from tasks.video import build_slow_resnet
 
@@ -92,8 +97,10 @@ def variants(native: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     for name in names:
         if name == "BN":
             out[name] = copy.deepcopy(native)
-        elif name == "GN":
-            out[name] = ssn.convert_norm(copy.deepcopy(native), "gn")
+        elif name == "GN":  # 32 groups (ResNets), 8 for the small ResNet's 16 channels (its config)
+            widths = [m.num_features for m in native.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            groups = min(32, min(widths) // 2)
+            out[name] = ssn.convert_norm(copy.deepcopy(native), "gn", groups=groups)
         elif name == "SN":
             out[name] = ssn.convert_norm(copy.deepcopy(native), "sn")
         elif name == "SSN dense":
@@ -167,12 +174,19 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
     compiled_names = [] if args.no_compile or name not in args.compile_models else args.compiled
     for cname in compiled_names:
         nets[f"{cname} compiled"] = torch.compile(variants(native, [cname])[cname])
+    inputs = {n: x for n in nets}
+    if args.channels_last:  # the eager candidates again, weights and input channels-last
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        for n in list(eager):
+            nets[f"{n} channels_last"] = copy.deepcopy(eager[n])._apply(
+                lambda t: t.contiguous(memory_format=fmt) if t.dim() == x.dim() else t)
+            inputs[f"{n} channels_last"] = x.contiguous(memory_format=fmt)
     rows = {n: {"model": name, "candidate": n} for n in nets}
     for mode in ("train", "eval"):
         runs: dict[str, Callable[[], None]] = {}
         for n, net in nets.items():
             t0 = time.perf_counter()
-            runs[n] = train_step(net, x, target) if mode == "train" else eval_step(net, x)
+            runs[n] = train_step(net, inputs[n], target) if mode == "train" else eval_step(net, inputs[n])
             runs[n]()  # warm-up (and compilation)
             if n.endswith("compiled"):
                 print(f"  {name} {n} {mode}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -187,7 +201,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
             for n, net in nets.items():
                 if n.endswith("compiled"):
                     continue  # NOTE: inductor's buffer reuse is its own; the eager layers are what we own
-                peak = peak_bytes(net, x, target, autocast)
+                peak = peak_bytes(net, inputs[n], target, autocast)
                 base = peak if n == "BN" else base
                 rows[n][f"mem_{precision}_mb"] = peak / 2**20
                 rows[n][f"mem_{precision}_ratio"] = peak / base
@@ -197,12 +211,13 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet50"], choices=["resnet50", "video", "deeplabv3"])
+    ap.add_argument("--models", nargs="+", default=["resnet50"], choices=["resnet50", "video", "deeplabv3", "resnet_small"])
     ap.add_argument("--compile-models", nargs="+", default=["resnet50"], help="models also timed compiled")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compiled", nargs="*", default=COMPILED, help=f"compiled candidates (default: {COMPILED})")
     ap.add_argument("--eager", nargs="*", default=EAGER, help=f"eager candidates besides BN (default: {EAGER})")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--channels-last", action="store_true", help="also time channels-last copies of the eager candidates")
     ap.add_argument("--quick", action="store_true", help="small inputs, 3 rounds")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 3)")
     ap.add_argument("--threads", type=int, default=None)

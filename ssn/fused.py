@@ -21,6 +21,28 @@ def _flat(x: Tensor) -> Tensor | None:
     return x.view(1, x.shape[0] * x.shape[1], -1) if x.is_contiguous() else None
 
 
+def _nhwc(x: Tensor) -> Tensor | None:
+    """A channels-last ``x`` (memory ordered N, spatial..., C) as an (N, M, C) view.
+
+    NOTE: in this layout the per-plane ops broadcast over the middle dim with the channels
+    contiguous innermost, which the CPU's elementwise and reduction kernels vectorise: one
+    ``addcmul`` is the whole affine map, where the generic strided path needs two passes.
+    """
+    t = x.permute(0, *range(2, x.dim()), 1)
+    return t.view(x.shape[0], -1, x.shape[1]) if t.is_contiguous() else None
+
+
+def _from_nhwc(y: Tensor, like: Tensor) -> Tensor:
+    """The (N, M, C) ``y`` as a tensor of ``like``'s shape (and channels-last strides)."""
+    n, c = like.shape[:2]
+    return y.view((n,) + like.shape[2:] + (c,)).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
+
+
+def _sample_blocks(xv: Tensor) -> range:
+    """Starts of blocks of samples of an (N, M, C) view, ~``_BLOCK_ELEMS`` elements each."""
+    return range(0, xv.shape[0], max(1, _BLOCK_ELEMS // (xv.shape[1] * xv.shape[2])))
+
+
 def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale + shift`` with per-(n, c) coefficients, in one fused pass where possible.
 
@@ -30,6 +52,9 @@ def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """
     flat = _flat(x)
     if flat is None:
+        xv = _nhwc(x)
+        if xv is not None:  # (detach(): see below)
+            return _from_nhwc(torch.addcmul(shift[:, None], xv, scale[:, None]), x).detach()
         view = scale.shape + (1,) * (x.dim() - 2)
         return torch.mul(x, scale.view(view)).add_(shift.view(view))
     s, b = scale.reshape(-1), shift.reshape(-1)
@@ -55,9 +80,9 @@ def _plane_moments(x: Tensor, correction: int = 0) -> Tensor:
 
     NOTE: on the CPU, two passes (mean, then the centred squares) are exact where E[x^2] - E[x]^2
     is not, and ~3x faster than torch.var_mean's Welford reduction. The centred values are
-    formed a block of planes at a time, so the temporary stays in cache instead of costing a
-    fresh activation-sized allocation (page faults and zeroing) on every call. Elsewhere (CUDA):
-    one var_mean kernel.
+    formed a block of planes (channels-last: of samples) at a time, so the temporary stays in
+    cache instead of costing a fresh activation-sized allocation (page faults and zeroing) on
+    every call. Elsewhere (CUDA): one var_mean kernel.
     """
     spatial = tuple(range(2, x.dim()))
     m = math.prod(x.shape[2:])
@@ -66,18 +91,25 @@ def _plane_moments(x: Tensor, correction: int = 0) -> Tensor:
         return torch.stack([mu, var if correction == 0 else var * (m / _dof(m, correction))])
     out = x.new_empty((2,) + x.shape[:2])
     mu, var = out[0], out[1]
-    torch.mean(x, spatial, out=mu)
     flat = _flat(x)
-    if flat is None:
-        xc = x - mu.view(mu.shape + (1,) * len(spatial))
-        torch.sum(xc.square_(), spatial, out=var)
-    else:
-        planes = flat.shape[1]
+    xv = None if flat is not None else _nhwc(x)
+    if flat is not None:
+        torch.mean(x, spatial, out=mu)
         rows, mu_rows, var_rows = flat[0], mu.view(-1, 1), var.view(-1)
         step = max(1, _BLOCK_ELEMS // m)
-        for i in range(0, planes, step):
+        for i in range(0, rows.shape[0], step):
             xc = rows[i : i + step] - mu_rows[i : i + step]
             torch.sum(xc.square_(), -1, out=var_rows[i : i + step])
+    elif xv is not None:  # channels-last: the same, a block of samples at a time
+        torch.mean(xv, 1, out=mu)
+        step = _sample_blocks(xv).step
+        for i in _sample_blocks(xv):
+            xc = xv[i : i + step] - mu[i : i + step, None]
+            torch.sum(xc.square_(), 1, out=var[i : i + step])
+    else:
+        torch.mean(x, spatial, out=mu)
+        xc = x - mu.view(mu.shape + (1,) * len(spatial))
+        torch.sum(xc.square_(), spatial, out=var)
     var.div_(_dof(m, correction))
     return out
 
@@ -90,10 +122,17 @@ def _plane_sums(x: Tensor) -> tuple[Tensor, Tensor]:
     both sums of every plane from one fused read of ``x``, where exact two-pass moments read it
     twice; small maps (7x7, 14x14) gain most. A variance from raw moments has a relative error of
     about ``eps * (1 + mean^2 / var)``: 1e-6 for activations whose mean is a few standard
-    deviations, far below what eval needs. Elsewhere (CUDA, non-contiguous inputs): two
-    reductions without a temporary.
+    deviations, far below what eval needs. Channels-last on the CPU: a sum and blocked squares;
+    elsewhere (CUDA, other strides): two reductions without a temporary.
     """
     flat = _flat(x)
+    xv = _nhwc(x) if flat is None and _cache_blocked(x) else None
+    if xv is not None:  # channels-last: the squares a block of samples at a time (in cache)
+        s2 = xv.new_empty(xv.shape[0], xv.shape[2])
+        step = _sample_blocks(xv).step
+        for i in _sample_blocks(xv):
+            torch.sum(xv[i : i + step].square(), 1, out=s2[i : i + step])
+        return xv.sum(1), s2
     if flat is None or not _cache_blocked(x):
         spatial = tuple(range(2, x.dim()))
         return x.sum(spatial), torch.linalg.vector_norm(x, 2, spatial).square_()
@@ -113,6 +152,14 @@ def _plane_grad_sums(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(n, c) ``sum(g * (x - mu))`` and ``sum(g)`` over the spatial dims, in one pass."""
     gf, xf = _flat(g), _flat(x)
     if gf is None or xf is None:
+        gv, xv = _nhwc(g), _nhwc(x)
+        if gv is not None and xv is not None and _cache_blocked(x):
+            g_xc = torch.empty_like(mu)
+            step = _sample_blocks(xv).step
+            for i in _sample_blocks(xv):
+                xc = xv[i : i + step] - mu[i : i + step, None]
+                torch.sum(xc.mul_(gv[i : i + step]), 1, out=g_xc[i : i + step])
+            return g_xc, gv.sum(1)
         spatial = tuple(range(2, x.dim()))
         g_sum = g.sum(spatial)
         return (g * x).sum(spatial) - mu * g_sum, g_sum

@@ -257,6 +257,42 @@ def test_channels_last_matches_contiguous(latch):
     torch.testing.assert_close(m.weight.grad, m2.weight.grad)
 
 
+@pytest.mark.parametrize("kind,dim", [("ssn", 2), ("sn", 2), ("ssn", 3)])
+@pytest.mark.parametrize("mode", ["train", "eval-grad", "eval-no-grad"])
+def test_channels_last_path_matches_float64_reference(kind, dim, mode, monkeypatch):
+    """The channels-last kernels (an (N, M, C) view, statistics a few samples at a time) against
+    the float64 formula, in training, eval with grad (fused) and eval under no_grad (folded); the
+    output keeps the input's memory format."""
+    monkeypatch.setattr(ssn.fused, "_BLOCK_ELEMS", 200)  # several blocks of samples
+    fmt = torch.channels_last if dim == 2 else torch.channels_last_3d
+    m = _randomise(CLASSES[(kind, dim)](6)).double().train(mode == "train")
+    if kind == "ssn":
+        m.radius.fill_(0.25)
+    x = (torch.randn(SHAPES[dim], dtype=torch.float64) * 2 + 0.5).contiguous(memory_format=fmt)
+    assert ssn.fused._nhwc(x) is not None and ssn.fused._flat(x) is None  # the path under test
+    ref_m = copy.deepcopy(m)
+    mr, vr = _ref_ratios(ref_m)
+    running = None if mode == "train" else (ref_m.running_mean, ref_m.running_var)
+    x_ref = x.contiguous().requires_grad_()
+    y_ref = reference(x_ref, mr, vr, ref_m.weight, ref_m.bias, m.eps, running)
+    if mode == "eval-no-grad":
+        with torch.no_grad():
+            y = m(x)
+        torch.testing.assert_close(y, y_ref.detach())
+        assert y.is_contiguous(memory_format=fmt)
+        return
+    xg = x.clone().requires_grad_()
+    y = m(xg)
+    torch.testing.assert_close(y, y_ref)
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(y_ref).contiguous(memory_format=fmt)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(xg.grad, x_ref.grad)
+    for name in ("weight", "bias", "mean_logits", "var_logits"):
+        torch.testing.assert_close(getattr(m, name).grad, getattr(ref_m, name).grad, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("latch", [None, BN, IN, LN])
 def test_autocast_and_half_inputs(dtype, latch):

@@ -53,6 +53,32 @@ def test_classifier_builds_with_zero_init_and_groups(arch):
         ImageClassifier(arch="vgg", norm="bn")
 
 
+@pytest.mark.parametrize("norm", ["ssn", "bn"])
+def test_channels_last_switch_changes_the_layout_not_the_result(norm):
+    """``channels_last: true`` stores the weights and feeds the input channels-last; outputs and
+    gradients are those of the contiguous twin (same weights)."""
+    torch.manual_seed(0)
+    a = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm=norm, zero_init_residual=False)
+    b = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm=norm, zero_init_residual=False,
+                        channels_last=True)
+    b.load_state_dict(a.state_dict())
+    a.configure_model()
+    b.configure_model()
+    conv = "layers.0.0.conv1.weight"  # (16, 16, 3, 3): the two layouts differ
+    assert b.net.get_parameter(conv).is_contiguous(memory_format=torch.channels_last)
+    assert not a.net.get_parameter(conv).is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    b.net.layers[0][0].bn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(8, 1, 28, 28)
+    ya, yb = a(x), b(x)
+    assert seen == [True]
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-4)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def _args(tmp_path: Path, norm: str = "ssn", *extra: str) -> list[str]:
     out = str(tmp_path / "out")
     return [
