@@ -1,18 +1,18 @@
 """End-to-end benchmark: whole networks with each normaliser, eager and compiled, as ratios to BN.
 
 For ResNet-50 (classification), the 3-D ResNet (slow_r50 layout, video), DeepLabV3 (mmseg,
-segmentation) and the main job's small ResNet (Fashion-MNIST, batch 128), times a training step (forward, backward, SGD step) and an eval step (forward
-under no_grad), and measures the peak memory of a training step in float32 and under bfloat16
-autocast, for:
+segmentation) and the main job's small ResNet (Fashion-MNIST, batch 128), times a training step
+(forward, backward, SGD step) and an eval step (forward under no_grad), and measures the peak
+memory of a training step in float32 and under bfloat16 autocast, for:
 
     BN, GN, SN, SSN dense, SSN latched (BN), SSN exported (ssn.export_norm)   eager
     BN, SSN dense, SSN latched                                                 torch.compile
 
-Every figure is a ratio to the eager BN network measured in the same run (candidates timed
-alternately, median over rounds; see bench_norm._alternate). Memory: the peak, during one
-training step, of the bytes the PyTorch allocator holds above what was live when the step
-began (parameters, optimizer state and input excluded), summed from the allocation events of
-torch.profiler(profile_memory=True); the same method on CPU and GPU.
+Every figure is a ratio to the eager BN network measured in the same run: candidates timed
+alternately, the median over rounds of the ratio within each round (bench_norm.round_ratios).
+Memory: the peak, during one training step, of the bytes the PyTorch allocator holds above what
+was live when the step began (parameters, optimizer state and input excluded), summed from the
+allocation events of torch.profiler(profile_memory=True); the same method on CPU and GPU.
 
     python benchmarks/bench_e2e.py                          # ResNet-50, eager and compiled
     python benchmarks/bench_e2e.py --models resnet50 video deeplabv3 --no-compile
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ssn  # noqa: E402
-from bench_norm import _alternate, steady_allocator  # noqa: E402
+from bench_norm import _alternate_rounds, round_ratios, steady_allocator  # noqa: E402
 
 EAGER = ["BN", "GN", "SN", "SSN dense", "SSN latched", "SSN exported"]
 COMPILED = ["BN", "SSN dense", "SSN latched"]
@@ -190,11 +191,12 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
             runs[n]()  # warm-up (and compilation)
             if n.endswith("compiled"):
                 print(f"  {name} {n} {mode}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
-        times = _alternate(runs, args.rounds)
-        print(f"  {name} {mode}: " + ", ".join(f"{n} {t / times['BN']:.2f}x" for n, t in times.items()), flush=True)
-        for n, t in times.items():
-            rows[n][f"{mode}_ms"] = t * 1e3
-            rows[n][f"{mode}_ratio"] = t / times["BN"]
+        per_round = _alternate_rounds(runs, args.rounds)
+        ratios = round_ratios(per_round, "BN")
+        print(f"  {name} {mode}: " + ", ".join(f"{n} {r:.2f}x" for n, r in ratios.items()), flush=True)
+        for n, ts in per_round.items():
+            rows[n][f"{mode}_ms"] = statistics.median(ts) * 1e3
+            rows[n][f"{mode}_ratio"] = ratios[n]
     if not args.no_memory:
         for precision, autocast in (("fp32", False), ("bf16", True)):
             base = None

@@ -18,15 +18,17 @@ IN, LN, BN = range(3)
 UNLATCHED = -1
 
 
-def _moments(mu_in: Tensor, var_in: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Mean and (biased) variance of the pooled groups along ``dim``, from per-(n, c) moments.
+def _moments(mu_in: Tensor, var_in: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and (biased) variance of the pooled groups along ``dim``, from per-(n, c) moments, and
+    the deviations ``mu_in - mean`` (what the backward needs).
 
     The pooled variance is the mean of the variances plus the variance of the means, which avoids
     the cancellation of ``E[x^2] - E[x]^2``.
     """
     # NOTE: not torch.var_mean, whose Welford reduction is ~4x slower on the CPU
     mu = mu_in.mean(dim, keepdim=True)
-    return mu, (var_in + (mu_in - mu).square_()).mean(dim, keepdim=True)
+    dev = mu_in - mu
+    return mu, torch.addcmul(var_in, dev, dev).mean(dim, keepdim=True), dev
 
 
 class _Coeffs(NamedTuple):
@@ -49,19 +51,10 @@ class _Coeffs(NamedTuple):
 
 
 def _pool(planes: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Pooled (mean, biased variance) of the planes along ``dim``, stacked ``(2, ...)``, and the
-    deviations of the plane means from the pooled mean.
-
-    The pooled variance is the mean of the variances plus the variance of the means, which avoids
-    the cancellation of ``E[x^2] - E[x]^2``.
-    """
-    mu, var = planes[0], planes[1]
-    out = planes.new_empty((2,) + tuple(1 if d == dim else n for d, n in enumerate(mu.shape)))
-    # NOTE: not torch.var_mean, whose Welford reduction is ~4x slower on the CPU
-    torch.mean(mu, dim, keepdim=True, out=out[0])
-    dev = mu - out[0]
-    torch.mean(torch.addcmul(var, dev, dev), dim, keepdim=True, out=out[1])
-    return out, dev
+    """``_moments`` of the stacked ``(2, N, C)`` planes: pooled mean and variance stacked, and the
+    deviations."""
+    mu, var, dev = _moments(planes[0], planes[1], dim)
+    return torch.stack([mu, var]), dev
 
 
 def _batch_pool(planes: Tensor, m: int, group: object) -> tuple[Tensor, Tensor, float]:

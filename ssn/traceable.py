@@ -41,10 +41,11 @@ def mixture(
     var_in, mu_in = torch.var_mean(xs, spatial, correction=0, keepdim=True)
     if correction:
         var_in = var_in * (m / max(m - correction, 1))
-    mu_ln, var_ln = _moments(mu_in, var_in, 1)
+    mu_ln, var_ln, _ = _moments(mu_in, var_in, 1)
     batch_mean = batch_var = None
     if bn_mean is None or bn_var is None:
-        mu_bn, var_bn = batch_mean, batch_var = _moments(mu_in, var_in, 0)
+        mu_bn, var_bn, _ = _moments(mu_in, var_in, 0)
+        batch_mean, batch_var = mu_bn, var_bn
     else:
         shape = (1, -1) + (1,) * len(spatial)
         mu_bn, var_bn = bn_mean.to(xs.dtype).view(shape), bn_var.to(xs.dtype).view(shape)

@@ -473,6 +473,15 @@ def test_device_path_of_the_fused_kernels_matches_reference(training, monkeypatc
     test_forward_backward_match_reference_float64("sn", 3, training)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_blocked_statistics_over_many_blocks_match_reference(training, monkeypatch):
+    """The cache-blocked variance loop with blocks of a few planes (real activations span many)."""
+    monkeypatch.setattr(ssn.fused, "_BLOCK_ELEMS", 40)
+    monkeypatch.setattr(ssn.fused, "_MAX_BLOCKS", 10**6)
+    test_forward_backward_match_reference_float64("ssn", 2, training)
+    test_forward_backward_match_reference_float64("sn", 3, training)
+
+
 def test_autocast_saves_the_half_precision_input_not_a_float32_copy():
     m = _randomise(SparseSwitchNorm2d(8))
     m.radius.fill_(0.2)
