@@ -102,8 +102,8 @@ def variants(native: nn.Module, names: list[str]) -> dict[str, nn.Module]:
             widths = [m.num_features for m in native.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             groups = min(32, min(widths) // 2)
             out[name] = ssn.convert_norm(copy.deepcopy(native), "gn", groups=groups)
-        elif name == "SN":
-            out[name] = ssn.convert_norm(copy.deepcopy(native), "sn")
+        elif name in ("SN", "IN", "LN"):  # (IN and LN: on request, --eager IN LN)
+            out[name] = ssn.convert_norm(copy.deepcopy(native), name.lower())
         elif name == "SSN dense":
             net = ssn.convert_norm(copy.deepcopy(native), "ssn", radius=0.3)
             with torch.no_grad():
@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small inputs, 3 rounds")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 3)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time each model this many times (fresh networks each time); the table gives the "
+                         "median ratio over the repeats and their range")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 7)
     if args.threads:
@@ -232,8 +235,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {args.rounds} alternating rounds")
     rows = []
     for name in args.models:
-        rows += run_model(name, args)
+        runs = [run_model(name, args) for _ in range(args.repeat)]
+        rows += combine(runs)
         print_table([r for r in rows if r["model"] == name])
+
+
+def combine(runs: list[list[dict[str, object]]]) -> list[dict[str, object]]:
+    """Per candidate: the median of each ratio over repeated runs, and its range (min, max)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for cands in zip(*runs):
+        row = dict(cands[0])
+        for key in list(row):
+            values = [c[key] for c in cands]
+            if key.endswith(("_ratio", "_ms", "_mb")):
+                row[key] = statistics.median(values)  # type: ignore[arg-type]
+                if key.endswith("_ratio"):
+                    row[key.replace("_ratio", "_range")] = (min(values), max(values))  # type: ignore[type-var]
+        out.append(row)
+    return out
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
@@ -243,6 +264,10 @@ def print_table(rows: list[dict[str, object]]) -> None:
     print("|---|" + "---:|" * (len(cols) + 2))
     for r in rows:
         cells = [f"{r[k]:.2f}x" if k in r else "-" for k, _ in cols]
+        for i, (k, _) in enumerate(cols):
+            lo_hi = r.get(k.replace("_ratio", "_range"))
+            if lo_hi is not None and r["candidate"] != "BN":
+                cells[i] += f" ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})"
         print(f"| {r['candidate']} | " + " | ".join(cells) + f" | {r['train_ms']:.0f} | {r['eval_ms']:.0f} |")
     sys.stdout.flush()
 

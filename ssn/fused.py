@@ -49,11 +49,6 @@ def _from_nhwc(y: Tensor, like: Tensor) -> Tensor:
     return y.view((n,) + like.shape[2:] + (c,)).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
 
 
-def _sample_blocks(xv: Tensor) -> range:
-    """Starts of blocks of samples of an (N, M, C) view, ~``_BLOCK_ELEMS`` elements each."""
-    return range(0, xv.shape[0], _block_step(xv.shape[0], xv.shape[1] * xv.shape[2]))
-
-
 def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale + shift`` with per-(n, c) coefficients, in one fused pass where possible.
 
@@ -91,9 +86,9 @@ def _plane_moments(x: Tensor, correction: int = 0) -> Tensor:
 
     NOTE: on the CPU, two passes (mean, then the centred squares) are exact where E[x^2] - E[x]^2
     is not, and ~3x faster than torch.var_mean's Welford reduction. The centred values are
-    formed a block of planes (channels-last: of samples) at a time, so the temporary stays in
-    cache instead of costing a fresh activation-sized allocation (page faults and zeroing) on
-    every call. Elsewhere (CUDA): one var_mean kernel.
+    formed a block of planes at a time, so the temporary stays in cache instead of costing a
+    fresh activation-sized allocation (page faults and zeroing) on every call. Elsewhere (CUDA):
+    one var_mean kernel.
     """
     spatial = tuple(range(2, x.dim()))
     m = math.prod(x.shape[2:])
@@ -111,12 +106,11 @@ def _plane_moments(x: Tensor, correction: int = 0) -> Tensor:
         for i in range(0, rows.shape[0], step):
             xc = rows[i : i + step] - mu_rows[i : i + step]
             torch.sum(xc.square_(), -1, out=var_rows[i : i + step])
-    elif xv is not None:  # channels-last: the same, a block of samples at a time
+    elif xv is not None:  # channels-last: reductions over the (N, M, C) view's middle dim
+        # NOTE: not blocked: reductions over the middle dim of a few samples vectorise poorly (the
+        # blocked loop measured 4-6x slower than one activation-sized temporary)
         torch.mean(xv, 1, out=mu)
-        step = _sample_blocks(xv).step
-        for i in _sample_blocks(xv):
-            xc = xv[i : i + step] - mu[i : i + step, None]
-            torch.sum(xc.square_(), 1, out=var[i : i + step])
+        torch.sum((xv - mu[:, None]).square_(), 1, out=var)
     else:
         torch.mean(x, spatial, out=mu)
         xc = x - mu.view(mu.shape + (1,) * len(spatial))
@@ -133,17 +127,13 @@ def _plane_sums(x: Tensor) -> tuple[Tensor, Tensor]:
     both sums of every plane from one fused read of ``x``, where exact two-pass moments read it
     twice; small maps (7x7, 14x14) gain most. A variance from raw moments has a relative error of
     about ``eps * (1 + mean^2 / var)``: 1e-6 for activations whose mean is a few standard
-    deviations, far below what eval needs. Channels-last on the CPU: a sum and blocked squares;
-    elsewhere (CUDA, other strides): two reductions without a temporary.
+    deviations, far below what eval needs. Channels-last on the CPU: reductions over the
+    (N, M, C) view; elsewhere (CUDA, other strides): two reductions without a temporary.
     """
     flat = _flat(x)
     xv = _nhwc(x) if flat is None and _cache_blocked(x) else None
-    if xv is not None:  # channels-last: the squares a block of samples at a time (in cache)
-        s2 = xv.new_empty(xv.shape[0], xv.shape[2])
-        step = _sample_blocks(xv).step
-        for i in _sample_blocks(xv):
-            torch.sum(xv[i : i + step].square(), 1, out=s2[i : i + step])
-        return xv.sum(1), s2
+    if xv is not None:  # channels-last: reductions over the (N, M, C) view's middle dim
+        return xv.sum(1), xv.square().sum(1)
     if flat is None or not _cache_blocked(x):
         spatial = tuple(range(2, x.dim()))
         return x.sum(spatial), torch.linalg.vector_norm(x, 2, spatial).square_()
@@ -164,13 +154,8 @@ def _plane_grad_sums(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
     gf, xf = _flat(g), _flat(x)
     if gf is None or xf is None:
         gv, xv = _nhwc(g), _nhwc(x)
-        if gv is not None and xv is not None and _cache_blocked(x):
-            g_xc = torch.empty_like(mu)
-            step = _sample_blocks(xv).step
-            for i in _sample_blocks(xv):
-                xc = xv[i : i + step] - mu[i : i + step, None]
-                torch.sum(xc.mul_(gv[i : i + step]), 1, out=g_xc[i : i + step])
-            return g_xc, gv.sum(1)
+        if gv is not None and xv is not None:  # channels-last (as in _plane_moments)
+            return (xv - mu[:, None]).mul_(gv).sum(1), gv.sum(1)
         spatial = tuple(range(2, x.dim()))
         g_sum = g.sum(spatial)
         return (g * x).sum(spatial) - mu * g_sum, g_sum
