@@ -170,7 +170,7 @@ def peak_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
     native, x, classes = build(name, args.quick)
     target = torch.randint(0, classes, (x.shape[0],))
-    eager = variants(native, [n for n in EAGER if n == "BN" or n in args.eager])
+    eager = variants(native, ["BN"] + [n for n in args.eager if n != "BN"])
     nets: dict[str, nn.Module] = dict(eager)
     compiled_names = [] if args.no_compile or name not in args.compile_models else args.compiled
     for cname in compiled_names:
