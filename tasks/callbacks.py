@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 import ssn
@@ -291,12 +292,14 @@ class RunSummary(pl.Callback):
     the run that ``ssn-bench compare`` reads (wandb's API cannot read offline runs).
 
     It holds the run's identity (``NormTask.run_info``: task, dataset, arch, normalizer, per-device
-    and global batch, seed...), the resolved config (the CLI's ``config.yaml`` when there is one),
-    the hyperparameters, the final metrics and the best of each validation metric over the
-    validations (``best/val/...``: max, min for losses), the validation history, the training
-    throughput (samples/s over all devices, measured over training batches only: data loading and
-    the step, excluding validation and each fit's first batch), the peak memory
-    (:func:`peak_memory`) and the final per-layer selection (:func:`layer_ratios`).
+    and global batch, seed...; at the top level and again under ``run_info``), the resolved config
+    (the CLI's ``config.yaml`` when there is one), the hyperparameters, the final metrics and the
+    best of each validation metric over the validations (``best/val/...``: max, min for losses),
+    the validation history (one entry per validation while fitting, read once it has ended,
+    whichever hook logged it), the training throughput (samples/s over all devices, measured over
+    training batches only: data loading and the step, excluding validation and each fit's first
+    batch), the peak memory (:func:`peak_memory`) and the final per-layer selection
+    (:func:`layer_ratios`).
 
     ``status`` is ``fitted``; the CLI adds the test metrics after fit and sets it to ``complete``
     (a sweep re-runs anything not complete). The history and the throughput counters are saved in
@@ -324,6 +327,16 @@ class RunSummary(pl.Callback):
         self._mark = None  # validation time is not training time
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # NOTE: read here, not in on_validation_epoch_end: Lightning calls the callbacks' epoch-end
+        # hooks before the module's, where a task may log its scores (segmentation's mIoU), so the
+        # metrics there are the previous validation's. on_validation_end comes after every
+        # epoch-end hook and after the epoch's metrics are reduced (no logging is allowed in it),
+        # and before ModelCheckpoint's (Lightning runs checkpoint callbacks last), so a checkpoint
+        # saved at this validation already holds it in the history.
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            values = _metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")})
+            if values:
+                self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **values})
         self._mark = time.perf_counter()  # training resumes (mid-epoch validation) from here
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -336,13 +349,6 @@ class RunSummary(pl.Callback):
             self.train_samples += n * trainer.world_size
         self._first = False
         self._mark = now
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        values = _metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")})
-        if values:
-            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **values})
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "train_seconds": self.train_seconds, "train_samples": self.train_samples}
@@ -385,6 +391,9 @@ class RunSummary(pl.Callback):
             "selection": layer_ratios(pl_module),
             "hparams": json.loads(json.dumps(dict(pl_module.hparams), default=str)),
             "config": config,
+            # NOTE: the identity's keys again, apart from the measurements beside them at the top
+            # level, so compare knows which top-level fields tell experiments apart.
+            "run_info": json.loads(json.dumps(info, default=str)),
         }
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -12,8 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ssn
 from ssn.schedule import radius_at
-from tasks.callbacks import RadiusSchedule
+from tasks.callbacks import RadiusSchedule, RunSummary
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 6
 
 
@@ -105,3 +109,65 @@ def test_delayed_partial_ramp(tmp_path):
     assert record.radii[:4] == [0.0, 0.0, 0.0, 0.0]  # 12 steps: 3 at zero, then 6 of ramp
     assert record.radii[9] == pytest.approx(0.5) and record.radii[8] < 0.5
     assert record.radii[-1] == pytest.approx(0.5)
+
+
+class LogsAtEpochEnd(pl.LightningModule):
+    """Logs its score in its own on_validation_epoch_end, as SemanticSegmenter logs mIoU: after
+    the callbacks' epoch-end hooks. The score is known: 10 * epoch + 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.layer(batch[0]).pow(2).mean())
+
+    def on_validation_epoch_end(self):
+        self.log("val/score", 10.0 * self.current_epoch + 1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_run_summary_records_every_validation_whichever_hook_logs_it(tmp_path):
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[RunSummary(), ckpt],
+                         num_sanity_val_steps=1)  # the sanity check's validation is not recorded
+    trainer.fit(LogsAtEpochEnd(), data, data)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert [h["epoch"] for h in s["history"]] == [0, 1, 2]
+    assert [h["val/score"] for h in s["history"]] == [1.0, 11.0, 21.0]  # each its own, in order
+    assert all("val/loss" in h for h in s["history"])
+    assert s["metrics"]["val/score"] == 21.0 and s["metrics"]["best/val/score"] == 21.0
+    # the checkpoint saved at the last validation already holds it (resume keeps the whole history)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]["RunSummary"]
+    assert [h["val/score"] for h in saved["history"]] == [1.0, 11.0, 21.0]
+
+
+def test_segmentation_summary_history_holds_each_validations_miou(tmp_path):
+    """The real task: SemanticSegmenter logs mIoU in its on_validation_epoch_end."""
+    pytest.importorskip("mmseg")
+    from test_segmentation import write_cityscapes
+
+    from tasks.cli import main
+
+    root, out = write_cityscapes(tmp_path / "cs"), str(tmp_path / "out")
+    cli = main([
+        "fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
+        "--config", str(ROOT / "configs/cityscapes/deeplabv3_r50_ssn_cityscapes-769x769.yaml"),
+        f"--data.init_args.root={root}", "--data.init_args.num_workers=0", "--data.init_args.crop_size=[32, 32]",
+        "--data.init_args.scale=[96, 48]", "--model.init_args.depth=18", "--model.init_args.crop_size=[32, 32]",
+        "--model.init_args.test_crop_size=[32, 32]", "--model.init_args.test_stride=[24, 24]",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={out}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={out}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--export=false",
+    ])
+    history = json.loads((tmp_path / "out" / "summary.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2] and all("val/mIoU" in h for h in history)
+    assert history[-1]["val/mIoU"] == pytest.approx(float(cli.trainer.callback_metrics["val/mIoU"]))
