@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .functional import PROJECTIONS, authors_sparsestmax, max_radius, sparsestmax
 from . import traceable
-from .fused import _dof, _plane_affine, _plane_sums, _SwitchNormFn
+from .fused import _plane_affine, _plane_moments_eval, _SwitchNormFn
 from .latched import LatchedNorm  # noqa: F401  (re-exported: ssn.norm.LatchedNorm)
 from .stats import BN, IN, LN, STATS, UNLATCHED, _batch_momentum, _check_input, _update_running  # noqa: F401
 
@@ -337,12 +337,9 @@ class _SwitchNorm(nn.Module):
     @torch.no_grad()
     def _folded_eval(self, x: Tensor) -> Tensor:
         """Dense evaluation: the ratios and the BN terms are constants, folded once (per eval(),
-        refolded when a parameter or buffer changes); per call only the per-plane sums (one pass
-        over ``x``), a few (N, C) ops and one affine pass.
-
-        From the raw moments ``s1 = sum(x)``, ``s2 = sum(x^2)`` of each plane (M elements, ``k =
-        M / dof``): ``var_in = k (s2 / M - mu_in^2)``; LN pools over channels, ``var_ln =
-        mean_c(var_in) + var_c(mu_in) = k mean_c(s2) / M - (k - 1) mean_c(mu_in^2) - mu_ln^2``.
+        refolded when a parameter or buffer changes); per call only the per-plane moments (one
+        pass over ``x`` where they do not cancel, ``fused._plane_moments_eval``), a few (N, C) ops
+        and one affine pass.
         """
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
         key = self._fold_key(xs.dtype)
@@ -350,24 +347,22 @@ class _SwitchNorm(nn.Module):
             self._fold = (key, self._make_fold(xs.dtype))
         fold = self._fold[1]
         (m_in, m_ln), (v_in, v_ln) = fold["ratios"]
-        s1, s2 = _plane_sums(xs)
-        ch, m = x.shape[1], math.prod(x.shape[2:])
-        k = m / _dof(m, self.in_var_correction)
-        mu_ln = s1.sum(1, keepdim=True).mul_(1 / (ch * m))
-        var_ln = s2.sum(1, keepdim=True).mul_(k / (ch * m)).addcmul_(mu_ln, mu_ln, value=-1)
-        if k != 1:
-            var_ln.sub_(torch.linalg.vecdot(s1, s1).unsqueeze(1), alpha=(k - 1) / (ch * m * m))
-        mean = torch.add(fold["bn"][0], mu_ln, alpha=m_ln).add_(s1, alpha=m_in / m)
-        var = torch.add(fold["bn"][1], var_ln, alpha=v_ln).add_(s2, alpha=v_in * k / m)
-        # NOTE: raw moments may round a variance below zero; the exact mixture is >= eps
-        var = var.addcmul_(s1, s1, value=-v_in * k / (m * m)).clamp_min_(self.eps)
+        mu_in, var_in = _plane_moments_eval(xs, self.in_var_correction)
+        # LN pooled from the planes as in training (``stats._moments``: the mean of the variances
+        # plus the variance of the means, from the deviations), with the 1/C folded into the ratios
+        ch = x.shape[1]
+        mu_ln = mu_in.sum(1, keepdim=True)
+        dev = torch.sub(mu_in, mu_ln, alpha=1 / ch)
+        var_ln = torch.addcmul(var_in, dev, dev).sum(1, keepdim=True)
+        mean = torch.add(fold["bn"][0], mu_ln, alpha=m_ln / ch).add_(mu_in, alpha=m_in)
+        var = torch.add(fold["bn"][1], var_ln, alpha=v_ln / ch).add_(var_in, alpha=v_in)
         weight, bias = self._folded_affine(fold, x.shape[0], xs.dtype)
         if not xs.is_contiguous():  # e.g. channels_last: broadcast ops keep the layout
             scale = var.rsqrt_().mul_(weight.view_as(var))
             return _plane_affine(xs, scale, torch.addcmul(bias.view_as(scale), mean, scale, value=-1)).to(x.dtype)
         # NOTE: the native eval kernel normalises each plane by its own mixed mean and variance
         # (eps is already in it) and applies the per-plane weight and bias, in one pass.
-        flat = xs.view(1, -1, m)
+        flat = xs.view(1, -1, math.prod(x.shape[2:]))
         y = F.batch_norm(flat, mean.view(-1), var.view(-1), weight, bias, False, 0.0, 0.0)
         return y.view_as(x).to(x.dtype)
 

@@ -492,3 +492,62 @@ def test_autocast_saves_the_half_precision_input_not_a_float32_copy():
     assert big and all(t.dtype == torch.bfloat16 for t in big)
     y.float().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def _planes_with_means(shape: tuple[int, ...], shift: float, seed: int = 0) -> torch.Tensor:
+    """``randn`` planes whose means are ``shift`` standard deviations from zero, except a quarter of
+    them (the raw moments serve those; the rest are recomputed two-pass), and one constant plane."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    means = torch.full(shape[:2], shift).masked_fill_(torch.rand(shape[:2], generator=g) < 0.25, 0.0)
+    x = x + means.view(shape[:2] + (1,) * (len(shape) - 2))
+    x[0, 0] = shift + 0.5
+    return x
+
+
+@pytest.mark.parametrize("shift", [0.0, 10.0, 100.0, 1000.0])
+@pytest.mark.parametrize("kind,channels_last", [("sn", False), ("ssn", False), ("ssn", True), ("in_unbiased", False)])
+def test_dense_eval_keeps_float32_accuracy_at_large_means(shift, kind, channels_last):
+    """Dense eval (and the latched-IN layer with the authors' unbiased variance, which takes the same
+    path) within 10x the float32 error of the native (affine) InstanceNorm on the same input, against the
+    float64 formula, at means up to 1000 standard deviations (raw moments lost 0.46 there)."""
+    x = _planes_with_means((4, 8, 28, 28), shift)
+    if kind == "in_unbiased":
+        m = _randomise(SparseSwitchNorm2d(8, in_var_correction=1))
+        m.latch("in", "in")
+    else:
+        m = _randomise(CLASSES[(kind, 2)](8))
+        if kind == "ssn":
+            m.radius.fill_(0.25)
+    xd = x.double()
+    with torch.no_grad():  # running statistics of this data, as a trained network has
+        m.running_mean.copy_(xd.mean((0, 2, 3)))
+        m.running_var.copy_(xd.var((0, 2, 3)))
+    m.eval()
+    ref_m = copy.deepcopy(m).double()
+    shape = (1, -1, 1, 1)
+    if kind == "in_unbiased":
+        mu, var = xd.mean((2, 3), keepdim=True), xd.var((2, 3), keepdim=True)  # unbiased
+        y_ref = (xd - mu) / torch.sqrt(var + m.eps) * ref_m.weight.view(shape) + ref_m.bias.view(shape)
+    else:
+        mr, vr = _ref_ratios(ref_m)
+        y_ref = reference(xd, mr, vr, ref_m.weight, ref_m.bias, m.eps, (ref_m.running_mean, ref_m.running_var))
+    native = nn.InstanceNorm2d(8, affine=True)  # with the same affine map (its rounding scales)
+    native.load_state_dict({"weight": m.weight, "bias": m.bias})
+    native_err = _plane_errors(native(x), copy.deepcopy(native).double()(xd))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        err = _plane_errors(m(x), y_ref)
+    # the constant plane (whose rounding the 1/sqrt(eps) scale amplifies) apart from the others
+    const = torch.zeros_like(err, dtype=torch.bool)
+    const[0, 0] = True
+    for sel in (const, ~const):
+        assert err[sel].max() <= 10 * native_err[sel].max(), (
+            f"shift {shift}: error {err[sel].max():.2e}, native {native_err[sel].max():.2e}"
+        )
+
+
+def _plane_errors(y: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
+    """Max |y - y_ref| of each (n, c) plane."""
+    return (y.double() - y_ref.detach()).abs().flatten(2).amax(-1)
