@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from ssn.checks import check_range
+
 from .resumable import ResumableLoader, eval_loader
 
 __all__ = ["DigitsDataModule"]
@@ -34,6 +36,10 @@ class DigitsDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int = 64, val_size: int = 297, test_size: int = 500,
                  train_size: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("val_size", val_size), ("test_size", test_size),
+                            ("train_size", train_size)):
+            check_range(name, value, "[1, inf)")
+        check_range("num_workers", num_workers, "[0, inf)")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.data: dict[str, TensorDataset] = {}

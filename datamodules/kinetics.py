@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler, get_worker_info
 
+from ssn.checks import check_range
 from ssn.integrations import bridge_pytorchvideo
 
 # NOTE: at import, not only before building the transforms: a worker or rank started with
@@ -199,6 +200,20 @@ def _collate(samples: list[dict[str, Any]]) -> tuple[Tensor, Tensor]:
     return video, torch.tensor([int(s["label"]) for s in samples])
 
 
+def _read_list(path: Path) -> list[tuple[int, int]]:
+    """(line number, label) of each `<path> <label>` line of a list file; a malformed line is named."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.rsplit(None, 1)
+        try:
+            rows.append((number, int(fields[1])))
+        except (IndexError, ValueError):
+            raise ValueError(f"{path} line {number}: expected `<path> <label index>`, got {line[:120]!r}") from None
+    return rows
+
+
 def _first(batch: list[Any]) -> Any:
     return batch[0]  # the stream yields whole batches; the loader's batch of one is unwrapped
 
@@ -246,12 +261,20 @@ class KineticsDataModule(pl.LightningDataModule):
         super().__init__()
         if test_crops not in (1, 3):
             raise ValueError(f"test_crops must be 1 (centre) or 3 (left, centre, right), got {test_crops}")
+        for name, value in (("batch_size", batch_size), ("frames", frames), ("sampling_rate", sampling_rate),
+                            ("crop_size", crop_size), ("val_short_side", val_short_side), ("val_clips", val_clips),
+                            ("test_clips", test_clips), ("test_crop_size", test_crop_size), ("num_classes", num_classes),
+                            *(("train_short_side (each)", v) for v in train_short_side)):
+            check_range(name, value, "[1, inf)")
+        check_range("num_workers", num_workers, "[0, inf)")
+        check_range("fps", fps, "(0, inf)")
         # NOTE: num_classes stays out of the hparams: the task's (linked from this module's property)
         # is the one the loggers record, and Lightning refuses two different values of one key.
         self.save_hyperparameters(ignore=["num_classes"])
         self.batch_size = batch_size
         self.root = Path(root).expanduser()
-        self._num_classes = num_classes
+        self._num_classes = num_classes  # as given; the checked count is self._classes
+        self._classes: int | None = None
         self.data: dict[str, ClipStream] = {}
 
     # ------------------------------------------------------------------------------ layout
@@ -263,10 +286,12 @@ class KineticsDataModule(pl.LightningDataModule):
         return None
 
     def _check_root(self) -> int:
+        """The number of classes, after checking the layout and every label against it."""
         train, val = self._source("train"), self._source("val")
         if not self.root.is_dir() or train is None or val is None:
             missing = "train" if train is None else "val"
             raise FileNotFoundError(f"no videos at {self.root}: no {missing}.csv or {missing}/; " + LAYOUT.format(root=self.root))
+        given = self._num_classes
         if train.is_dir():
             classes = sorted(p.name for p in train.iterdir() if p.is_dir())
             if not classes:
@@ -279,17 +304,27 @@ class KineticsDataModule(pl.LightningDataModule):
                     # would silently shift the labels.
                     raise ValueError(f"{other}: class folders differ from train's: "
                                      f"{sorted(set(found) ^ set(classes))[:5]}; " + LAYOUT.format(root=self.root))
+            if given is not None and given != len(classes):
+                raise ValueError(f"num_classes is {given} but {train} has {len(classes)} class folders")
             return len(classes)
-        labels = [int(line.rsplit(None, 1)[1]) for line in train.read_text().splitlines() if len(line.split()) > 1]
-        if not labels:
+        lists = {split: _read_list(src) for split in ("train", "val", "test")
+                 if (src := self._source(split)) is not None and src.is_file()}
+        if not lists["train"]:
             raise ValueError(f"{train} holds no `<path> <label>` lines; " + LAYOUT.format(root=self.root))
-        return max(labels) + 1
+        count = given if given is not None else max(label for _, label in lists["train"]) + 1
+        for split, rows in lists.items():
+            bad = [(line, label) for line, label in rows if not 0 <= label < count]
+            if bad:
+                where = ", ".join(f"line {line}: {label}" for line, label in bad[:5])
+                raise ValueError(f"{self._source(split)}: labels outside 0..{count - 1} ({count} classes"
+                                 f"{'' if given is not None else ', from train.csv'}): {where}")
+        return count
 
     @property
     def num_classes(self) -> int:
-        if self._num_classes is None:
-            self._num_classes = self._check_root()
-        return self._num_classes
+        if self._classes is None:
+            self._classes = self._check_root()
+        return self._classes
 
     @property
     def skipped_videos(self) -> int:

@@ -9,6 +9,7 @@ PhotoMetricDistortion; evaluation Resize and the label at its original size.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ssn.checks import check_range
+
 from .resumable import ResumableLoader, eval_loader
 
-__all__ = ["CheckLabelSize", "SegDataModule", "SegFolderDataModule", "SkippingSegDataset", "collate_skipping",
+__all__ = ["CheckLabel", "SegDataModule", "SegFolderDataModule", "SkippingSegDataset", "collate_skipping",
            "readable"]
 
 log = logging.getLogger(__name__)
@@ -38,29 +41,47 @@ def readable(path: str | Path) -> bool:
     return data.size > 0 and cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is not None
 
 
-class CheckLabelSize:
-    """Pipeline step after ``LoadAnnotations``: the label must have the image's original size.
+class CheckLabel:
+    """Pipeline step after ``LoadAnnotations``: the label must be one channel of class indices
+    (``0 .. num_classes - 1`` or ``ignore_index``) at its image's original size.
 
     NOTE: mmseg would otherwise resize/crop image and label with the wrong correspondence, or fail
-    deep inside a transform with a message that names neither file.
+    deep inside a transform, the loss or the metric ("Target 200 is out of bounds", a device-side
+    assert on CUDA), only once a crop happens to contain the value, naming no file.
     """
 
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+
     def __call__(self, results: dict[str, Any]) -> dict[str, Any]:
-        label, image = results["gt_seg_map"].shape[:2], tuple(results["ori_shape"][:2])
-        if tuple(label) != image:
+        label, path = results["gt_seg_map"], results["seg_map_path"]
+        if label.ndim != 2:
+            raise ValueError(f"label {path} has shape {label.shape}: expected one channel of class indices "
+                             "(a single-channel PNG), not a colour image")
+        if tuple(label.shape) != tuple(results["ori_shape"][:2]):
+            (h, w), (ih, iw) = label.shape, results["ori_shape"][:2]
+            raise ValueError(f"label {path} is {w}x{h} (w x h) but its image {results['img_path']} is {iw}x{ih}: "
+                             "a label must have its image's size")
+        values = np.unique(label)
+        bad = values[(values >= self.num_classes) & (values != self.ignore_index)]
+        if bad.size:
+            # NOTE: ADE20K's labels are reduced (0 -> ignore, k -> k - 1) when read: name the file's values
+            shift = 1 if results.get("reduce_zero_label") else 0
             raise ValueError(
-                f"label {results['seg_map_path']} is {label[1]}x{label[0]} (w x h) but its image "
-                f"{results['img_path']} is {image[1]}x{image[0]}: a label must have its image's size"
+                f"label {path} holds values {(bad + shift).tolist()[:10]} outside the {self.num_classes} classes "
+                f"(0..{self.num_classes - 1 + shift}{', read with 0 as ignore' if shift else ''}) and the "
+                f"ignore index {self.ignore_index}"
             )
         return results
 
     def __repr__(self) -> str:
-        return "CheckLabelSize()"
+        return f"CheckLabel(num_classes={self.num_classes}, ignore_index={self.ignore_index})"
 
 
 def train_pipeline(
     scale: tuple[int, int],
     crop_size: tuple[int, int],
+    check: CheckLabel,
     *,
     ratio_range: tuple[float, float] = (0.5, 2.0),
     cat_max_ratio: float = 0.75,
@@ -71,7 +92,7 @@ def train_pipeline(
     steps: list[Any] = [
         dict(type="LoadImageFromFile", color_type=color_type),
         dict(type="LoadAnnotations"),
-        CheckLabelSize(),
+        check,
         dict(type="RandomResize", scale=tuple(scale), ratio_range=tuple(ratio_range), keep_ratio=True),
         dict(type="RandomCrop", crop_size=tuple(crop_size), cat_max_ratio=cat_max_ratio),
         dict(type="RandomFlip", prob=0.5),
@@ -81,11 +102,11 @@ def train_pipeline(
     return [*steps, dict(type="PackSegInputs")]
 
 
-def test_pipeline(scale: tuple[int, int] | None, *, color_type: str = "color") -> list[Any]:
+def test_pipeline(scale: tuple[int, int] | None, check: CheckLabel, *, color_type: str = "color") -> list[Any]:
     """mmseg's evaluation pipeline: resize the image (keep ratio), the label stays at full size."""
     resize = [dict(type="Resize", scale=tuple(scale), keep_ratio=True)] if scale else []
     return [dict(type="LoadImageFromFile", color_type=color_type), *resize, dict(type="LoadAnnotations"),
-            CheckLabelSize(), dict(type="PackSegInputs")]
+            check, dict(type="PackSegInputs")]
 
 
 class SkippingSegDataset(Dataset):
@@ -129,6 +150,17 @@ class SkippingSegDataset(Dataset):
             return None
 
 
+def _check_labels_exist(dataset: Any, split: str) -> None:
+    """Every image of ``split`` has its label file: one that is missing is a layout error (a
+    misnamed or uncopied file), not a corrupt sample to skip."""
+    infos = (dataset.get_data_info(i) for i in range(len(dataset)))
+    missing = [(info["img_path"], info["seg_map_path"]) for info in infos if not Path(info["seg_map_path"]).is_file()]
+    if missing:
+        image, label = missing[0]
+        raise FileNotFoundError(f"{len(missing)} {split} image(s) have no label file, e.g. {image}: no {label}; "
+                                "every image needs its label (a missing one is a layout error, not a corrupt file)")
+
+
 def collate_skipping(batch: list[Any]) -> dict[str, list[Any]] | None:
     """mmengine's ``pseudo_collate`` (lists of images and SegDataSamples) without skipped samples."""
     from mmengine.dataset import pseudo_collate
@@ -146,6 +178,7 @@ class SegDataModule(pl.LightningDataModule):
     """
 
     num_classes: int
+    ignore_index: int = 255  # mmseg's; the label value that is no class
     in_channels: int = 3
     color_type: str = "color"
     photometric: bool = True
@@ -164,6 +197,13 @@ class SegDataModule(pl.LightningDataModule):
         cat_max_ratio: float = 0.75,
     ) -> None:
         super().__init__()
+        for name, value, interval in (("batch_size", batch_size, "[1, inf)"), ("val_batch_size", val_batch_size, "[1, inf)"),
+                                      ("num_workers", num_workers, "[0, inf)"), ("repeat", repeat, "[1, inf)"),
+                                      ("cat_max_ratio", cat_max_ratio, "(0, 1]"), *(("crop_size (each side)", v, "[1, inf)")
+                                      for v in crop_size), *(("scale (each side)", v, "[1, inf)") for v in scale)):
+            check_range(name, value, interval)
+        if not 0 < ratio_range[0] <= ratio_range[1] < math.inf:
+            raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {tuple(ratio_range)}")
         self.crop_size, self.scale = tuple(crop_size), tuple(scale)
         self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
         self.root = Path(root).expanduser()
@@ -183,11 +223,12 @@ class SegDataModule(pl.LightningDataModule):
 
     def _pipeline(self, train: bool) -> list[Any]:
         """mmseg's standard training or evaluation pipeline with this module's parameters."""
+        check = CheckLabel(self.num_classes, self.ignore_index)
         if train:
-            return train_pipeline(self.scale, self.crop_size, ratio_range=self.ratio_range,
+            return train_pipeline(self.scale, self.crop_size, check, ratio_range=self.ratio_range,
                                   cat_max_ratio=self.cat_max_ratio, photometric=self.photometric,
                                   color_type=self.color_type)
-        return test_pipeline(self.scale, color_type=self.color_type)
+        return test_pipeline(self.scale, check, color_type=self.color_type)
 
     @property
     def skipped_images(self) -> int:
@@ -203,7 +244,9 @@ class SegDataModule(pl.LightningDataModule):
         init_default_scope("mmseg")
         for split in ("train", "val"):
             if split not in self.data:
-                self.data[split] = SkippingSegDataset(self._dataset(split), self.repeat if split == "train" else 1)
+                dataset = self._dataset(split)
+                _check_labels_exist(dataset, split)
+                self.data[split] = SkippingSegDataset(dataset, self.repeat if split == "train" else 1)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         w = self.num_workers

@@ -12,8 +12,10 @@ Pure functions, testable without any task.
 from __future__ import annotations
 
 import logging
+import argparse
 import os
 import pickle
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +44,19 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict[s
         FileNotFoundError: no file. ValueError: an empty, corrupt or non-PyTorch file, or one that
             needs unpickling arbitrary objects (named; only ``trusted=True`` loads those).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file, not a checkpoint")
+    if _is_exported_program(path):
+        raise ValueError(f"{path} is a torch.export program (the native export, for inference), not weights to "
+                         f"load: pass the state_dict saved beside it, {path.with_suffix('.state_dict.pt')}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+        # NOTE: torchvision's reference scripts save their argparse options beside the weights
+        # (`{"model": ..., "args": Namespace(...)}`); a Namespace only holds plain values.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as e:
         if "global" in str(e) or "GLOBAL" in str(e):
             raise ValueError(
@@ -62,6 +70,17 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict[s
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
     return obj
+
+
+def _is_exported_program(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.export.save`` archive (``*.pt2``)."""
+    if path.suffix == ".pt2":
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("serialized_exported_program.json") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def rekey_state(sd: dict[str, Any], rename: Callable[[str], str | None]) -> OrderedDict[str, Any]:
@@ -94,7 +113,8 @@ def backbone_state(obj: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
 
     Kinds: a Lightning checkpoint of any of our tasks (``state_dict`` under the task's prefix, e.g.
     ``net.`` or ``model.backbone.``), the authors' checkpoint (``ssn.authors`` format), a plain
-    state_dict (torchvision ResNet, or our native export ``*.state_dict.pt``).
+    state_dict (torchvision ResNet, or our native export ``*.state_dict.pt``; DDP's ``module.``
+    prefix is any prefix), torchvision's reference-script checkpoint (``{"model": state_dict, ...}``).
 
     Raises:
         ValueError: nothing that looks like a ResNet backbone, naming a few keys found.
@@ -104,6 +124,8 @@ def backbone_state(obj: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
     if isinstance(obj.get("state_dict"), dict):
         sd = obj["state_dict"]
         kind = "lightning" if "pytorch-lightning_version" in obj else "state_dict"
+    elif isinstance(obj.get("model"), dict):  # torchvision's reference scripts: {"model": sd, "optimizer": ...}
+        sd, kind = obj["model"], "torchvision reference checkpoint"
     if _is_authors(sd):
         from .authors import convert_authors_state_dict
 
@@ -207,8 +229,8 @@ def load_backbone(
         kind: the source's kind, for the report.
 
     Raises:
-        ValueError: a missing backbone key or an unexpected source key (both named), or a shape
-            mismatch outside the head.
+        ValueError: a missing backbone key or an unexpected source key (both named), a shape
+            mismatch outside the head, or a NaN/Inf in a tensor to load (named; nothing is loaded).
     """
     if ratios not in RATIO_MODES:
         raise ValueError(f"pretrained_ratios must be one of {RATIO_MODES}, got {ratios!r}")
@@ -258,6 +280,18 @@ def load_backbone(
             "the pretrained backbone does not fit this network: "
             + "; ".join(f"{what} ({len(keys)}): {_brief(keys)}" for what, keys in
                         (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad_shape)) if keys)
+        )
+    nonfinite = [k for k, v in values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f"the pretrained tensors hold NaN/Inf values in {len(nonfinite)} of them: {_brief(nonfinite)} "
+                         "(saved after the source diverged?); use an earlier checkpoint of the source")
+    recorded = [name for name, m in norms.items() if isinstance(m, _SwitchNorm)
+                and (meta.get(name) or {}).get(_META) and f"{name}.mean_latch" not in state]
+    if recorded and ratios == "reopen":
+        raise ValueError(
+            f"pretrained_ratios 'reopen' starts from the source's ratios, but this native export holds only the "
+            f"selection of its {len(recorded)} layers (e.g. {recorded[0]}), not ratios: use 'keep' (the recorded "
+            "latches), 'reset', or 'reopen' from the Lightning checkpoint (last.ckpt) the export was made from"
         )
     for key, src in values.items():
         own[key].copy_(src.to(own[key].dtype))

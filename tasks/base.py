@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 import ssn
-from ssn.norm import _Sparsest
+from ssn.checks import check_range
+from ssn.norm import LatchedNorm, _Sparsest, _SwitchNorm
 from ssn.transfer import (
     RATIO_MODES, TransferReport, backbone_state, load_backbone, read_checkpoint, rekey_state, with_metadata,
 )
@@ -60,6 +61,19 @@ def _to_channels_last(net: nn.Module) -> None:
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, LatchedNorm, _SwitchNorm))
+
+# The accepted range of each numeric NormTask option (ssn.checks.check_range; None passes).
+_RANGES = {
+    "lr": "(0, inf)", "lr_batch_size": "[1, inf)", "momentum": "[0, 1)", "weight_decay": "[0, inf)",
+    "ratio_lr_scale": "[0, inf)", "ratio_weight_decay": "[0, inf)", "ratio_grad_clip": "(0, inf)",
+    "norm_weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)", "gamma": "(0, 1]", "poly_power": "(0, inf)",
+    "min_lr": "[0, inf)", "radius_ramp_fraction": "(0, 1]", "radius_delay_fraction": "[0, 1)",
+    "radius_end": "(0, inf)", "pretrained_radius_start": "[0, inf)", "backbone_lr_scale": "[0, inf)",
+}
 
 
 class NormTask(pl.LightningModule):
@@ -160,6 +174,13 @@ class NormTask(pl.LightningModule):
         ssn.get_norm_layer(norm)  # an unknown name fails now, with the valid ones listed
         if pretrained_ratios not in RATIO_MODES:
             raise ValueError(f"pretrained_ratios must be one of {RATIO_MODES}, got {pretrained_ratios!r}")
+        for name, interval in _RANGES.items():
+            check_range(name, self.hparams[name], interval)
+        for m in milestones:
+            check_range("milestones (each)", m, "[0, inf)")
+        if radius_delay_fraction + radius_ramp_fraction > 1:
+            raise ValueError(f"radius_delay_fraction + radius_ramp_fraction must be at most 1, got "
+                             f"{radius_delay_fraction} + {radius_ramp_fraction}")
         self.norm = norm
         self.norm_kwargs = dict(norm_kwargs or {})
         self.initial_radius: float | None = None  # where the radius ramp starts (fine-tuning)
@@ -189,13 +210,18 @@ class NormTask(pl.LightningModule):
     def load_pretrained(self, path: str) -> TransferReport:
         """Load ``path`` into :meth:`pretrained_module` (see the ``pretrained`` argument)."""
         hp = self.hparams
-        state, kind = backbone_state(read_checkpoint(path, trusted=hp.pretrained_trusted))
+        path = os.path.expanduser(path)
         target = self.pretrained_module()
         head = self.head_prefixes()
-        if not hp.pretrained_head:  # a new task's labels: the head starts afresh
-            state = rekey_state(state, lambda k: None if head and k.startswith(head) else k)
-        state = with_metadata(self.map_pretrained(state, target), state)
-        report = load_backbone(target, state, new_ok=head, drop_ok=("fc.", *head), ratios=hp.pretrained_ratios, kind=kind)
+        try:
+            state, kind = backbone_state(read_checkpoint(path, trusted=hp.pretrained_trusted))
+            if not hp.pretrained_head:  # a new task's labels: the head starts afresh
+                state = rekey_state(state, lambda k: None if head and k.startswith(head) else k)
+            state = with_metadata(self.map_pretrained(state, target), state)
+            report = load_backbone(target, state, new_ok=head, drop_ok=("fc.", *head), ratios=hp.pretrained_ratios,
+                                   kind=kind)
+        except ValueError as e:
+            raise ValueError(f"pretrained {path}: {e}" if path not in str(e) else str(e)) from e
         if hp.pretrained_ratios == "keep":  # the ramp continues from the largest radius still in use
             self.initial_radius = max((float(m.radius) for _, m in ssn.switch_norms(target)
                                        if isinstance(m, _Sparsest) and None in m.latched), default=None)
@@ -205,24 +231,54 @@ class NormTask(pl.LightningModule):
         log.warning("pretrained %s into %s: %s", path, type(self).__name__, report.summary())
         return report
 
+    def restoring_checkpoint(self) -> None:
+        """Called before a run that restores a whole checkpoint (resume, validate, test): the
+        checkpoint holds the fine-tuned weights, so ``pretrained`` is not read (it may have moved)."""
+        self._pretrained_loaded = True
+
     def configure_model(self) -> None:
-        # NOTE: once, before the optimizer is built; a resumed run's checkpoint is restored after
-        # this and wins (it is the fine-tuned state).
+        # NOTE: once per module, before the optimizer is built (Lightning calls it at every fit,
+        # validate and test; a copy, e.g. the CLI's exported model, is configured already). A
+        # resumed run's checkpoint is restored after this and wins (it is the fine-tuned state).
+        if getattr(self, "_configured", False):
+            return
         if self.hparams.pretrained and not getattr(self, "_pretrained_loaded", False):
             self.load_pretrained(self.hparams.pretrained)
             self._pretrained_loaded = True
-        for prefix in self.hparams.freeze:
-            params = [p for n, p in self.pretrained_module().named_parameters() if n.startswith(prefix)]
+        self._freeze(self.hparams.freeze)
+        if self.hparams.channels_last:
+            _to_channels_last(self.pretrained_module())
+        if self.hparams.compile:
+            self.pretrained_module().compile()
+        self._configured = True
+
+    def _freeze(self, prefixes: list[str]) -> None:
+        """Freeze the backbone parameters under ``prefixes``, and the norms among them as Lightning's
+        ``BaseFinetuning.freeze`` does: in eval mode (running statistics kept, SSN layers do not
+        latch); a frozen SSN layer also keeps its radius (:meth:`on_train_batch_start`)."""
+        self._frozen_norms: list[nn.Module] = []
+        backbone = self.pretrained_module()
+        for prefix in prefixes:
+            params = [p for n, p in backbone.named_parameters() if n.startswith(prefix)]
             if not params:
-                raise ValueError(f"freeze: no backbone parameter starts with {prefix!r}")
+                raise ValueError(f"freeze: no backbone parameter starts with {prefix!r}; the backbone's top-level "
+                                 f"names: {sorted({n.split('.')[0] for n, _ in backbone.named_parameters()})}")
             for p in params:
                 p.requires_grad_(False)
-        if self.hparams.channels_last and not getattr(self, "_channels_last", False):
-            _to_channels_last(self.pretrained_module())
-            self._channels_last = True
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.pretrained_module().compile()
-            self._compiled = True
+            self._frozen_norms += [m for n, m in backbone.named_modules() if n.startswith(prefix) and _is_norm(m)
+                                   and not any(p.requires_grad for p in m.parameters())]
+
+    def train(self, mode: bool = True) -> NormTask:
+        super().train(mode)
+        for m in getattr(self, "_frozen_norms", []):
+            m.eval()
+        return self
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # NOTE: after the callbacks' hook (Lightning calls those first): RadiusSchedule has ramped
+        # every SSN layer; a frozen one goes back to its radius at the start of training
+        for m, radius in getattr(self, "_frozen_radius", {}).items():
+            m.radius.fill_(radius)
 
     # ------------------------------------------------------------------------- optimisation
     def global_batch_size(self) -> int:
@@ -245,6 +301,22 @@ class NormTask(pl.LightningModule):
         if not math.isfinite(batches):
             raise ValueError("epoch-based schedules need a sized training loader")
         return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
+    def _check_training_batches(self) -> None:
+        """Refuse a training split that gives no batch, which would train nothing and still
+        end as a finished run (with the test metrics of an untrained network)."""
+        if self.trainer.num_training_batches:
+            return
+        loader = self.trainer.train_dataloader
+        loader = getattr(loader, "iterables", loader)  # Lightning's CombinedLoader around ours
+        dataset = getattr(loader, "dataset", None)
+        size = len(dataset) if hasattr(dataset, "__len__") else "an unknown number of"
+        raise ValueError(
+            f"the training split gives no batch: {size} samples (per device), batch_size "
+            f"{getattr(loader, 'batch_size', None)}, drop_last={getattr(loader, 'drop_last', None)}, "
+            f"limit_train_batches={self.trainer.limit_train_batches}: no step would train; use a smaller "
+            "batch_size or more training data"
+        )
 
     def _param_groups(self, lr: float) -> list[dict[str, Any]]:
         hp = self.hparams
@@ -272,6 +344,7 @@ class NormTask(pl.LightningModule):
             g["params"] = [p for p in g["params"] if p.requires_grad]
         opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         total = int(self.trainer.estimated_stepping_batches)
+        self._check_training_batches()
         per_epoch = self.steps_per_epoch() if hp.schedule == "step" or hp.warmup_epochs else 1
         warmup = round(hp.warmup_epochs * per_epoch)
         milestones = [m * per_epoch for m in hp.milestones]
@@ -402,6 +475,8 @@ class NormTask(pl.LightningModule):
         # builds it earlier (estimated_stepping_batches), so they are applied here, before the
         # first batch (a no-op when not resuming). Pinned by tests/test_resume.py.
         self.trainer.fit_loop._load_combined_loader_states()
+        # after a resumed run's checkpoint is restored: the radius its frozen SSN layers keep
+        self._frozen_radius = {m: float(m.radius) for m in getattr(self, "_frozen_norms", []) if isinstance(m, _Sparsest)}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start_step = self.global_step

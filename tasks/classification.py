@@ -10,6 +10,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ssn.checks import check_range
+
 from .base import NormTask
 
 __all__ = ["ImageClassifier", "SmallResNet", "build_classifier", "ARCHS"]
@@ -101,6 +103,9 @@ class ImageClassifier(NormTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_range("num_classes", num_classes, "[2, inf)")
+        check_range("in_channels", in_channels, "[1, inf)")
+        check_range("label_smoothing", label_smoothing, "[0, 1)")
         self.net = build_classifier(arch, num_classes, in_channels, self.norm_layer(), zero_init_residual)
         self.metrics = self.accuracy_metrics(num_classes)
 

@@ -28,7 +28,7 @@ from ssn.io import atomic_write, save_atomic
 from ssn.transfer import read_checkpoint, record_norms
 
 from .base import NormTask
-from .callbacks import complete_summary
+from .callbacks import SUMMARY_FILE, complete_summary, update_summary
 
 __all__ = ["SSNCLI", "main", "export_model"]
 
@@ -79,10 +79,16 @@ class SSNCLI(LightningCLI):
     def before_fit(self) -> None:
         # NOTE: checkpoints go to <default_root_dir>/checkpoints unless a dirpath is configured:
         # the logger's per-run folder (a new wandb run id each time) would hide the previous run's
-        # last.ckpt from `--ckpt_path last`, and a resume would silently start over.
+        # last.ckpt from `--ckpt_path last`, and a resume would silently start over. A new run
+        # replaces an earlier run's last.ckpt there (no `last-v1.ckpt` beside it), so `last` is
+        # always this run's own.
         for cb in self.trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
-                cb.dirpath = os.path.realpath(checkpoint_dir(self.trainer.default_root_dir))
+            if isinstance(cb, ModelCheckpoint):
+                if cb.dirpath is None:
+                    cb.dirpath = os.path.realpath(checkpoint_dir(self.trainer.default_root_dir))
+                cb._enable_version_counter = False
+        self._refuse_writing_beside_source()
+        self._restoring()
         saved = getattr(self, "_checkpoint", None)
         if saved is not None:  # a resumed run continues its own wandb run, not a new one
             versions = saved.get("logger_versions", {})
@@ -95,9 +101,35 @@ class SSNCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._warn_untrained()
+        self._restoring()
 
     def before_test(self) -> None:
         self._warn_untrained()
+        self._restoring()
+
+    def _restoring(self) -> None:
+        """A run given a checkpoint restores everything from it: ``pretrained`` is not read again
+        (the file may have moved since the fine-tuning started)."""
+        if self.config_init[self.subcommand].get("ckpt_path") and isinstance(self.model, NormTask):
+            self.model.restoring_checkpoint()
+
+    def _refuse_writing_beside_source(self) -> None:
+        """A run never writes into the folder its ``pretrained`` file lies in: its checkpoints
+        would sit beside the source's (``last`` would then resume the source model) and its export
+        or summary would overwrite the source's."""
+        source = getattr(self.model.hparams, "pretrained", None)
+        if not source:
+            return
+        root = Path(self.trainer.default_root_dir)
+        written = {root, root / "exported", *(Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
+                                               if getattr(cb, "dirpath", None))}
+        folder = Path(source).expanduser().resolve().parent
+        if folder in {w.resolve() for w in written}:
+            raise ValueError(
+                f"pretrained {source} lies in {folder}, where this run writes its checkpoints, export or summary "
+                f"(default_root_dir {root}): it would overwrite the source or resume it as its own `last`; give "
+                "the run its own --trainer.default_root_dir"
+            )
 
     def _warn_untrained(self) -> None:
         if self.config_init[self.subcommand].get("ckpt_path") is None and not getattr(self.model.hparams, "pretrained", None):
@@ -142,6 +174,16 @@ class SSNCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.trainer.interrupted:
             return
+        try:
+            self._test_and_export()
+        except BaseException as e:
+            # NOTE: the summary said `fitted`; a sweep would re-run a `fitted` run forever
+            path = Path(self.trainer.default_root_dir) / SUMMARY_FILE
+            if self.trainer.is_global_zero and path.is_file():
+                update_summary(path, status="failed", error=f"after fit: {type(e).__name__}: {e}"[:2000])
+            raise
+
+    def _test_and_export(self) -> None:
         if not self.config[self.subcommand].get("export", True):
             complete_summary(self.trainer)  # the run is complete without its test
             return

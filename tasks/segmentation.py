@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 import ssn
+from ssn.checks import check_range
 
 from .base import NormTask
 
@@ -120,6 +121,15 @@ class SemanticSegmenter(NormTask):
         for key, value in (("weight_decay", 5e-4), ("schedule", "poly"), ("poly_power", 0.9), ("min_lr", 1e-4)):
             kwargs.setdefault(key, value)
         super().__init__(**kwargs)
+        check_range("num_classes", num_classes, "[2, inf)")
+        check_range("in_channels", in_channels, "[1, inf)")
+        check_range("aux_weight", aux_weight, "[0, inf)")
+        for name, size in (("crop_size", crop_size), ("test_crop_size", test_crop_size), ("test_stride", test_stride)):
+            for side in size or ():
+                check_range(f"{name} (each side)", side, "[1, inf)")
+        if not 0 <= ignore_index <= 255 or ignore_index < num_classes:
+            raise ValueError(f"ignore_index must be in [num_classes, 255] = [{num_classes}, 255] (a label PNG's "
+                             f"values, none of them a class), got {ignore_index}")
         from ssn.integrations import bridge_mmcv_lite, mm_norm_cfg
 
         bridge_mmcv_lite()  # NOTE: before mmseg.models, which imports mmcv.ops
@@ -171,6 +181,18 @@ class SemanticSegmenter(NormTask):
     def pretrained_module(self) -> nn.Module:
         """The mmseg ResNet backbone: its state_dict keys are torchvision ResNet's without ``fc``."""
         return self.model.backbone
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # NOTE: ASPP's image-pool branch normalises a 1x1 map: batch statistics over one sample
+        # have one value per channel, which torch's BatchNorm refuses (deep in the first step).
+        values = self.trainer.datamodule.batch_size * (self.trainer.world_size if self.sync_stats else 1)
+        if self.norm in ("bn", "syncbn") and values < 2:
+            raise ValueError(
+                f"norm {self.norm!r} at {values} sample per batch statistic: the ASPP image-pool branch "
+                "(model.decode_head.image_pool, a 1x1 map) needs at least 2 values per channel; use batch_size >= 2 "
+                "(or syncbn over several devices), or a normalizer that works on one sample (gn, in, ln, sn, ssn)"
+            )
 
     # ---------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor | None:

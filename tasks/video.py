@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssn.checks import check_range
 from ssn.inflate import inflate_resnet_state_dict
 
 from .base import NormTask
@@ -89,6 +90,10 @@ class VideoClassifier(NormTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        for name, value, interval in (("num_classes", num_classes, "[2, inf)"), ("in_channels", in_channels, "[1, inf)"),
+                                      ("frames", frames, "[1, inf)"), ("dropout", dropout, "[0, 1)"),
+                                      ("label_smoothing", label_smoothing, "[0, 1)")):
+            check_range(name, value, interval)
         self.net = build_slow_resnet(arch, num_classes, in_channels, self.norm_layer(dim=3), frames=frames,
                                      crop_size=crop_size, temporal_kernels=tuple(temporal_kernels), dropout=dropout,
                                      zero_init_residual=zero_init_residual)

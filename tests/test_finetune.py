@@ -196,3 +196,112 @@ def test_backbone_lr_scale_and_freeze(tmp_path):
     assert groups["backbone_ratios"]["lr"] == pytest.approx(0.1 * 0.1) and groups["backbone_ratios"]["weight_decay"] == 0
     with pytest.raises(ValueError, match="no backbone parameter starts with 'layer9'"):
         ImageClassifier(arch="resnet18", norm="bn", freeze=["layer9"]).configure_model()
+
+
+def _resnet18_file(path: Path, **entries: object) -> dict[str, torch.Tensor]:
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save({**entries, "model": sd} if entries else sd, path)
+    return sd
+
+
+def test_nonfinite_pretrained_tensors_are_refused_by_key_and_file(tmp_path):
+    sd = torchvision.models.resnet18().state_dict()
+    sd["layer2.0.bn1.running_var"][3] = float("nan")
+    sd["layer3.1.conv2.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(sd, tmp_path / "diverged.pth")
+    task = ImageClassifier(arch="resnet18", num_classes=10, norm="bn", pretrained=str(tmp_path / "diverged.pth"))
+    before = task.net.layer1[0].conv1.weight.clone()
+    with pytest.raises(ValueError, match=r"diverged.pth: .*NaN/Inf values in 2 .*layer2\.0\.bn1\.running_var, "
+                                         r"layer3\.1\.conv2\.weight"):
+        task.configure_model()
+    torch.testing.assert_close(task.net.layer1[0].conv1.weight, before, rtol=0, atol=0)  # nothing loaded
+
+
+def test_pretrained_file_formats_other_tools_write(tmp_path, monkeypatch):
+    import argparse
+
+    # torchvision's reference scripts: {"model": sd, "optimizer": ..., "args": Namespace}
+    sd = _resnet18_file(tmp_path / "ref.pth", epoch=89, args=argparse.Namespace(lr=0.5, model="resnet18"))
+    task = _loaded(ImageClassifier(arch="resnet18", num_classes=10, norm="bn", pretrained=str(tmp_path / "ref.pth")))
+    torch.testing.assert_close(task.net.layer4[1].conv2.weight, sd["layer4.1.conv2.weight"], rtol=0, atol=0)
+    # DDP's `module.` prefix, and `~` for the home folder
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pth")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    task = _loaded(ImageClassifier(arch="resnet18", num_classes=10, norm="bn", pretrained="~/ddp.pth"))
+    torch.testing.assert_close(task.net.conv1.weight, sd["conv1.weight"], rtol=0, atol=0)
+    # the exported program is for inference: the message names the state_dict beside it
+    net = nn.Sequential(nn.Conv2d(1, 2, 3))
+    torch.export.save(torch.export.export(net, (torch.randn(1, 1, 8, 8),)), tmp_path / "model.pt2")
+    with pytest.raises(ValueError, match=r"model.pt2 is a torch.export program .* pass the state_dict saved beside "
+                                         r"it, .*model.state_dict.pt"):
+        read_checkpoint(tmp_path / "model.pt2")
+
+
+@needs_fmnist
+def test_reopen_from_a_native_export_is_refused_not_reset(trained):
+    _, export = trained
+    task = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", pretrained=str(export),
+                           pretrained_ratios="reopen")
+    with pytest.raises(ValueError, match=r"'reopen' .* native export holds only the selection .* use 'keep'"):
+        task.configure_model()
+
+
+def test_frozen_norms_keep_their_statistics_and_do_not_latch():
+    task = _loaded(ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn",
+                                   freeze=["conv1", "bn1"]))
+    task.train()
+    bn1 = task.net.bn1
+    assert not bn1.training and task.net.layers[0][0].bn1.training  # frozen: eval mode, as BaseFinetuning
+    stats = bn1.running_mean.clone()
+    with torch.no_grad():
+        for _, m in ssn.switch_norms(task):  # every layer prefers BN; at radius 1 each ratio is one-hot
+            m.mean_logits.copy_(torch.tensor([0.0, 0.0, 5.0]))
+            m.var_logits.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    ssn.set_radius(task, 1.0)
+    ssn.update_latches(task)
+    task.net(torch.randn(4, 1, 28, 28))
+    torch.testing.assert_close(bn1.running_mean, stats, rtol=0, atol=0)
+    assert bn1.latched == (None, None) and None not in task.net.layers[0][0].bn1.latched
+
+
+@needs_fmnist
+def test_freeze_trains_exports_and_tests_the_export(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    cli = main(["fit", *_args(out, "--model.init_args.freeze=[conv1, bn1]")])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and "exported/test/acc1" in summary["metrics"]
+    assert not cli.model.net.conv1.weight.requires_grad
+
+
+@needs_fmnist
+def test_a_failure_after_fit_marks_the_summary_failed(tmp_path, monkeypatch):
+    import json
+
+    import tasks.cli
+
+    def broken(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tasks.cli, "export_model", broken)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        main(["fit", *_args(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "disk full" in summary["error"]  # a sweep does not take it as fitted
+
+
+@needs_fmnist
+def test_resume_and_validate_do_not_reread_a_moved_pretrained_file(trained, tmp_path):
+    ckpt, _ = trained
+    source = tmp_path / "source" / "pretrained.ckpt"
+    source.parent.mkdir()
+    source.write_bytes(ckpt.read_bytes())
+    out = tmp_path / "out"
+    main(["fit", *_args(out, f"--model.init_args.pretrained={source}", "--trainer.limit_train_batches=2",
+                        "--export=false")])
+    source.rename(tmp_path / "moved.ckpt")  # the checkpoint holds everything the run needs
+    main(["validate", *_args(out, f"--model.init_args.pretrained={source}"), "--ckpt_path=last"])
+    main(["fit", *_args(out, f"--model.init_args.pretrained={source}", "--trainer.max_epochs=2",
+                        "--trainer.limit_train_batches=2", "--export=false"), "--ckpt_path=last"])
