@@ -120,27 +120,20 @@ def _plane_moments(x: Tensor, correction: int = 0) -> Tensor:
     return out
 
 
-def _plane_sums(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) ``sum(x)`` and ``sum(x * x)`` over the spatial dims, ``(N, C)`` each, in one pass
-    over ``x``: the raw moments dense evaluation works from (no backward).
+def _plane_sums(x: Tensor, unit: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) ``sum(x)`` and ``sum(x * x)`` over the spatial dims of a contiguous ``x``, ``(N, C)``
+    each, in one read: the raw moments (no backward; see ``_plane_moments_eval`` for when they
+    serve).
 
-    NOTE: on the CPU the native batch-norm backward with zero mean and unit inverse std returns
-    both sums of every plane from one fused read of ``x``, where exact two-pass moments read it
-    twice; small maps (7x7, 14x14) gain most. A variance from raw moments has a relative error of
-    about ``eps * (1 + mean^2 / var)``: 1e-6 for activations whose mean is a few standard
-    deviations, far below what eval needs. Channels-last on the CPU: reductions over the
-    (N, M, C) view; elsewhere (CUDA, other strides): two reductions without a temporary.
+    NOTE: the native batch-norm backward with zero mean and unit inverse std returns both sums of
+    every plane from one fused read of ``x`` (its grad_weight and grad_bias), where two-pass
+    moments read it twice; small maps (7x7, 14x14) gain most. ``unit``: those zeros and ones,
+    ``(N*C,)`` each, when the caller keeps them.
     """
-    flat = _flat(x)
-    xv = _nhwc(x) if flat is None and _cache_blocked(x) else None
-    if xv is not None:  # channels-last: reductions over the (N, M, C) view's middle dim
-        return xv.sum(1), xv.square().sum(1)
-    if flat is None or not _cache_blocked(x):
-        spatial = tuple(range(2, x.dim()))
-        return x.sum(spatial), torch.linalg.vector_norm(x, 2, spatial).square_()
-    zeros = x.new_zeros(flat.shape[1])
+    flat = x.view(1, x.shape[0] * x.shape[1], -1)
+    zeros, ones = unit if unit is not None else (x.new_zeros(flat.shape[1]), x.new_ones(flat.shape[1]))
     _, sq, total = torch.ops.aten.native_batch_norm_backward(
-        flat, flat, None, None, None, zeros, torch.ones_like(zeros), True, 0.0, [False, True, True]
+        flat, flat, None, None, None, zeros, ones, True, 0.0, [False, True, True]
     )
     return total.view(x.shape[:2]), sq.view(x.shape[:2])
 
@@ -152,28 +145,33 @@ def _plane_sums(x: Tensor) -> tuple[Tensor, Tensor]:
 # beyond (0.46 at r = 1000 on a 28x28 map); so raw moments serve only the planes with mu^2 <= var.
 
 
-def _plane_moments_eval(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
+def _plane_moments_eval(
+    x: Tensor, correction: int = 0, unit: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-(n, c) mean and variance ``(N, C)`` (biased unless ``correction`` is 1), as exact as
     ``_plane_moments``, for evaluation (no backward), in one read where the data allows.
 
-    NOTE: on a contiguous CPU input the raw sums (``_plane_sums``: one fused read) serve every plane
-    whose mean is within one standard deviation of zero (the activations of a normalised network,
-    mostly); the planes whose raw variance could cancel (large means, constant planes) are
-    gathered and recomputed two-pass, so a layer pays for exactness in proportion to the planes
-    that need it. Elsewhere (channels-last, CUDA): ``_plane_moments``.
+    NOTE: on the CPU the raw sums (one read: ``_plane_sums``, or two reductions over a channels-last
+    input's (N, M, C) view) serve every plane whose mean is within one standard deviation of zero
+    (the activations of a normalised network, mostly). The planes whose raw variance could cancel
+    (large means, constant planes) are recomputed two-pass: gathered, when they are a minority of a
+    contiguous input's, so a layer pays for exactness in proportion to the planes that need it;
+    otherwise the whole input. CUDA: ``_plane_moments`` (one exact var_mean kernel).
     """
     flat = _flat(x)
-    if flat is None or not _cache_blocked(x):
+    xv = None if flat is not None else _nhwc(x)
+    if not _cache_blocked(x) or (flat is None and xv is None):
         mu, var = _plane_moments(x, correction)
         return mu, var
     m = math.prod(x.shape[2:])
-    s1, s2 = _plane_sums(x)
+    s1, s2 = _plane_sums(x, unit) if xv is None else (xv.sum(1), xv.square().sum(1))
     mu = s1.mul_(1 / m)  # (fresh outputs of the sums: modified in place)
     var = s2.mul_(1 / m).addcmul_(mu, mu, value=-1)
     # var < mu^2 (an all-zero plane passes: its raw moments are exact)
-    bad = torch.addcmul(var, mu, mu, value=-1).lt_(0).view(-1).nonzero().view(-1)
-    if bad.numel():  # NOTE: a host read, which costs no sync on the CPU
-        if 2 * bad.numel() > mu.numel():  # most planes: the two-pass moments of the whole input
+    margin = torch.addcmul(var, mu, mu, value=-1)
+    if float(margin.min()) < 0:  # NOTE: a host read, which costs no sync on the CPU
+        bad = margin.view(-1).lt_(0).nonzero().view(-1)
+        if flat is None or 2 * bad.numel() > mu.numel():
             mu, var = _plane_moments(x, correction)
             return mu, var
         rows = flat[0].index_select(0, bad)

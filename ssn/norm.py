@@ -325,14 +325,16 @@ class _SwitchNorm(nn.Module):
         # the per-call ops, which then need no broadcasting of their own.
         return {"ratios": r[:, :BN].tolist(), "bn": bn}
 
-    def _folded_affine(self, fold: dict[Any, Any], n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Weight and bias repeated for ``n`` samples, one per plane (cached in the fold)."""
+    def _folded_affine(self, fold: dict[Any, Any], n: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """Per plane for ``n`` samples (cached in the fold): the weight and the bias repeated, and
+        the zeros and ones the plane sums take (``fused._plane_sums``)."""
         if n not in fold:
             ones = torch.ones(self.num_features, dtype=dtype, device=self.running_mean.device)
             weight = ones if self.weight is None else self.weight.to(dtype)
             bias = torch.zeros_like(ones) if self.bias is None else self.bias.to(dtype)
-            fold[n] = torch.stack([weight, bias]).repeat(1, n)
-        return fold[n][0], fold[n][1]
+            fold[n] = (*torch.stack([weight, bias]).repeat(1, n), ones.new_zeros(n * ones.numel()),
+                       ones.repeat(n))
+        return fold[n]
 
     @torch.no_grad()
     def _folded_eval(self, x: Tensor) -> Tensor:
@@ -347,7 +349,8 @@ class _SwitchNorm(nn.Module):
             self._fold = (key, self._make_fold(xs.dtype))
         fold = self._fold[1]
         (m_in, m_ln), (v_in, v_ln) = fold["ratios"]
-        mu_in, var_in = _plane_moments_eval(xs, self.in_var_correction)
+        weight, bias, *unit = self._folded_affine(fold, x.shape[0], xs.dtype)
+        mu_in, var_in = _plane_moments_eval(xs, self.in_var_correction, unit)
         # LN pooled from the planes as in training (``stats._moments``: the mean of the variances
         # plus the variance of the means, from the deviations), with the 1/C folded into the ratios
         ch = x.shape[1]
@@ -356,7 +359,6 @@ class _SwitchNorm(nn.Module):
         var_ln = torch.addcmul(var_in, dev, dev).sum(1, keepdim=True)
         mean = torch.add(fold["bn"][0], mu_ln, alpha=m_ln / ch).add_(mu_in, alpha=m_in)
         var = torch.add(fold["bn"][1], var_ln, alpha=v_ln / ch).add_(var_in, alpha=v_in)
-        weight, bias = self._folded_affine(fold, x.shape[0], xs.dtype)
         if not xs.is_contiguous():  # e.g. channels_last: broadcast ops keep the layout
             scale = var.rsqrt_().mul_(weight.view_as(var))
             return _plane_affine(xs, scale, torch.addcmul(bias.view_as(scale), mean, scale, value=-1)).to(x.dtype)
