@@ -3,6 +3,9 @@ checkpoint of another normalizer, evaluating an untrained model, corrupt checkpo
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -42,7 +45,9 @@ def test_checkpoint_of_another_normalizer_is_refused_by_name(tmp_path, capsys):
 @needs_fmnist
 def test_diverging_update_stops_before_a_checkpoint_and_names_the_layer(tmp_path):
     with pytest.raises(FloatingPointError, match=r"step 0 .*the update made net\.\S+ \(layer net\.\S+\) non-finite"):
-        main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--model.init_args.lr=.nan", "--export=false")])
+        # in range, but the first update overflows float32 (lr x weight decay x weight > 3.4e38)
+        main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--model.init_args.lr=1e4",
+                            "--model.init_args.weight_decay=1e38", "--export=false")])
     assert not list((tmp_path / "out").rglob("*.ckpt"))  # nothing non-finite was saved
 
 
@@ -123,3 +128,71 @@ def test_every_training_image_unreadable_fails_the_run(tmp_path):
               "--data.init_args.resize_size=36", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
               "--trainer.max_epochs=1", f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
               "--trainer.enable_progress_bar=false", "--export=false"])
+
+
+def test_training_split_smaller_than_one_batch_is_an_error(tmp_path):
+    import lightning.pytorch as pl
+
+    from datamodules import DigitsDataModule
+    from tasks import ImageClassifier
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path)
+    model = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="bn")
+    with pytest.raises(ValueError, match=r"training split gives no batch: 10 samples .*batch_size 64, drop_last=True"):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64, train_size=10))
+    assert not (tmp_path / "summary.json").exists()  # nothing recorded as a finished run
+
+
+def test_a_run_never_writes_beside_its_pretrained_source(tmp_path):
+    from tasks import ImageClassifier
+
+    source = tmp_path / "out" / "checkpoints" / "last.ckpt"  # another run's last.ckpt, in this run's folder
+    source.parent.mkdir(parents=True)
+    torch.save(ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="bn").net.state_dict(), source)
+    with pytest.raises(ValueError, match=rf"pretrained {source} lies in {source.parent}, where this run writes"):
+        main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", f"--model.init_args.pretrained={source}")])
+    with pytest.raises(ValueError, match="where this run writes"):  # and not its export's folder either
+        main(["fit", *_args(tmp_path, "bn", f"--model.init_args.pretrained={tmp_path}/out/exported/model.state_dict.pt")])
+
+
+def test_the_digits_fine_tuning_config_writes_into_its_own_folder():
+    import yaml
+
+    digits = yaml.safe_load((ROOT / "configs/digits/resnet_small_ssn_digits-28.yaml").read_text())
+    base = yaml.safe_load((ROOT / "configs/base/trainer.yaml").read_text())
+    source = Path(digits["model"]["init_args"]["pretrained"])
+    root = Path({**base["trainer"], **digits["trainer"]}["default_root_dir"])
+    assert source.parent not in (root, root / "checkpoints", root / "exported")
+
+
+@needs_fmnist
+def test_last_is_always_this_runs_own_checkpoint(tmp_path):
+    main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--export=false")])
+    main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--export=false")])
+    folder = tmp_path / "out" / "checkpoints"
+    assert not list(folder.glob("last-v*.ckpt"))  # the new run replaced the earlier run's last.ckpt
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize(("option", "value", "interval"), [
+    ("backbone_lr_scale", -0.5, "[0, inf)"), ("lr", float("nan"), "(0, inf)"), ("lr", 0.0, "(0, inf)"),
+    ("momentum", 1.0, "[0, 1)"), ("weight_decay", -1e-4, "[0, inf)"), ("warmup_epochs", -1, "[0, inf)"),
+    ("gamma", 0.0, "(0, 1]"), ("radius_ramp_fraction", 0.0, "(0, 1]"), ("radius_end", -1.0, "(0, inf)"),
+    ("ratio_grad_clip", 0.0, "(0, inf)"), ("label_smoothing", 1.0, "[0, 1)"), ("lr_batch_size", 0, "[1, inf)"),
+])
+def test_numeric_options_out_of_range_name_the_option_and_range(option, value, interval):
+    from tasks import ImageClassifier
+
+    with pytest.raises(ValueError, match=rf"{option} must be in {re.escape(interval)}, got {value!r}"):
+        ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", **{option: value})
+
+
+def test_data_module_sizes_out_of_range_are_named():
+    from datamodules import DigitsDataModule
+    from datamodules.kinetics import KineticsDataModule
+
+    with pytest.raises(ValueError, match=r"train_size must be in \[1, inf\), got 0"):
+        DigitsDataModule(train_size=0)
+    with pytest.raises(ValueError, match=r"fps must be in \(0, inf\), got 0"):
+        KineticsDataModule("videos", fps=0)
