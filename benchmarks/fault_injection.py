@@ -11,6 +11,11 @@ Trials:
   corrupt-idx   a Fashion-MNIST root with a truncated idx file
   diverge       lr = NaN (stops at step 0 with the layer named, nothing saved); a NaN loss with
                 nonfinite=skip (the step is skipped, the run finishes finite)
+  compare-malformed  a sweep folder with half-written, list, empty, wrong-typed and incomplete
+                summaries and a grid run without one: compare names each and reports the good runs;
+                `compare RUN/summary.json` with the default --out
+  typos         compare --metric/--group-by and sweep --norms/--grid typos: exit 2 at once, naming
+                the valid choice, nothing started
 Exit status 1 if any trial did not end as expected.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -173,8 +179,65 @@ def trial_diverge(tmp: Path) -> tuple[bool, str]:
                 f"NaN loss with nonfinite=skip: exit {skip.returncode}, final weights finite: {finite}")
 
 
+# ------------------------------------------------------------------------------ compare
+def _summary(norm: str, seed: int, acc: float) -> str:
+    """A complete run's summary.json as RunSummary and the CLI write it (no training needed)."""
+    info = {"task": "ImageClassifier", "dataset": "FashionMNISTDataModule", "arch": "resnet_small", "norm": norm,
+            "batch_size": 8, "global_batch_size": 8, "seed": seed}
+    return json.dumps({**info, "run_info": info, "status": "complete", "metrics": {"test/acc1": acc},
+                       "selection": [], "config": {"model": {"init_args": {"norm": norm, "lr": 0.1}}}})
+
+
+def compare_cli(*args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "tasks.cli", *args])
+
+
+def trial_compare_malformed(tmp: Path) -> tuple[bool, str]:
+    sweep = tmp / "sweep"
+    good = {"bn-s0": _summary("bn", 0, 0.5), "bn-s1": _summary("bn", 1, 0.7)}
+    bad = {"half-written": _summary("bn", 2, 0.9)[:90], "a-list": "[1, 2]", "empty": "",
+           "metric-text": _summary("bn", 3, 0.9).replace("0.9", '"high"'),
+           "fitted": _summary("bn", 4, 0.9).replace('"complete"', '"fitted"')}
+    for name, text in {**good, **bad}.items():
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "summary.json").write_text(text)
+    (sweep / "grid.json").write_text(json.dumps([{"name": n} for n in [*good, *bad, "never-ran"]]))
+    folder = compare_cli("compare", str(sweep), "--no-plots")
+    single = compare_cli("compare", str(sweep / "bn-s0" / "summary.json"), "--no-plots")  # default --out
+    named = [n for n in [*bad, "never-ran"] if f"{sweep / n}" in folder.stdout]
+    mean = "0.6000 ± 0.1414" in folder.stdout
+    ok = (folder.returncode == 0 and len(named) == len(bad) + 1 and mean and single.returncode == 0
+          and (sweep / "bn-s0" / "report" / "report.md").is_file())
+    return ok, (f"{len(bad)} bad summaries ({', '.join(bad)}) and a grid run without one beside 2 good runs: "
+                f"exit {folder.returncode}, {len(named)}/{len(bad) + 1} named as left out, the good pair's mean "
+                f"{'reported' if mean else 'MISSING'}; one summary file with the default --out: exit "
+                f"{single.returncode}, report beside it: {(sweep / 'bn-s0' / 'report' / 'report.md').is_file()}")
+
+
+def trial_typos(tmp: Path) -> tuple[bool, str]:
+    runs = tmp / "runs"
+    for name, (norm, seed, acc) in {"bn-s0": ("bn", 0, 0.5), "gn-s0": ("gn", 0, 0.6)}.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(_summary(norm, seed, acc))
+    tries = {
+        "compare --metric test/acc": (compare_cli("compare", str(runs), "--metric", "test/acc"), "test/acc1"),
+        "compare --group-by nrom": (compare_cli("compare", str(runs), "--group-by", "nrom"), "did you mean norm"),
+        "sweep --norms ssm": (compare_cli("sweep", "--task", FMNIST.format("ssn"), "--norms", "ssm", "--dry-run",
+                                          "--out", str(tmp / "sw")), "unknown normalizer"),
+        "sweep --grid model.init_args.lrr": (compare_cli(
+            "sweep", "--task", FMNIST.format("ssn"), "--grid", "model.init_args.lrr=0.1,0.2", "--dry-run",
+            "--out", str(tmp / "sw")), "'lrr' is not accepted"),
+    }
+    caught = [k for k, (proc, text) in tries.items() if proc.returncode == 2 and text in proc.stderr]
+    ok = len(caught) == len(tries) and not (tmp / "sw").exists()
+    return ok, (f"{len(caught)}/{len(tries)} typos stopped at once with a message naming the valid choice "
+                f"({'; '.join(f'{k}: exit {p.returncode}' for k, (p, _) in tries.items())}); "
+                f"sweep folder created: {(tmp / 'sw').exists()}")
+
+
 TRIALS = {"kill-train": trial_kill_train, "kill-save": trial_kill_save, "corrupt-img": trial_corrupt_images,
-          "corrupt-idx": trial_corrupt_idx, "diverge": trial_diverge}
+          "corrupt-idx": trial_corrupt_idx, "diverge": trial_diverge, "compare-malformed": trial_compare_malformed,
+          "typos": trial_typos}
 SHORT = ("kill-save", "corrupt-idx")  # CI (tests/test_faults.py); the rest are in tests/test_resume.py, test_reliability.py
 
 

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ssn import STATS  # the statistics in ratio order: in, ln, bn
+from ssn import NORM_NAMES, STATS  # STATS: the statistics in ratio order: in, ln, bn
 
 from .callbacks import SUMMARY_FILE
 
-__all__ = ["GridRun", "build_grid", "command", "compare", "load_records", "run_status", "sweep"]
+__all__ = ["GridRun", "build_grid", "check_runs", "command", "compare", "group_keys", "load_records", "run_status",
+           "sweep"]
 
 NORM_ORDER = ("bn", "syncbn", "gn", "in", "ln", "sn", "syncsn", "ssn", "syncssn")
 DEFAULT_BASE = "configs/base/trainer.yaml"
@@ -141,6 +142,9 @@ def build_grid(
         out: the sweep folder; each run writes into ``out/<name>``.
         sweep_name: tag of every run (default: the folder's name).
     """
+    unknown = [n for n in norms or [] if n not in NORM_NAMES]
+    if unknown:
+        raise ValueError(f"--norms {' '.join(unknown)}: unknown normalizer; known: {', '.join(NORM_NAMES)}")
     out = Path(out)
     sweep_name = sweep_name or out.name
     axes = [(k, v.split(",")) for k, v in _pairs(grid, "--grid")]
@@ -178,6 +182,41 @@ def build_grid(
     if len(set(names)) != len(names):
         raise ValueError("two grid entries have the same name (a task file given twice?)")
     return runs
+
+
+# The arguments that only name a run's outputs or vary its seed and batch (argparse checked their
+# types): runs equal in the rest parse alike, so one of them is checked.
+_PER_RUN = ("--trainer.default_root_dir=", "--trainer.logger.init_args.", "--seed_everything=",
+            "--data.init_args.batch_size=")
+
+
+def check_runs(runs: Sequence[GridRun]) -> None:
+    """Parse every distinct run's ``ssn-bench fit`` arguments as the run would (``--print_config``:
+    no model is built), so a mistyped ``--grid``/``--set`` key or a value of the wrong type stops
+    the sweep before its first run, not in each run's log. Raises ``ValueError`` naming the run
+    and the parser's error."""
+    import contextlib
+    import io
+
+    from .cli import main
+
+    seen: set[tuple[str, ...]] = set()
+    for run in runs:
+        key = tuple(a for a in run.args if not a.startswith(_PER_RUN))
+        if key in seen:
+            continue
+        seen.add(key)
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                main([*run.args, "--print_config"])
+                code: Any = 0
+            except SystemExit as e:
+                code = e.code
+        if code not in (0, None):
+            text = err.getvalue()
+            message = text[text.rfind("error:"):].strip() if "error:" in text else text.strip()[-2000:]
+            raise ValueError(f"run {run.name}: its arguments do not parse; no run was started.\n{message}")
 
 
 def run_status(run_dir: Path) -> str:
@@ -326,6 +365,11 @@ def sweep_main(argv: Sequence[str]) -> int:
     try:
         runs = build_grid(ns.task, base=ns.config, norms=ns.norms, batch_sizes=ns.batch_sizes, seeds=ns.seeds,
                           grid=ns.grid, sets=ns.set, extra=extra, out=ns.out, sweep_name=ns.name)
+        if ns.index is not None:
+            bad = [i for i in ns.index if not 0 <= i < len(runs)]
+            if bad:
+                p.error(f"--index {bad}: the grid has {len(runs)} entries (0-{len(runs) - 1})")
+        check_runs(runs if ns.index is None else [runs[i] for i in ns.index])
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     out = Path(ns.out)
@@ -348,9 +392,6 @@ def sweep_main(argv: Sequence[str]) -> int:
                   f"(wandb sweep {ns.wandb_sweep})")
         return 0
     if ns.index is not None:
-        bad = [i for i in ns.index if not 0 <= i < len(runs)]
-        if bad:
-            p.error(f"--index {bad}: the grid has {len(runs)} entries (0-{len(runs) - 1})")
         runs = [runs[i] for i in ns.index]
     if ns.dry_run:
         for r in runs:
@@ -368,13 +409,16 @@ def sweep_main(argv: Sequence[str]) -> int:
 
 # ============================================================================= the report
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of a config, ``init_args`` levels dropped (``model.lr``, ``data.batch_size``)."""
+    """Dotted keys of a config, ``init_args`` levels dropped (``model.lr``, ``data.batch_size``);
+    a list of objects is indexed (``trainer.callbacks.0.dirpath``), other lists are values."""
+    if isinstance(cfg, list) and cfg and all(isinstance(v, dict) for v in cfg):
+        cfg = {str(i): v for i, v in enumerate(cfg)}
     if not isinstance(cfg, dict):
         return {prefix: cfg} if prefix else {}
     out: dict[str, Any] = {}
     for k, v in cfg.items():
         key = prefix if k == "init_args" else f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+        out.update(_flatten(v, key) if isinstance(v, (dict, list)) else {key: v})
     return out
 
 
@@ -387,30 +431,124 @@ def selection_fractions(selection: list[dict[str, Any]]) -> dict[str, float] | N
     return {s: sum(c == s for c in choices) / len(choices) for s in STATS}
 
 
-def load_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+# What a summary's top-level scalars measure rather than define (summaries without ``run_info``).
+MEASURED = frozenset({"status", "global_step", "epochs", "ckpt_path", "fit_seconds", "train_seconds",
+                      "train_samples", "throughput", "peak_memory_mb", "peak_memory_kind", "device"})
+# Settings that never tell two experiments apart: where outputs go, how progress is shown, what a
+# resumed run resumes from (the same run), the logger (it only records). The seed is the other one.
+OUTPUT_KEYS = frozenset({"trainer.default_root_dir", "ckpt_path", "trainer.enable_progress_bar",
+                         "trainer.enable_model_summary"})
+OUTPUT_LEAVES = frozenset({"dirpath", "filename", "save_dir", "log_dir"})
+NUMERIC = ("throughput", "peak_memory_mb", "batch_size", "global_batch_size", "global_step")
+
+
+def is_seed(key: str) -> bool:
+    """``seed_everything``, the summary's ``seed`` and any ``*.seed`` (e.g. a data split's)."""
+    return key.rsplit(".", 1)[-1] in ("seed", "seed_everything")
+
+
+def _names_outputs(key: str) -> bool:
+    return (key in OUTPUT_KEYS or key.startswith("trainer.logger.") or key == "trainer.logger"
+            or key.rsplit(".", 1)[-1] in OUTPUT_LEAVES)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def malformed(s: Any) -> str | None:
+    """What is wrong with a parsed ``summary.json`` for compare, or None."""
+    if not isinstance(s, dict):
+        return f"not a JSON object but a {type(s).__name__}"
+    for key in ("metrics", "config", "run_info", "hparams"):
+        if s.get(key) is not None and not isinstance(s[key], dict):
+            return f"{key!r} is a {type(s[key]).__name__}, not an object"
+    for k, v in (s.get("metrics") or {}).items():
+        if not _is_number(v):
+            return f"metric {k!r} is {v!r}, not a finite number"
+    for k in NUMERIC:
+        if s.get(k) is not None and not _is_number(s[k]):
+            return f"{k!r} is {s[k]!r}, not a finite number"
+    if s.get("status") is not None and not isinstance(s["status"], str):
+        return f"'status' is {s['status']!r}, not a string"
+    sel = s.get("selection")
+    if sel is not None and not isinstance(sel, list):
+        return f"'selection' is a {type(sel).__name__}, not a list"
+    for row in sel or []:
+        values = [row.get(f"{k}_{st}") for k in ("mean", "var") for st in STATS] if isinstance(row, dict) else []
+        latches = [row.get(f"{k}_latch") for k in ("mean", "var")] if isinstance(row, dict) else []
+        if (not values or not all(map(_is_number, values)) or not isinstance(row.get("layer"), str)
+                or any(x not in (None, *STATS) for x in latches)):
+            return f"a 'selection' row is not a layer's ratios and latches: {str(row)[:80]}"
+    return None
+
+
+def _record(f: Path, s: dict[str, Any]) -> dict[str, Any]:
+    config = s.get("config")
+    if config is None:  # not from the CLI: the module's hyperparameters stand for its config
+        config = {"model": {k: v for k, v in (s.get("hparams") or {}).items() if not k.startswith("_")}}
+    flat = _flatten(config)
+    rec: dict[str, Any] = dict(flat)
+    rec.update({k: v for k, v in s.items() if not isinstance(v, (dict, list))})
+    rec.update(s.get("metrics") or {})
+    info = s.get("run_info")
+    top = info if isinstance(info, dict) else {k: v for k, v in s.items() if k not in MEASURED}
+    rec["_identity"] = [k for k in (*top, *flat) if k in rec and not isinstance(rec[k], dict)
+                        and not is_seed(k) and not _names_outputs(k)]
+    rec["_metrics"] = list(s.get("metrics") or {})
+    rec["run"] = f.parent.name
+    rec["path"] = str(f.parent)
+    rec["selection"] = s.get("selection") or []
+    fr = selection_fractions(rec["selection"])
+    for st in STATS:
+        rec[f"latched_{st}"] = fr[st] if fr else None
+    return rec
+
+
+def _grid_missing(folder: Path) -> list[tuple[str, str]]:
+    """The runs a sweep folder's ``grid.json`` lists that have no summary yet."""
+    try:
+        grid = json.loads((folder / "grid.json").read_text())
+        names = [str(g["name"]) for g in grid]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    return [(str(folder / n), "no summary.json (not run, running, or killed before fit ended)")
+            for n in names if not (folder / n / SUMMARY_FILE).exists()]
+
+
+def load_records(
+    paths: Sequence[str | Path], *, skipped: list[tuple[str, str]] | None = None, include_incomplete: bool = False,
+) -> list[dict[str, Any]]:
     """One flat record per run: the summary's scalars, its metrics (``test/acc1``,
-    ``best/val/acc1``...), its config flattened (``model.lr``...) and ``run`` (its folder)."""
+    ``best/val/acc1``...), its config flattened (``model.lr``...) and ``run`` (its folder).
+
+    A summary that cannot be read or is malformed, a run that is not ``complete`` (unless
+    ``include_incomplete``) and a sweep's run without a summary are left out and appended to
+    ``skipped`` as (path, reason): one bad run never hides the others."""
+    skipped = [] if skipped is None else skipped
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
+        if p.is_dir():
             files += sorted(p.rglob(SUMMARY_FILE))
+            skipped += _grid_missing(p)
+        elif p.exists():
+            files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such run folder or summary file")
     records = []
     for f in files:
-        s = json.loads(f.read_text())
-        rec: dict[str, Any] = {k: v for k, v in _flatten(s.get("config") or {}).items()}
-        rec.update({k: v for k, v in s.items() if not isinstance(v, (dict, list))})
-        rec.update(s.get("metrics", {}))
-        rec["run"] = f.parent.name
-        rec["path"] = str(f.parent)
-        rec["selection"] = s.get("selection") or []
-        fr = selection_fractions(rec["selection"])
-        for st in STATS:
-            rec[f"latched_{st}"] = fr[st] if fr else None
-        records.append(rec)
+        try:
+            s = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            skipped.append((str(f), f"unreadable: {type(e).__name__}: {e}"))
+            continue
+        problem = malformed(s)
+        if problem:
+            skipped.append((str(f), f"malformed: {problem}"))
+        elif s.get("status") != "complete" and not include_incomplete:
+            skipped.append((str(f), f"incomplete (status {s.get('status')!r}): fit or its test did not finish"))
+        else:
+            records.append(_record(f, s))
     return records
 
 
@@ -426,6 +564,19 @@ def _match(value: Any, wanted: str) -> bool:
     return False
 
 
+def check_keys(records: list[dict[str, Any]], keys: Sequence[str], what: str, *, metrics: bool = False) -> None:
+    """A ``KeyError``-like ``ValueError`` naming the valid keys when no run has one of ``keys``
+    (a typo would otherwise give an empty column or one merged row, silently)."""
+    import difflib
+
+    valid = sorted({k for r in records for k in (r["_metrics"] if metrics else r) if not k.startswith("_")})
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"{what} {key!r}: no run has it{hint} Valid: {', '.join(valid)}")
+
+
 def filter_records(records: list[dict[str, Any]], filters: Sequence[str]) -> list[dict[str, Any]]:
     """Keep records matching every ``KEY=V1,V2`` (any of the values); ``KEY!=V`` excludes."""
     out = records
@@ -434,8 +585,53 @@ def filter_records(records: list[dict[str, Any]], filters: Sequence[str]) -> lis
         key, _, wanted = f.partition("!=" if neg else "=")
         if not _:
             raise ValueError(f"--filter expects KEY=VALUE or KEY!=VALUE, got {f!r}")
+        check_keys(records, [key], "--filter")
         out = [r for r in out if _match(r.get(key), wanted) != neg]
     return out
+
+
+def _canon(value: Any) -> str:
+    """A hashable, exact form of a config value (lists and objects included)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+DEFAULT_GROUP = ("task", "dataset", "arch", "norm", "batch_size", "global_batch_size")
+
+
+def group_keys(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The keys that make each group differ only by seed: every identity value (summary identity
+    and resolved config, less the seed and output-only settings) that differs between the runs.
+
+    Returns (the keys shown: the usual columns any run has, then each differing key that splits
+    the runs further; the differing keys that split nothing more, e.g. ``model.norm`` beside
+    ``norm``). Grouping by the first gives the same groups as grouping by all of them."""
+    identity = {k for r in records for k in r["_identity"]}
+    order = [k for k in DEFAULT_GROUP if k in identity]
+    order += sorted(identity - set(order), key=lambda k: ("." in k, k))  # summary fields, then config
+    differing = [k for k in order if len({_canon(r.get(k)) for r in records}) > 1]
+    shown = [k for k in DEFAULT_GROUP if any(k in r for r in records)]
+    n_groups = len({tuple(_canon(r.get(k)) for k in shown) for r in records})
+    implied = []
+    for k in differing:
+        if k in shown:
+            continue
+        n = len({tuple(_canon(r.get(x)) for x in (*shown, k)) for r in records})
+        if n > n_groups:
+            shown.append(k)
+            n_groups = n
+        else:
+            implied.append(k)
+    return shown, implied
+
+
+def pooled_keys(records: list[dict[str, Any]], group_by: Sequence[str]) -> list[str]:
+    """Identity keys that differ inside some group of ``group_by`` (other than the seed): an
+    explicit ``--group-by`` that averages different experiments says so."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(tuple(_canon(r.get(k)) for k in group_by), []).append(r)
+    keys = sorted({k for r in records for k in r["_identity"]} - set(group_by))
+    return [k for k in keys if any(len({_canon(r.get(k)) for r in g}) > 1 for g in groups.values())]
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -462,11 +658,10 @@ def aggregate(
     statistic, and the seeds and runs."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault(tuple(r.get(k) for k in group_by), []).append(r)
+        groups.setdefault(tuple(_canon(r.get(k)) for k in group_by), []).append(r)
     rows = []
-    for key in sorted(groups, key=lambda t: tuple(_sort_key(v) for v in t)):
-        rs = groups[key]
-        row: dict[str, Any] = dict(zip(group_by, key))
+    for rs in sorted(groups.values(), key=lambda g: tuple(_sort_key(g[0].get(k)) for k in group_by)):
+        row: dict[str, Any] = {k: rs[0].get(k) for k in group_by}
         row["n"] = len(rs)
         row["seeds"] = sorted({r.get("seed") for r in rs}, key=_sort_key)
         for m in metrics:
@@ -537,17 +732,26 @@ def _plt() -> Any:
     return plt
 
 
-def plot_metric_vs_batch(rows: list[dict[str, Any]], metric: str, path: Path, title: str = "") -> bool:
+def plot_metric_vs_batch(
+    rows: list[dict[str, Any]], metric: str, path: Path, title: str = "",
+    panels: Sequence[str] = ("task", "dataset", "arch"),
+) -> bool:
     """Metric (mean ± std over seeds) against the per-device batch (log scale), one line per
-    normalizer, one panel per task (task, dataset, arch). False when no row has a batch size."""
+    normalizer, one panel per value of the ``panels`` keys (the other group keys: one experiment
+    per line). False when no row has a batch size."""
     rows = [r for r in rows if r.get("batch_size") is not None and r.get(f"{metric} mean") is not None]
     if not rows:
         return False
     plt = _plt()
-    panels = sorted({(r.get("task"), r.get("dataset"), r.get("arch")) for r in rows}, key=str)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        sub = [r for r in rows if (r.get("task"), r.get("dataset"), r.get("arch")) == panel]
+
+    def panel_of(r: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(f"{k}={_fmt(r.get(k))}" if "." in k or k.startswith("pretrained") else _fmt(r.get(k))
+                     for k in panels)
+
+    names = sorted({panel_of(r) for r in rows})
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for ax, panel in zip(axes[0], names):
+        sub = [r for r in rows if panel_of(r) == panel]
         for norm in sorted({r.get("norm") for r in sub}, key=_sort_key):
             line = sorted((r for r in sub if r.get("norm") == norm), key=lambda r: r["batch_size"])
             xs = [r["batch_size"] for r in line]
@@ -559,8 +763,8 @@ def plot_metric_vs_batch(rows: list[dict[str, Any]], metric: str, path: Path, ti
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("per-device batch size")
         ax.set_ylabel(metric)
-        ax.set_title(" / ".join(str(p) for p in panel if p) if len(panels) > 1 else title or " / ".join(
-            str(p) for p in panel if p), fontsize=9)
+        label = " / ".join(p for p in panel if p != "—")
+        ax.set_title(label if len(names) > 1 else title or label, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -628,21 +832,51 @@ def selection_summary(records: list[dict[str, Any]], group_by: Sequence[str]) ->
     return "\n".join(lines)
 
 
-DEFAULT_GROUP = ("task", "dataset", "arch", "norm", "batch_size", "global_batch_size")
+def default_out(paths: Sequence[str | Path]) -> Path:
+    """``report/`` beside the first run argument: inside it for a folder, beside it for a file."""
+    first = Path(paths[0])
+    return (first if first.is_dir() else first.parent) / "report"
 
 
 def compare(
-    paths: Sequence[str | Path], out: str | Path, *, metrics: Sequence[str] = ("test/acc1",),
-    group_by: Sequence[str] = DEFAULT_GROUP, filters: Sequence[str] = (), plots: bool = True, title: str = "",
+    paths: Sequence[str | Path], out: str | Path | None = None, *, metrics: Sequence[str] = ("test/acc1",),
+    group_by: Sequence[str] | None = None, filters: Sequence[str] = (), plots: bool = True, title: str = "",
+    include_incomplete: bool = False,
 ) -> dict[str, Any]:
     """Read the runs' summaries under ``paths``, write ``report.md``, ``report.csv`` (one row per
-    group), ``runs.csv`` (one row per run) and the plots into ``out``; return the rows and files."""
+    group), ``runs.csv`` (one row per run) and the plots into ``out`` (default
+    :func:`default_out`); return the rows, files and the runs left out.
+
+    ``group_by`` None: groups of runs that differ only by their seed (:func:`group_keys`). Runs
+    whose summary is unreadable, malformed or not ``complete`` are left out and named in the
+    report (:func:`load_records`)."""
     from ssn.io import write_text_atomic
 
-    records = filter_records(load_records(paths), filters)
+    skipped: list[tuple[str, str]] = []
+    loaded = load_records(paths, skipped=skipped, include_incomplete=include_incomplete)
+    left_out = "".join(f"\n  {path}: {why}" for path, why in skipped)
+    if not loaded:
+        raise ValueError(f"no usable run summary ({SUMMARY_FILE}) under {', '.join(map(str, paths))}"
+                         + (f"; left out:{left_out}" if left_out else ""))
+    check_keys(loaded, metrics, "--metric", metrics=True)
+    if group_by is not None:
+        check_keys(loaded, group_by, "--group-by")
+    records = filter_records(loaded, filters)
     if not records:
-        raise ValueError(f"no run summary ({SUMMARY_FILE}) under {', '.join(map(str, paths))} matches")
-    out = Path(out)
+        raise ValueError(f"no run under {', '.join(map(str, paths))} matches {' '.join(filters)}")
+    implied: list[str] = []
+    if group_by is None:
+        group_by, implied = group_keys(records)
+        grouping = (f"Groups: runs that differ only by their seed, told apart by {', '.join(group_by) or 'nothing'}"
+                    + (f" (also differing, implied by those: {', '.join(implied)})" if implied else "") + ".")
+    else:
+        pooled = pooled_keys(records, group_by)
+        grouping = (f"Groups: by {', '.join(group_by)} (--group-by)"
+                    + (f"; WARNING: runs of a group also differ in {', '.join(pooled)}, averaged as if seeds"
+                       if pooled else "; the runs of a group differ only by their seed") + ".")
+    out = Path(out) if out is not None else default_out(paths)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: name a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records, group_by, metrics)
     files = {"markdown": out / "report.md", "csv": out / "report.csv", "runs": out / "runs.csv"}
@@ -656,7 +890,8 @@ def compare(
     write_csv(files["runs"], sorted(records, key=lambda r: tuple(_sort_key(r.get(k)) for k in (*group_by, "seed"))),
               run_cols)
     if plots:
-        if plot_metric_vs_batch(rows, metrics[0], out / "metric_vs_batch.png", title):
+        panels = [k for k in group_by if k not in ("norm", "batch_size", "global_batch_size")]
+        if plot_metric_vs_batch(rows, metrics[0], out / "metric_vs_batch.png", title, panels=panels):
             files["metric_vs_batch"] = out / "metric_vs_batch.png"
         if plot_selection(records, out / "selection.png"):
             files["selection"] = out / "selection.png"
@@ -665,7 +900,11 @@ def compare(
           f"{len(records)} runs in {len(rows)} groups; mean ± sample std over the runs of a group (the seeds); "
           f"samples/s: training throughput over all devices (training batches only); peak MiB: {', '.join(kinds)} "
           "(max over the group); latched IN / LN / BN: fraction of the layers' mean and variance choices "
-          "latched to each statistic.", "", markdown_table(rows, group_by, metrics), ""]
+          "latched to each statistic.", "", grouping, ""]
+    if skipped:
+        md += [f"Left out: {len(skipped)} runs (not in the table).", "",
+               *(f"- {path}: {why}" for path, why in skipped), ""]
+    md += [markdown_table(rows, group_by, metrics), ""]
     sel = selection_summary(records, [k for k in group_by if k in ("task", "arch", "batch_size")])
     if sel:
         md += ["## SSN selection per run (layers from input to output; (x): not latched, argmax)", "", sel, ""]
@@ -673,7 +912,8 @@ def compare(
         if key in files:
             md += [f"![{key}]({files[key].name})", ""]
     write_text_atomic(files["markdown"], "\n".join(md))
-    return {"rows": rows, "records": records, "files": files, "markdown": "\n".join(md)}
+    return {"rows": rows, "records": records, "files": files, "markdown": "\n".join(md), "group_by": list(group_by),
+            "implied": implied, "grouping": grouping, "skipped": skipped}
 
 
 def log_to_wandb(result: dict[str, Any], *, project: str, mode: str, name: str | None) -> None:
@@ -697,7 +937,11 @@ def compare_main(argv: Sequence[str]) -> int:
     p.add_argument("runs", nargs="+", help="run folders, sweep folders (searched) or summary files")
     p.add_argument("--out", default=None, help="report folder (default: <first RUNS>/report)")
     p.add_argument("--metric", nargs="+", default=["test/acc1"], help="metrics to tabulate (the first is plotted)")
-    p.add_argument("--group-by", nargs="+", default=list(DEFAULT_GROUP), help="fields (any config key: model.lr)")
+    p.add_argument("--group-by", nargs="+", default=None,
+                   help="fields (any summary field or config key: model.lr); default: every identity and config "
+                        "value that differs between the runs except the seed and output paths")
+    p.add_argument("--include-incomplete", action="store_true",
+                   help="also tabulate runs whose summary is not `complete` (fitted, not tested)")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=V1,V2",
                    help="keep matching runs (KEY!=V drops)")
     p.add_argument("--title", default="", help="report title")
@@ -706,13 +950,15 @@ def compare_main(argv: Sequence[str]) -> int:
                    help="also log the report to wandb")
     p.add_argument("--wandb-project", default="ssn-bench")
     ns = p.parse_args(list(argv))
-    out = Path(ns.out) if ns.out else Path(ns.runs[0]) / "report"
     try:
-        result = compare(ns.runs, out, metrics=ns.metric, group_by=ns.group_by, filters=ns.filter,
-                         plots=not ns.no_plots, title=ns.title)
+        result = compare(ns.runs, ns.out, metrics=ns.metric, group_by=ns.group_by, filters=ns.filter,
+                         plots=not ns.no_plots, title=ns.title, include_incomplete=ns.include_incomplete)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    print(markdown_table(result["rows"], ns.group_by, ns.metric))
+    print(result["grouping"] + "\n")
+    for path, why in result["skipped"]:
+        print(f"left out: {path}: {why}")
+    print(markdown_table(result["rows"], result["group_by"], ns.metric))
     print("\n" + "\n".join(f"{k}: {v}" for k, v in result["files"].items()))
     if ns.wandb != "off":
         log_to_wandb(result, project=ns.wandb_project, mode=ns.wandb, name=ns.title or None)

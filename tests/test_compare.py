@@ -138,7 +138,7 @@ def test_report_on_runs_with_known_values(tmp_path):
     by_lr = compare([runs], tmp_path / "r3", group_by=["model.lr"], filters=["model.norm=bn"], plots=False)
     assert len(by_lr["rows"]) == 1 and by_lr["rows"][0]["n"] == 5
     assert load_records([runs / "bn-b2-s0" / "summary.json"])[0]["model.lr"] == 0.1
-    with pytest.raises(ValueError, match="no run summary"):
+    with pytest.raises(ValueError, match="no run under .* matches norm=gn"):
         compare([runs], tmp_path / "r4", filters=["norm=gn"])
     # the command line: prints the table, writes the files
     assert command(["compare", str(runs), "--out", str(tmp_path / "r5"), "--no-plots", "--filter", "norm=bn"]) == 0
@@ -192,3 +192,124 @@ def test_sweep_survives_a_killed_run_and_resumes_it_from_its_checkpoint(tmp_path
     fr = [rows["ssn"][f"latched_{k}"] for k in ("in", "ln", "bn")]
     assert sum(fr) == pytest.approx(1.0)  # every layer latched
     assert (tmp_path / "report" / "selection.png").read_bytes().startswith(PNG)
+
+
+def _experiment(task: str, seed: int, acc: float, *, info: dict, model: dict, root: str) -> dict:
+    """A summary as the CLI writes it: identity (also under run_info), resolved config whose output
+    paths name the run's own folder, and a resume source for some."""
+    info = {"task": task, "dataset": "D", "norm": "ssn", "batch_size": 8, "global_batch_size": 8, "seed": seed,
+            "world_size": 1, **info}
+    config = {
+        "seed_everything": seed, "ckpt_path": "last" if seed else None,
+        "model": {"class_path": f"tasks.{task}", "init_args": {"norm": "ssn", "lr": 0.1, **model}},
+        "data": {"class_path": "datamodules.D", "init_args": {"batch_size": 8, "root": "/data"}},
+        "trainer": {"default_root_dir": root, "max_epochs": 2,
+                    "logger": {"class_path": "WandbLogger", "init_args": {"save_dir": root, "name": root[-9:]}},
+                    "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": f"{root}/ckpt"}}]},
+    }
+    return {**info, "run_info": info, "status": "complete", "metrics": {"test/mIoU": acc}, "config": config,
+            "selection": [], "throughput": 10.0, "peak_memory_mb": 1.0, "device": f"cuda:{seed}"}
+
+
+def test_default_groups_differ_only_by_seed_and_name_their_keys(tmp_path):
+    runs = tmp_path / "runs"
+    for depth, accs in ((18, [0.40, 0.42]), (50, [0.60, 0.62])):  # DeepLabV3 R18 and R50: no `arch`
+        for seed, acc in enumerate(accs):
+            name = f"seg-r{depth}-s{seed}"
+            _write(runs, name, _experiment("SemanticSegmenter", seed, acc, info={"arch": None},
+                                           model={"depth": depth}, root=str(runs / name)))
+    for mode, accs in ((None, [0.7, 0.72]), ("keep", [0.8, 0.82]), ("reopen", [0.9, 0.92])):  # scratch, fine-tunes
+        for seed, acc in enumerate(accs):
+            name = f"cls-{mode}-s{seed}"
+            pretrained = None if mode is None else "/ckpt/src.ckpt"
+            _write(runs, name, _experiment(
+                "ImageClassifier", seed, acc, info={"arch": "resnet18", "pretrained": pretrained,
+                                                    "pretrained_ratios": mode},
+                model={"pretrained": pretrained, "pretrained_ratios": mode or "keep"}, root=str(runs / name)))
+    res = compare([runs], tmp_path / "report", metrics=["test/mIoU"], plots=False)
+    assert [(r["n"], r["seeds"]) for r in res["rows"]] == [(2, [0, 1])] * 5  # every group: two seeds, nothing else
+    means = sorted(r["test/mIoU mean"] for r in res["rows"])
+    assert means == pytest.approx([0.41, 0.61, 0.71, 0.81, 0.91])
+    keys = res["group_by"]
+    assert {"task", "model.depth", "pretrained_ratios"} <= set(keys)
+    assert not any(k.startswith(("trainer.", "seed", "ckpt")) or k in ("device", "seed_everything") for k in keys)
+    assert "model.pretrained" in res["implied"] and "model.class_path" in res["implied"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "differ only by their seed, told apart by task, dataset, arch, norm, batch_size" in md
+    assert "model.depth" in md.split("\n\n")[2] and "| model.depth |" in md
+    # an explicit --group-by that pools experiments says which keys it averages over
+    pooled = compare([runs], tmp_path / "r2", metrics=["test/mIoU"], group_by=["task"], plots=False)
+    assert "WARNING: runs of a group also differ in" in pooled["grouping"] and "model.depth" in pooled["grouping"]
+
+
+def test_malformed_and_incomplete_summaries_are_named_and_the_rest_compared(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write(runs, "good-s0", _summary("bn", 2, 0, 0.5))
+    _write(runs, "good-s1", _summary("bn", 2, 1, 0.7))
+    bad = {
+        "half": json.dumps(_summary("bn", 2, 2, 0.9))[:200],  # killed while writing (no atomic rename)
+        "list": "[1, 2]",
+        "empty": "",
+        "metric-text": json.dumps({**_summary("bn", 2, 3, 0.9), "metrics": {"test/acc1": "high"}}),
+        "metric-nan": json.dumps({**_summary("bn", 2, 4, 0.9), "metrics": {"test/acc1": float("nan")}}),
+        "config-list": json.dumps({**_summary("bn", 2, 5, 0.9), "config": ["model"]}),
+        "selection-junk": json.dumps({**_summary("bn", 2, 6, 0.9), "selection": [{"layer": 3}]}),
+        "throughput-text": json.dumps({**_summary("bn", 2, 7, 0.9), "throughput": "fast"}),
+        "fitted": json.dumps({**_summary("bn", 2, 8, 0.9), "status": "fitted"}),
+    }
+    for name, text in bad.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(text)
+    (runs / "latin1").mkdir()
+    (runs / "latin1" / "summary.json").write_bytes(b"\xff\xfe{")
+    (runs / "grid.json").write_text(json.dumps([{"name": "good-s0"}, {"name": "never-ran"}]))
+    res = compare([runs], tmp_path / "report", plots=False)
+    assert len(res["rows"]) == 1 and res["rows"][0]["n"] == 2
+    assert res["rows"][0]["test/acc1 mean"] == pytest.approx(0.6)  # none of the bad runs' 0.9
+    md = (tmp_path / "report" / "report.md").read_text()
+    for name in [*bad, "latin1", "never-ran"]:
+        assert str(runs / name) in md, name
+    assert "incomplete (status 'fitted')" in md and "'test/acc1' is 'high'" in md and "not a JSON object" in md
+    # the incomplete run counts when asked for
+    assert compare([runs], tmp_path / "r3", plots=False, include_incomplete=True)["rows"][0]["n"] == 3
+    # one summary file, default --out: the report goes beside it
+    assert command(["compare", str(runs / "good-s0" / "summary.json"), "--no-plots"]) == 0
+    assert (runs / "good-s0" / "report" / "report.md").is_file()
+    assert command(["compare", str(runs), "--no-plots", "--out", str(tmp_path / "r4")]) == 0
+    assert f"left out: {runs / 'list' / 'summary.json'}: malformed" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"no usable run summary.*\n.*half"):
+        compare([runs / "half"], tmp_path / "r5")
+    with pytest.raises(ValueError, match="is a file"):
+        compare([runs], runs / "good-s0" / "summary.json")
+
+
+def test_typos_in_metric_group_by_and_filter_name_the_valid_keys(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write(runs, "a", _summary("bn", 2, 0, 0.5))
+    _write(runs, "b", _summary("gn", 2, 0, 0.6))
+    with pytest.raises(ValueError, match=r"--metric 'test/acc': no run has it; did you mean test/acc1\?"):
+        compare([runs], tmp_path / "r", metrics=["test/acc"], plots=False)
+    with pytest.raises(ValueError, match=r"--group-by 'nrom'.*did you mean norm\?.*Valid: .*model\.lr"):
+        compare([runs], tmp_path / "r", group_by=["nrom"], plots=False)
+    with pytest.raises(ValueError, match=r"--filter 'model.nrom'.*model\.norm"):
+        compare([runs], tmp_path / "r", filters=["model.nrom=bn"], plots=False)
+    with pytest.raises(SystemExit):
+        command(["compare", str(runs), "--metric", "val/acc"])
+    assert "did you mean val/acc1" in capsys.readouterr().err
+
+
+def test_sweep_checks_norms_and_keys_before_the_first_run(tmp_path, capsys):
+    out = tmp_path / "sw"
+    base = ["sweep", "--task", FMNIST_SSN, "--out", str(out), "--dry-run"]
+    with pytest.raises(SystemExit):
+        command([*base, "--norms", "bn", "ssm"])
+    assert "--norms ssm: unknown normalizer; known: bn, syncbn, gn" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        command([*base, "--norms", "bn", "--grid", "model.init_args.lrr=0.1,0.2"])
+    err = capsys.readouterr().err
+    assert "its arguments do not parse; no run was started" in err and "'lrr' is not accepted" in err
+    with pytest.raises(SystemExit):
+        command([*base, "--set", "trainer.max_epochz=1"])
+    assert "unrecognized arguments: --trainer.max_epochz=1" in capsys.readouterr().err
+    assert not out.exists()  # nothing written, nothing started
+    assert command([*base, "--norms", "bn", "--grid", "model.init_args.lr=0.1,0.2"]) == 0
