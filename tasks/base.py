@@ -305,6 +305,8 @@ class NormTask(pl.LightningModule):
     def _check_training_batches(self) -> None:
         """Refuse a training split that gives no batch, which would train nothing and still
         end as a finished run (with the test metrics of an untrained network)."""
+        if self.trainer.train_dataloader is None:  # a max_steps run's estimate did not build it
+            self.trainer.fit_loop.setup_data()
         if self.trainer.num_training_batches:
             return
         loader = self.trainer.train_dataloader

@@ -455,3 +455,68 @@ def test_fit_through_the_cli_on_a_cityscapes_fixture(tmp_path):
         assert key in metrics and torch.isfinite(metrics[key]), key
     lrs = [g["lr"] for g in cli.trainer.optimizers[0].param_groups]
     assert len(lrs) == 3  # params, norm, ratios
+
+
+def _read_all(dm, split: str = "train") -> None:  # noqa: ANN001
+    for i in range(len(dm.data[split])):
+        dm.data[split][i]
+
+
+def test_label_values_channels_and_missing_files_are_named(tmp_path):
+    from datamodules import ADE20KDataModule
+
+    root = write_cityscapes(tmp_path / "cs")
+    labels = sorted((root / "gtFine/train/aachen").glob("*_labelTrainIds.png"))
+    _png(labels[0], np.full((48, 96), 200, np.uint8))  # a trainId past the 19 classes
+    dm = _tiny_cityscapes(root)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=rf"label {labels[0]} holds values \[200\] outside the 19 classes"):
+        _read_all(dm)
+    _png(labels[0], np.zeros((48, 96, 3), np.uint8))  # a colour PNG
+    with pytest.raises(ValueError, match=rf"label {labels[0]} has shape \(48, 96, 3\): expected one channel"):
+        _read_all(dm)
+    labels[1].unlink()  # a layout error, found before training, not a corrupt file to skip
+    with pytest.raises(FileNotFoundError, match=rf"1 train image\(s\) have no label file, .*no {labels[1]}"):
+        _tiny_cityscapes(root).setup("fit")
+    ade = write_ade20k(tmp_path / "ADEChallengeData2016")
+    label = sorted((ade / "annotations/validation").glob("*.png"))[0]
+    _png(label, np.full((40, 56), 180, np.uint8))
+    dm = ADE20KDataModule(str(ade), batch_size=2, num_workers=0, crop_size=(32, 32), scale=(56, 40))
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=rf"label {label} holds values \[180\] outside the 150 classes \(0..150, read "
+                                         "with 0 as ignore\)"):
+        _read_all(dm, "val")
+
+
+def _fit_in_process(tmp_path: Path, dm, **model: object) -> None:  # noqa: ANN001
+    import lightning.pytorch as pl
+
+    from tasks import SemanticSegmenter
+
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(SemanticSegmenter(depth=18, num_classes=19, crop_size=(32, 32), **model), datamodule=dm)
+
+
+def test_training_split_smaller_than_one_batch_is_an_error(tmp_path):
+    dm = _tiny_cityscapes(write_cityscapes(tmp_path / "cs"))
+    dm.batch_size = 4  # 2 training images, drop_last
+    with pytest.raises(ValueError, match=r"training split gives no batch: 2 samples .*batch_size 4, drop_last=True"):
+        _fit_in_process(tmp_path, dm, norm="ssn")
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_bn_at_batch_1_names_the_aspp_image_pool_and_the_fix(tmp_path):
+    dm = _tiny_cityscapes(write_cityscapes(tmp_path / "cs"))
+    dm.batch_size = 1
+    with pytest.raises(ValueError, match=r"norm 'bn' at 1 sample .*decode_head.image_pool.* batch_size >= 2"):
+        _fit_in_process(tmp_path, dm, norm="bn")
+
+
+def test_segmentation_options_out_of_range_are_named(tmp_path):
+    from tasks import SemanticSegmenter
+
+    with pytest.raises(ValueError, match=r"ignore_index must be in \[num_classes, 255\] = \[19, 255\] .*, got 3"):
+        SemanticSegmenter(depth=18, num_classes=19, ignore_index=3)
+    with pytest.raises(ValueError, match=r"cat_max_ratio must be in \(0, 1\], got 0"):
+        _tiny_cityscapes(write_cityscapes(tmp_path / "cs"), cat_max_ratio=0)

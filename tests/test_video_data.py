@@ -188,3 +188,20 @@ def test_two_ranks_and_two_workers_each_read_a_distinct_shard(tmp_path):
         assert sorted(levels) == pytest.approx(LEVELS, abs=2)  # every video once: disjoint shards
         orders.append(levels)
     assert orders[0] != orders[1]  # set_epoch reshuffles
+
+
+def test_list_labels_out_of_range_negative_or_malformed_are_named(tmp_path):
+    # the lists alone: labels are checked before any video is opened
+    (tmp_path / "train.csv").write_text("videos/v0.mp4 0\nvideos/v1.mp4 1\nvideos/v2.mp4 2\n")
+    (tmp_path / "val.csv").write_text("videos/v0.mp4 0\nvideos/v1.mp4 -1\n")
+    with pytest.raises(ValueError, match=r"val.csv: labels outside 0..2 \(3 classes, from train.csv\): line 2: -1"):
+        KineticsDataModule(str(tmp_path)).num_classes
+    (tmp_path / "val.csv").write_text("videos/v0.mp4 0\n")
+    with pytest.raises(ValueError, match=r"train.csv: labels outside 0..1 \(2 classes\): line 3: 2"):
+        KineticsDataModule(str(tmp_path), num_classes=2).setup("fit")
+    (tmp_path / "test.csv").write_text("videos/v0.mp4 zero\n")
+    with pytest.raises(ValueError, match=r"test.csv line 1: expected `<path> <label index>`"):
+        KineticsDataModule(str(tmp_path)).num_classes
+    folder_fixture(tmp_path / "folders", per_class=1)
+    with pytest.raises(ValueError, match="num_classes is 5 but .*train has 2 class folders"):
+        KineticsDataModule(str(tmp_path / "folders"), num_classes=5).num_classes
