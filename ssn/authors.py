@@ -10,6 +10,11 @@ latches). Their instance variance is unbiased and their running averages keep 0.
 value; their network has a max-pool with padding 0 and ceil mode, and dropout 0.5 before ``fc``.
 
     python -m ssn.authors their_checkpoint.pth ours.pt      # convert to our state_dict
+    model = authors_resnet50(); model.load_state_dict(torch.load("ours.pt"))
+
+The written state_dict records the SparsestMax projection (``--projection``) in its metadata and
+:func:`authors_resnet50`'s network restores it on ``load_state_dict``, so a mid-training checkpoint
+converted with ``--projection authors`` loads back as their network.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from torch import nn
 
 from .io import save_atomic
-from .functional import authors_sparsestmax, sparsestmax
+from .functional import PROJECTIONS, authors_sparsestmax, sparsestmax
 from .norm import STATS, SparseSwitchNorm2d
 
 __all__ = ["authors_resnet50", "convert_authors_state_dict", "load_authors_checkpoint", "unfixed_layers"]
@@ -34,6 +39,7 @@ __all__ = ["authors_resnet50", "convert_authors_state_dict", "load_authors_check
 log = logging.getLogger(__name__)
 
 AUTHORS_MOMENTUM = 0.997  # weight of the old value in their running averages
+_PROJECTION_META = "ssn_projection"  # key in the metadata of the network's root module
 _NORM_KEYS = ("weight", "bias", "mean_weight", "var_weight", "running_mean", "running_var",
               "mean_fixed", "var_fixed", "radius")
 
@@ -42,7 +48,10 @@ def authors_resnet50(num_classes: int = 1000, *, projection: str = "exact") -> n
     """torchvision's ResNet-50 rebuilt as the authors' network, with our SSN layers.
 
     ``projection`` is the SparsestMax of the SSN layers: ``"exact"`` (ours) or ``"authors"``
-    (their approximation; see :func:`unfixed_layers`).
+    (their approximation; see :func:`unfixed_layers`). The network records it in its state_dict's
+    metadata (``"ssn_projection"``) and ``load_state_dict`` restores a recorded one, so a file
+    written by ``python -m ssn.authors --projection authors`` loads back as their network whatever
+    ``projection`` it was built with; a state_dict without the record keeps the built one.
 
     Their differences are reproduced: unbiased instance variance, momentum 0.997 on the old value
     (0.003 in PyTorch's convention), max-pool with padding 0 and ceil mode, dropout 0.5 before the
@@ -56,7 +65,40 @@ def authors_resnet50(num_classes: int = 1000, *, projection: str = "exact") -> n
     model = resnet50(num_classes=num_classes, norm_layer=norm)
     model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
     model.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Dropout(0.5))
+    # NOTE: the projection is a constructor argument, not state; these hooks carry it through the
+    # state_dict's metadata (the keys stay torchvision's, so other ResNets still load it strictly).
+    # Public since torch 2.5; the private forms have the same signatures for torch 2.2-2.4.
+    if hasattr(model, "register_state_dict_post_hook"):
+        model.register_state_dict_post_hook(_record_projection)
+        model.register_load_state_dict_pre_hook(_restore_projection)
+    else:  # pragma: no cover - torch < 2.5
+        model._register_state_dict_hook(_record_projection)
+        model._register_load_state_dict_pre_hook(_restore_projection, with_module=True)
     return model
+
+
+def _ssn_layers(model: nn.Module) -> list[SparseSwitchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, SparseSwitchNorm2d)]
+
+
+def _record_projection(model: nn.Module, state: dict[str, Any], prefix: str,
+                       metadata: dict[str, Any]) -> None:
+    projections = {m.projection for m in _ssn_layers(model)}
+    if len(projections) == 1:  # NOTE: a network whose layers were changed one by one records nothing
+        metadata[_PROJECTION_META] = projections.pop()
+
+
+def _restore_projection(model: nn.Module, state: dict[str, Any], prefix: str, metadata: dict[str, Any],
+                        strict: bool, missing: list[str], unexpected: list[str], errors: list[str]) -> None:
+    projection = metadata.get(_PROJECTION_META)
+    if projection is None:  # no record (e.g. copied into a plain dict): keep the built projection
+        return
+    if projection not in PROJECTIONS:
+        errors.append(f"the state_dict records projection {projection!r} (metadata {_PROJECTION_META!r}), "
+                      f"not one of {PROJECTIONS}")
+        return
+    for m in _ssn_layers(model):
+        m.projection = projection
 
 
 def _our_norm_name(theirs: str) -> str:
@@ -197,17 +239,20 @@ def load_authors_checkpoint(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Convert an SSN authors' ResNet-50 checkpoint to ours.")
     ap.add_argument("src", help="their .pth file")
-    ap.add_argument("dst", help="where to write our state_dict (loads into ssn.authors.authors_resnet50())")
+    ap.add_argument("dst", help="where to write our state_dict: authors_resnet50().load_state_dict("
+                                "torch.load(dst)) rebuilds the network, projection included")
     ap.add_argument("--trusted", action="store_true", help="allow non-tensor objects in the file")
-    ap.add_argument("--projection", choices=("exact", "authors"), default="exact",
-                    help="SparsestMax of layers not yet fixed (mid-training checkpoints)")
+    ap.add_argument("--projection", choices=PROJECTIONS, default="exact",
+                    help="SparsestMax of layers not yet fixed (mid-training checkpoints); recorded in the "
+                         "file and restored by load_state_dict")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = load_authors_checkpoint(args.src, trusted=args.trusted, projection=args.projection)
     save_atomic(model.state_dict(), args.dst)
     latched = sum(all(m.latched) for m in model.modules() if isinstance(m, SparseSwitchNorm2d))
     total = sum(isinstance(m, SparseSwitchNorm2d) for m in model.modules())
-    print(f"wrote {args.dst}: ResNet-50, {model.fc.out_features} classes, {latched}/{total} SSN layers latched")
+    print(f"wrote {args.dst}: ResNet-50, {model.fc.out_features} classes, {latched}/{total} SSN layers "
+          f"latched, projection={args.projection!r}")
 
 
 if __name__ == "__main__":

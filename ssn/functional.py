@@ -418,22 +418,46 @@ def _scalar_path(z: Tensor, radius: float | Tensor) -> bool:
     return not isinstance(radius, Tensor) or radius.device.type == "cpu"
 
 
+def _authors_sparsemax(v: Tensor) -> Tensor:
+    """One row of the released code's ``sparsemax``, their operations in their order.
+
+    NOTE: same value as :func:`sparsemax` in exact arithmetic, but not the same rounding: near
+    one-hot theirs can give 0.99999994 where ours gives 1, which decides whether their
+    SparsestMax latches (see :func:`authors_sparsestmax`), so it is transcribed, not reused.
+    """
+    v_sorted, _ = torch.sort(v, descending=True)
+    cssv = v_sorted.cumsum(0) - 1
+    ind = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
+    cond = v_sorted - cssv / ind > 0
+    if not bool(cond.any()):
+        # NOTE: their code raises IndexError here: a logit beyond ~1.7e7 in float32, where
+        # ``max - 1`` rounds to ``max``. Shifted to its maximum the row has the same sparsemax and
+        # ``cond[0]`` holds (``0 - (-1) > 0``).
+        return _authors_sparsemax(v - v.detach().max())
+    rho = ind.masked_select(cond)[-1]
+    tau = cssv.masked_select(cond)[-1] / rho
+    return torch.clamp(v - tau, min=0)  # their ``/ z`` with z = 1 changes no bit
+
+
 def _authors_row(v: Tensor, rad: float, u_in: Tensor | None = None) -> Tensor:
     """One row of the released code's ``sparsestmax`` (``utils/ssn_utils.py`` of
-    switchablenorms/Sparse_SwitchNorm), step for step, differentiable by autograd.
+    switchablenorms/Sparse_SwitchNorm), step for step, in ``v``'s dtype, differentiable by autograd.
 
     NOTE: the sphere is centred on the centroid ``u`` of sparsemax's support, not on the simplex
     centre: with a two-element support the radius is measured from the midpoint of that edge. A
-    negative coordinate recurses with the radius reduced by Pythagoras around the new centroid,
-    and the final clamp can leave the simplex near one-hot (their output, kept as it is).
+    negative coordinate recurses with the radius reduced by Pythagoras around the new centroid.
+    Near one-hot their sparsemax may round to ``1 - 6e-8``; that is not ``== 1``, so the sphere
+    step runs with ``u`` at that vertex and returns ``[0, 1 - rad, 0]``, off the simplex: kept.
     """
-    w = sparsemax(v)
+    w = _authors_sparsemax(v)
     if bool(w.max() - w.min() == 1):
         return w
     ind = (w > 0).to(v.dtype)
     u = ind / ind.sum()
     if u_in is not None:
-        rad = math.sqrt(max(rad**2 - float(((u - u_in) ** 2).sum()), 0.0))
+        # NOTE: the subtraction in v's dtype and the root in double, as theirs (a Python float minus
+        # a tensor, then math.sqrt); clamped at 0 where rounding would make theirs raise.
+        rad = math.sqrt(max(float(rad**2 - ((u - u_in) ** 2).sum()), 0.0))
     distance = torch.linalg.vector_norm(w - u)
     if bool(distance >= rad):
         return w
@@ -448,23 +472,35 @@ def _authors_row(v: Tensor, rad: float, u_in: Tensor | None = None) -> Tensor:
 
 
 def authors_sparsestmax(z: Tensor, radius: float | Tensor, dim: int = -1) -> Tensor:
-    """The released code's SparsestMax, reproduced for imported checkpoints.
+    """The released code's SparsestMax, reproduced for imported checkpoints, rounding included.
 
     Not the Euclidean projection of :func:`sparsestmax`: it differs when sparsemax(z) has a
     two-element support inside the ball (the radius is measured from that edge's midpoint), and
-    near one-hot the final clamp may leave the simplex. Use it to rebuild, exactly, a network the
-    authors' code trained and saved before every layer was fixed (``projection="authors"``).
-    Differentiable by autograd through the same operations as theirs.
+    near one-hot, where their float32 sparsemax can round a vertex to ``1 - 6e-8`` (0.7-1% of
+    float32 logits drawn as ``2 * randn(3)``): then theirs returns ``1 - radius`` at that vertex
+    and zeros elsewhere, off the simplex, and their layer does not latch (its test is
+    ``max - min >= 1``, which :func:`ssn.update_latches` applies to these layers too). Both are
+    reproduced: each row runs their operations in their order and dtype (float32 for float32
+    logits, float64 for float64), so the result equals their function's bit for bit on the CPU
+    (tested). Their training ran on the GPU, whose reductions (``torch.norm``) may round
+    differently in the last bit. Use it to rebuild, exactly, a network the authors' code trained
+    and saved before every layer was fixed (``projection="authors"``). Differentiable by autograd
+    through the same operations as theirs.
+
+    Where theirs fails, this does not: a row at the support's centroid inside the ball (their
+    0/0, NaN) takes :func:`sparsestmax`'s answer; logits beyond ~1.7e7 (their IndexError) are
+    shifted to their maximum first; a row with a NaN or infinite logit maps to NaN.
 
     Args:
         z: logits, any shape with the categories along ``dim``; rows are mapped one at a time.
-        radius: a float, or a tensor broadcastable to the shape of ``z`` without ``dim``.
+        radius: a float, or a tensor broadcastable to the shape of ``z`` without ``dim``; rounded
+            to ``z``'s compute dtype first, as their float32 ``radius`` buffer holds it.
         dim: the dimension holding the categories.
     """
     if z.dim() == 0 or z.shape[dim] < 2:
         raise ValueError(f"sparsestmax needs at least 2 categories along dim {dim}, got {tuple(z.shape)}")
-    zt = z.movedim(dim, -1).to(_compute_dtype(z))
+    zt, bad = _finite_rows(z.movedim(dim, -1).to(_compute_dtype(z)))
     r = _as_radius(radius, zt).expand(zt.shape[:-1] + (1,)).reshape(-1).tolist()
     rows = zt.reshape(-1, zt.shape[-1])
     out = torch.stack([_authors_row(row, rad) for row, rad in zip(rows.unbind(0), r)]) if rows.shape[0] else rows
-    return out.reshape(zt.shape).to(z.dtype).movedim(-1, dim)
+    return _nan_rows(out.reshape(zt.shape), bad).to(z.dtype).movedim(-1, dim)

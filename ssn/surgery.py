@@ -174,7 +174,8 @@ def update_latches(model: nn.Module) -> int:
     is saved in the state_dict. Called before the step's forward (after the radius is set), it
     gives the latches the layers took inside their forward before: the forward itself reads no
     device value (no host synchronisation, no graph break under torch.compile). SN layers (softmax)
-    and layers in eval mode never latch.
+    and layers in eval mode never latch. Layers with ``projection="authors"`` latch where the
+    authors' layer fixed its ratio (``max - min >= 1``, which their rounding near one-hot decides).
 
     The ratios of all exact-projection layers sharing a device and dtype come from one batched
     SparsestMax call, and all layers' verdicts from one host read.
@@ -198,8 +199,12 @@ def update_latches(model: nn.Module) -> int:
         else:  # the authors' projection maps one row at a time anyway
             ratios = torch.stack([m._map_logits(torch.stack([m.mean_logits, m.var_logits])) for m in ms])
         hot, which = ratios.max(-1)
+        # NOTE: the authors' layer fixes a ratio when ``max - min >= 1`` in float32: near one-hot
+        # their SparsestMax can give 1.0000001 (fixed) or 1 - 6e-8 (not fixed), and ``== 1`` would
+        # get both wrong.
+        fixed = hot == 1 if projection == "exact" else hot - ratios.amin(-1) >= 1
         layers += ms
-        verdicts.append(torch.cat([(hot == 1).long(), which], dim=1))
+        verdicts.append(torch.cat([fixed.long(), which], dim=1))
     state = torch.cat([v.cpu() for v in verdicts]).tolist()  # one host read for every layer: (L, 4) hot_m, hot_v, which_m, which_v
     latched = 0
     for m, (hot_m, hot_v, which_m, which_v) in zip(layers, state):
