@@ -22,7 +22,7 @@ layer stays latched on the same statistics.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,53 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     )
 )
 _HEAD = re.compile(r"^fc\.(weight|bias)$")
+# The convolutions of a residual block, 2-D (torchvision) and 3-D (pytorchvideo): stage, block, conv.
+_BLOCK_2D = re.compile(r"^layer(\d+)\.(\d+)\.conv(\d)\.weight$")
+_BLOCK_3D = re.compile(r"(?:^|\.)blocks\.(\d+)\.res_blocks\.(\d+)\.branch2\.conv_([a-z])\.weight$")
+_TORCHVISION = {("BasicBlock", (2, 2, 2, 2)): "resnet18", ("BasicBlock", (3, 4, 6, 3)): "resnet34",
+                ("Bottleneck", (3, 4, 6, 3)): "resnet50", ("Bottleneck", (3, 4, 23, 3)): "resnet101",
+                ("Bottleneck", (3, 8, 36, 3)): "resnet152"}
+
+
+def _blocks(keys: Iterable[str], pattern: re.Pattern[str]) -> tuple[str | None, tuple[int, ...]]:
+    """Block type (``Bottleneck``: three convolutions, ``BasicBlock``: two) and blocks per stage."""
+    convs: dict[int, dict[int, set[str]]] = {}
+    for key in keys:
+        m = pattern.search(key)
+        if m:
+            convs.setdefault(int(m[1]), {}).setdefault(int(m[2]), set()).add(m[3])
+    if not convs:
+        return None, ()
+    per_block = max(len(c) for stage in convs.values() for c in stage.values())
+    return ("Bottleneck" if per_block >= 3 else "BasicBlock"), tuple(len(convs[i]) for i in sorted(convs))
+
+
+def _torchvision_name(kind: str, depths: tuple[int, ...]) -> str:
+    return _TORCHVISION.get((kind, depths)) or f"ResNet({kind}, {list(depths)})"
+
+
+def _structures(state: Mapping[str, Tensor], want: Mapping[str, Tensor]) -> tuple[str, bool]:
+    """Both networks' block types and depths, what 2-D checkpoint would fit, and whether they differ.
+
+    NOTE: a shape error names one tensor; the cause is usually the whole architecture (a ResNet-18
+    checkpoint for a bottleneck network), which the user can only act on when told so.
+    """
+    src, dst = _blocks(state, _BLOCK_2D), _blocks(want, _BLOCK_3D)
+    if src[0] is None or dst[0] is None:
+        return "", src != dst
+    text = (f"the checkpoint is a 2-D ResNet of {src[0]} blocks with depths {src[1]} "
+            f"(torchvision {_torchvision_name(*src)}); the 3-D network has {dst[0]} blocks "
+            f"(branch2 conv_a, conv_b{', conv_c' if dst[0] == 'Bottleneck' else ''}) with depths {dst[1]}")
+    if src == dst:
+        return text + ": blocks and depths agree, so the channel widths differ", False
+    text += (f". What fits: a 2-D checkpoint of {dst[0]} blocks with depths {dst[1]} "
+             f"(torchvision {_torchvision_name(*dst)})")
+    if src[0] == "BasicBlock" and dst[0] == "Bottleneck":
+        text += ("; pytorchvideo's create_resnet builds Bottleneck blocks only, so a BasicBlock checkpoint "
+                 "(resnet18/34) fits none of its networks")
+    elif src[0] == dst[0]:
+        text += f", or a 3-D network with depths {src[1]}"
+    return text, True
 
 
 def torchvision_to_pytorchvideo_key(key: str, head: str = "blocks.5") -> str:
@@ -107,7 +154,8 @@ def inflate_resnet_state_dict(
     Raises:
         KeyError: a key of ``state`` that the target does not have (e.g. a deeper source network,
             or BN statistics for an SN target), listing them.
-        ValueError: a tensor whose shape does not fit the target's.
+        ValueError: a tensor whose shape does not fit the target's, naming its key in both networks,
+            both networks' block types and depths, and what 2-D checkpoint would fit.
     """
     want = target.state_dict() if isinstance(target, nn.Module) else target
     if head is None:
@@ -126,11 +174,17 @@ def inflate_resnet_state_dict(
         shape = want[new].shape
         if _HEAD.match(key) and value.shape != shape:
             continue  # a new number of classes: the head stays new
-        if value.dim() == 4 and len(shape) == 5:
-            value = inflate_conv_weight(value, shape)
-        elif value.shape != shape:
-            raise ValueError(f"{key} -> {new}: shape {tuple(value.shape)} does not fit {tuple(shape)}")
+        try:
+            if value.dim() == 4 and len(shape) == 5:
+                value = inflate_conv_weight(value, shape)
+            elif value.shape != shape:
+                raise ValueError(f"shape {tuple(value.shape)} does not fit {tuple(shape)}")
+        except ValueError as e:
+            why, _ = _structures(state, want)
+            raise ValueError(f"{key} -> {new}: {e}" + (f"; {why}" if why else "")) from None
         out[new] = value
     if unexpected:
-        raise KeyError(f"{len(unexpected)} keys have no place in the 3D network: {unexpected[:8]}")
+        why, differ = _structures(state, want)
+        raise KeyError(f"{len(unexpected)} keys have no place in the 3D network: {unexpected[:8]}"
+                       + (f"; {why}" if why and differ else ""))
     return out

@@ -134,3 +134,38 @@ def test_pretrained_argument_inflates_a_2d_checkpoint(tmp_path):
     conv = task.net.blocks[4].res_blocks[0].branch2.conv_a.weight  # temporal kernel 3
     torch.testing.assert_close(conv, net2.layer4[0].conv1.weight.unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3)
     assert task.net.blocks[0].norm.latched == net2.bn1.latched != (None, None)
+
+
+def test_a_checkpoint_of_other_blocks_is_refused_naming_key_blocks_and_what_fits(tmp_path):
+    """A ResNet-18 (BasicBlock) checkpoint into slow_r14 (bottlenecks): the error says why and what fits."""
+    from torchvision.models.resnet import BasicBlock
+
+    net3 = build_slow_resnet("slow_r14", 5, 3, ssn.get_norm_layer("bn", dim=3), frames=2, crop_size=64,
+                             temporal_kernels=(1, 1, 1, 1), dropout=0.0)
+    basic = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=5).state_dict()
+    with pytest.raises(ValueError) as e:
+        inflate_resnet_state_dict(basic, net3)
+    msg = str(e.value)
+    for part in ("layer1.0.conv1.weight -> blocks.1.res_blocks.0.branch2.conv_a.weight",  # the key, both ways
+                 "(64, 64, 3, 3) into (64, 64, 1, 1, 1)",
+                 "BasicBlock blocks with depths (2, 2, 2, 2) (torchvision resnet18)",
+                 "the 3-D network has Bottleneck blocks", "with depths (1, 1, 1, 1)",
+                 "What fits: a 2-D checkpoint of Bottleneck blocks with depths (1, 1, 1, 1)",
+                 "ResNet(Bottleneck, [1, 1, 1, 1])"):
+        assert part in msg, (part, msg)
+    # the user's path (pretrained=) gives the same message
+    torch.save(basic, tmp_path / "r18.pt")
+    task = VideoClassifier(arch="slow_r14", num_classes=3, norm="bn", frames=2, crop_size=64,
+                           pretrained=str(tmp_path / "r18.pt"))
+    with pytest.raises(ValueError, match="BasicBlock blocks with depths"):
+        task.configure_model()
+    # what the message says fits does fit; a deeper bottleneck network is told its depths
+    fits = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=5).state_dict()
+    result = net3.load_state_dict(inflate_resnet_state_dict(fits, net3))
+    assert not result.missing_keys and not result.unexpected_keys
+    deeper = ResNet(Bottleneck, [2, 1, 1, 1], num_classes=5).state_dict()
+    with pytest.raises(KeyError, match=r"layer1\.1\.conv1\.weight"
+                                       r".*Bottleneck blocks with depths \(2, 1, 1, 1\)"
+                                       r".*What fits.*depths \(1, 1, 1, 1\)"
+                                       r".*or a 3-D network with depths \(2, 1, 1, 1\)"):
+        inflate_resnet_state_dict(deeper, net3)
