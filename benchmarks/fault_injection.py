@@ -9,13 +9,22 @@ Trials:
   kill-save     SIGKILL in the middle of writing last.ckpt, TMPDIR on another filesystem (/dev/shm)
   corrupt-img   ImageNet layout with 2 broken JPEGs (skipped, counted), then with every image broken
   corrupt-idx   a Fashion-MNIST root with a truncated idx file
-  diverge       lr = NaN (stops at step 0 with the layer named, nothing saved); a NaN loss with
+  diverge       lr 1e4 with weight decay 1e38 (the first update overflows: stops at step 0 with the
+                layer named, nothing saved); a NaN loss with
                 nonfinite=skip (the step is skipped, the run finishes finite)
   compare-malformed  a sweep folder with half-written, list, empty, wrong-typed and incomplete
                 summaries and a grid run without one: compare names each and reports the good runs;
                 `compare RUN/summary.json` with the default --out
   typos         compare --metric/--group-by and sweep --norms/--grid typos: exit 2 at once, naming
                 the valid choice, nothing started
+  seg-data      Cityscapes layout with a trainId 200, a 3-channel label, a missing label, 2 images
+                for batch 4, bn at batch 1 (ASPP): each refused before a step, naming the file or
+                the sizes, no summary written
+  video-lists   Kinetics lists with a negative label, a label past the classes, a line without
+                one: refused at setup naming the list file and line
+  finetune-inputs  pretrained with a NaN tensor, inside this run's checkpoint folder, the exported
+                program; backbone_lr_scale -1 (each refused, nothing saved); freeze + export +
+                test ends `complete`
 Exit status 1 if any trial did not end as expected.
 """
 
@@ -167,7 +176,8 @@ def trial_corrupt_idx(tmp: Path) -> tuple[bool, str]:
 
 
 def trial_diverge(tmp: Path) -> tuple[bool, str]:
-    nan_lr = run(cli(tmp / "nan-lr", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--model.init_args.lr=.nan"))
+    nan_lr = run(cli(tmp / "nan-lr", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--model.init_args.lr=1e4",
+                     "--model.init_args.weight_decay=1e38"))
     saved = list((tmp / "nan-lr").rglob("*.ckpt"))
     skip = run(cli(tmp / "skip", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
                    "--model.init_args.nonfinite=skip", "--trainer.callbacks+=faults.NaNInputAt", "--trainer.callbacks.step=1"))
@@ -175,7 +185,7 @@ def trial_diverge(tmp: Path) -> tuple[bool, str]:
     finite = final.is_file() and all(torch.isfinite(v).all() for v in torch.load(final, weights_only=True)["state_dict"].values()
                                      if v.is_floating_point())
     ok = nan_lr.returncode != 0 and "FloatingPointError" in nan_lr.stderr and not saved and skip.returncode == 0 and finite
-    return ok, (f"lr=NaN: exit {nan_lr.returncode}, {len(saved)} checkpoints: {last_error(nan_lr)}; "
+    return ok, (f"lr 1e4, weight decay 1e38: exit {nan_lr.returncode}, {len(saved)} checkpoints: {last_error(nan_lr)}; "
                 f"NaN loss with nonfinite=skip: exit {skip.returncode}, final weights finite: {finite}")
 
 
@@ -235,9 +245,111 @@ def trial_typos(tmp: Path) -> tuple[bool, str]:
                 f"sweep folder created: {(tmp / 'sw').exists()}")
 
 
+SEG_CONFIG = "configs/cityscapes/deeplabv3_r50_ssn_cityscapes-769x769.yaml"
+
+
+def _cityscapes(root: Path) -> list[Path]:
+    """A Cityscapes layout of 2 images (48x96: road, car, sky, ignore) per split; the train labels."""
+    import cv2
+
+    label = np.repeat(np.array([0, 13, 10, 255], np.uint8), 24)[None].repeat(48, 0)
+    image = np.stack([label // 2, label // 3, label // 4], -1)
+    labels = []
+    for split in ("train", "val"):
+        for i in range(2):
+            stem = f"aachen_{i:06d}_000019"
+            for path, array in ((root / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png", image),
+                                (root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelTrainIds.png", label)):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(path), array)
+            if split == "train":
+                labels.append(path)
+    return labels
+
+
+def seg_cli(out: Path, root: Path, *extra: str) -> list[str]:
+    return cli(out, f"--data.init_args.root={root}", "--data.init_args.num_workers=0", "--data.init_args.crop_size=[32, 32]",
+               "--data.init_args.scale=[96, 48]", "--model.init_args.depth=18", "--model.init_args.crop_size=[32, 32]",
+               "--model.init_args.test_crop_size=[32, 32]", "--model.init_args.test_stride=[24, 24]",
+               "--trainer.max_steps=2", "--trainer.limit_val_batches=1", *extra, config=SEG_CONFIG)
+
+
+def trial_seg_data(tmp: Path) -> tuple[bool, str]:
+    import cv2
+
+    tried = []
+    for fault in ("trainId 200", "3-channel label", "missing label", "2 images, batch 4", "bn at batch 1"):
+        root = tmp / fault.replace(" ", "-")
+        labels = _cityscapes(root)
+        extra: list[str] = []
+        if fault == "trainId 200":
+            cv2.imwrite(str(labels[0]), np.full((48, 96), 200, np.uint8))
+        elif fault == "3-channel label":
+            cv2.imwrite(str(labels[0]), np.zeros((48, 96, 3), np.uint8))
+        elif fault == "missing label":
+            labels[1].unlink()
+        elif fault == "2 images, batch 4":
+            extra = ["--data.init_args.batch_size=4"]
+        else:
+            extra = ["--data.init_args.batch_size=1", "--model.init_args.norm=bn"]
+        proc = run(seg_cli(tmp / f"out-{len(tried)}", root, *extra))
+        summary = tmp / f"out-{len(tried)}" / "summary.json"
+        named = str(labels[0]) in proc.stderr or str(labels[1]) in proc.stderr or "batch" in last_error(proc)
+        tried.append((fault, proc.returncode != 0 and named and not summary.exists(), last_error(proc)))
+    return all(ok for _, ok, _ in tried), "; ".join(f"{fault}: {'refused' if ok else 'NOT refused'} ({err})"
+                                                   for fault, ok, err in tried)
+
+
+def trial_video_lists(tmp: Path) -> tuple[bool, str]:
+    tried = []
+    for fault, train, val in (("negative label", "v0.mp4 0\nv1.mp4 1\n", "v0.mp4 -1\n"),
+                              ("label past the classes", "v0.mp4 0\nv1.mp4 1\n", "v0.mp4 7\n"),
+                              ("no label", "v0.mp4 0\nv1.mp4\n", "v0.mp4 0\n")):
+        root = tmp / fault.replace(" ", "-")
+        root.mkdir()
+        (root / "train.csv").write_text(train)
+        (root / "val.csv").write_text(val)
+        proc = run(cli(tmp / f"out-{len(tried)}", f"--data.init_args.root={root}", "--trainer.max_epochs=1",
+                       config="configs/clips/slow_r14_bn_clips-64.yaml"))
+        tried.append((fault, proc.returncode != 0 and ".csv" in last_error(proc), last_error(proc)))
+    return all(ok for _, ok, _ in tried), "; ".join(f"{fault}: {'refused' if ok else 'NOT refused'} ({err})"
+                                                   for fault, ok, err in tried)
+
+
+def trial_finetune_inputs(tmp: Path) -> tuple[bool, str]:
+    from tasks import ImageClassifier
+
+    net = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn").net
+    sd = net.state_dict()
+    sd["layers.1.0.bn1.running_var"][0] = float("nan")
+    torch.save(sd, tmp / "diverged.pt")
+    own = tmp / "own" / "checkpoints" / "last.ckpt"  # another run's last.ckpt in this run's folder
+    own.parent.mkdir(parents=True)
+    torch.save(net.state_dict(), own)
+    torch.export.save(torch.export.export(torch.nn.Conv2d(1, 1, 1), (torch.zeros(1, 1, 2, 2),)), tmp / "model.pt2")
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--data.batch_size=16"]
+    tried = []
+    for fault, out, source, expect in (
+        ("NaN in a pretrained tensor", "nan", tmp / "diverged.pt", "layers.1.0.bn1.running_var"),
+        ("pretrained in this run's checkpoint folder", "own", own, "where this run writes"),
+        ("the exported program as pretrained", "pt2", tmp / "model.pt2", "model.state_dict.pt"),
+        ("backbone_lr_scale -1", "negative", None, "backbone_lr_scale must be in [0, inf)"),
+    ):
+        extra = [f"--model.init_args.pretrained={source}"] if source else ["--model.init_args.backbone_lr_scale=-1"]
+        proc = run(cli(tmp / out, *short, *extra))
+        saved = list((tmp / out).rglob("*.ckpt")) if out != "own" else []
+        tried.append((fault, proc.returncode != 0 and expect in proc.stderr and not saved, last_error(proc)))
+    frozen = run([*cli(tmp / "frozen", *short, "--model.init_args.freeze=[conv1, bn1]"), "--export=true"])
+    status = json.loads((tmp / "frozen" / "summary.json").read_text()).get("status") if frozen.returncode == 0 else None
+    tried.append(("freeze, export and test", status == "complete", f"exit {frozen.returncode}, summary {status}"))
+    return all(ok for _, ok, _ in tried), "; ".join(f"{fault}: {'handled' if ok else 'NOT handled'} ({err})"
+                                                   for fault, ok, err in tried)
+
+
 TRIALS = {"kill-train": trial_kill_train, "kill-save": trial_kill_save, "corrupt-img": trial_corrupt_images,
           "corrupt-idx": trial_corrupt_idx, "diverge": trial_diverge, "compare-malformed": trial_compare_malformed,
-          "typos": trial_typos}
+          "typos": trial_typos, "seg-data": trial_seg_data, "video-lists": trial_video_lists,
+          "finetune-inputs": trial_finetune_inputs}
 SHORT = ("kill-save", "corrupt-idx")  # CI (tests/test_faults.py); the rest are in tests/test_resume.py, test_reliability.py
 
 
