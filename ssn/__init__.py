@@ -15,6 +15,7 @@ from .norm import (
 from .inflate import inflate_resnet_state_dict
 from .integrations import bridge_pytorchvideo, register_mmengine
 from .schedule import radius_at
+from .timm_norm import SparseSwitchNormAct2d, SwitchNormAct2d, register_timm
 from .surgery import (
     average_running_stats,
     convert_norm,
@@ -33,9 +34,11 @@ __all__ = [
     "SparseSwitchNorm1d",
     "SparseSwitchNorm2d",
     "SparseSwitchNorm3d",
+    "SparseSwitchNormAct2d",
     "SwitchNorm1d",
     "SwitchNorm2d",
     "SwitchNorm3d",
+    "SwitchNormAct2d",
     "bridge_pytorchvideo",
     "average_running_stats",
     "convert_norm",
@@ -47,9 +50,15 @@ __all__ = [
     "param_groups",
     "radius_at",
     "register_mmengine",
+    "register_timm",
     "set_radius",
     "sparsemax",
     "sparsestmax",
     "switch_norms",
     "update_latches",
 ]
+
+import sys as _sys
+
+if "timm" in _sys.modules:  # NOTE: timm loaded first: its factories know our layers from now on
+    register_timm()

@@ -8,6 +8,7 @@ they are interchangeable in torchvision (``norm_layer(C)``), pytorchvideo
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Callable
 
 from torch import nn
@@ -74,16 +75,51 @@ def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Mod
     return _BY_DIM[key][dim](num_features, **kw)
 
 
+def _named_norm(num_features: int, *, name: str, dim: int = 2, **kw: Any) -> nn.Module:
+    """``create_norm`` with the name as a keyword, for the layers that are not one class (gn, ln)."""
+    return create_norm(name, num_features, dim=dim, **kw)
+
+
 def get_norm_layer(
     name: str | type[nn.Module] | Callable[..., nn.Module], dim: int = 2, **defaults: Any
 ) -> Callable[..., nn.Module]:
     """A ``norm_layer`` callable: ``get_norm_layer('ssn')(64)`` builds ``SparseSwitchNorm2d(64)``.
 
-    A class or callable is returned as it is (with ``defaults`` bound), as in timm. Unknown names
-    fail here, not when the model is built.
+    A name gives the layer's class itself (``SparseSwitchNorm2d``, ``nn.BatchNorm2d``), or a
+    ``functools.partial`` that binds keywords only (``sync=True``, ``affine=True``, ``defaults``):
+    timm's ``get_norm_layer`` unbinds a partial, keeps its keywords and drops its positional
+    arguments, and its norm+act families map the class to a norm+act class
+    (``ssn.register_timm``). ``gn`` and ``ln`` (``nn.GroupNorm`` takes the groups first) are a
+    keyword-only partial of a function. A class or callable is returned as it is (with
+    ``defaults`` bound), as in timm. Unknown names fail here, not when the model is built.
     """
     if isinstance(name, str):
-        return functools.partial(create_norm, _check_name(name), dim=dim, **defaults)
+        key = _check_name(name)
+        if dim not in (1, 2, 3):
+            raise ValueError(f"dim must be 1, 2 or 3 (spatial dimensions), got {dim!r}")
+        if key.startswith("sync") and key != "syncbn":
+            key, defaults = key[4:], {"sync": True, **defaults}
+        if key == "in":
+            defaults = {"affine": True, **defaults}  # a learnable normaliser, as create_norm builds
+        if key in _BY_DIM:
+            cls: Callable[..., nn.Module] = _BY_DIM[key][dim]
+        elif key == "syncbn":
+            cls = nn.SyncBatchNorm
+        else:
+            return functools.partial(_named_norm, name=key, dim=dim, **defaults)
+        _register_timm_if_loaded()
+        return functools.partial(cls, **defaults) if defaults else cls
     if callable(name):
+        _register_timm_if_loaded()
         return functools.partial(name, **defaults) if defaults else name
     raise TypeError(f"norm layer must be a name, a class or a callable, got {type(name).__name__}")
+
+
+def _register_timm_if_loaded() -> None:
+    # NOTE: a norm layer asked for after timm is imported is usually for timm.create_model: its
+    # norm+act families find our layers only once registered (cheap and idempotent; timm is never
+    # imported from here).
+    if "timm" in sys.modules:
+        from .timm_norm import register_timm
+
+        register_timm()

@@ -37,6 +37,8 @@ class LatchedNorm(nn.Module):
         momentum: float | None = 0.1,
         affine: bool = True,
         in_var_correction: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         for s in (mean_stat, var_stat):
@@ -45,11 +47,12 @@ class LatchedNorm(nn.Module):
         self.num_features, self.spatial_dims = num_features, spatial_dims
         self.eps, self.momentum, self.affine = eps, momentum, affine
         self.in_var_correction = in_var_correction
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        dd = {"device": device, "dtype": dtype}  # PyTorch's factory keywords, as nn.BatchNorm2d
+        self.weight = nn.Parameter(torch.ones(num_features, **dd)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features, **dd)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(num_features, **dd))
+        self.register_buffer("running_var", torch.ones(num_features, **dd))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         # NOTE: plain ints (kept in the state_dict as extra state), so torch.export and
         # torch.compile see constants rather than data-dependent tensor reads.
         self.mean_stat, self.var_stat = STATS.index(mean_stat), STATS.index(var_stat)

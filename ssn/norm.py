@@ -69,6 +69,8 @@ class _SwitchNorm(nn.Module):
         sync: bool = False,
         process_group: object = None,
         in_var_correction: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
@@ -82,6 +84,8 @@ class _SwitchNorm(nn.Module):
                 None) in training, like ``nn.SyncBatchNorm``; a no-op without a process group.
             in_var_correction: 0 for the biased instance variance of ``InstanceNorm`` (default),
                 1 for the unbiased one of the authors' released layers (imported checkpoints).
+            device, dtype: where and in which floating type parameters and buffers are created,
+                PyTorch's factory keywords (``nn.BatchNorm2d`` takes them; timm passes them).
         """
         super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
@@ -107,24 +111,29 @@ class _SwitchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         # NOTE: zero logits mean equal ratios (uniform), the paper's initialisation.
-        self.mean_logits = nn.Parameter(torch.zeros(len(STATS)))
-        self.var_logits = nn.Parameter(torch.zeros(len(STATS)))
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.mean_logits = nn.Parameter(torch.zeros(len(STATS), **dd))
+        self.var_logits = nn.Parameter(torch.zeros(len(STATS), **dd))
         if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
+            self.weight = nn.Parameter(torch.ones(num_features, **dd))
+            self.bias = nn.Parameter(torch.zeros(num_features, **dd))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        # NOTE: SN keeps radius and latches too, so SN and SSN checkpoints share one layout.
-        self.register_buffer("radius", torch.tensor(float(radius)))
-        self.register_buffer("mean_latch", torch.tensor(UNLATCHED, dtype=torch.long))
-        self.register_buffer("var_latch", torch.tensor(UNLATCHED, dtype=torch.long))
-        self._latch_key: tuple[int, ...] | None = None
+        self.register_buffer("running_mean", torch.zeros(num_features, **dd))
+        self.register_buffer("running_var", torch.ones(num_features, **dd))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        # NOTE: SN keeps radius and latches too, so SN and SSN checkpoints share one layout. The
+        # radius is a floating buffer like the others: dtype= gives what .to(dtype) would.
+        self.register_buffer("radius", torch.tensor(float(radius), **dd))
+        self.register_buffer("mean_latch", torch.tensor(UNLATCHED, dtype=torch.long, device=device))
+        self.register_buffer("var_latch", torch.tensor(UNLATCHED, dtype=torch.long, device=device))
+        # NOTE: the mirror filled from the start, so a compiled forward reads constants; keyed on
+        # the new buffers without reading them (their value is known: no device sync, and a layer
+        # built on the meta device, as timm's factory keywords allow, has none to read).
+        ml, vl = self.mean_latch, self.var_latch
+        self._latch_key: tuple[int, ...] | None = (id(ml), ml._version, id(vl), vl._version)
         self._latch_state: tuple[int, int] = (UNLATCHED, UNLATCHED)
-        self._refresh_latches()  # NOTE: filled from the start, so a compiled forward reads constants
         self._fold: tuple[tuple[Any, ...], dict[Any, Any]] | None = None  # dense eval constants
 
     # ----------------------------------------------------------------------------- ratios

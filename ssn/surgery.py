@@ -6,6 +6,8 @@ style of timm's ``convert_sync_batchnorm``.
 
 from __future__ import annotations
 
+import sys
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import torch
@@ -15,7 +17,11 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .factory import create_norm
 from .functional import sparsestmax
-from .norm import BN, IN, LN, STATS, UNLATCHED, LatchedNorm, _Sparsest, _SwitchNorm
+from .norm import (
+    BN, IN, LN, STATS, UNLATCHED, LatchedNorm, SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d,
+    SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, _Sparsest, _SwitchNorm,
+)
+from .timm_norm import NORM_ACT, _NormAct
 
 __all__ = [
     "average_running_stats", "convert_norm", "export_norm", "param_groups", "set_radius", "switch_norms",
@@ -35,7 +41,87 @@ def switch_norms(model: nn.Module) -> Iterator[tuple[str, _SwitchNorm]]:
 def _source_dim(m: nn.Module, default: int) -> int:
     if isinstance(m, _SwitchNorm):
         return m.spatial_dims
-    return _BN_DIMS.get(type(m), default)  # SyncBatchNorm: the rank is only known at run time
+    for cls, d in _BN_DIMS.items():  # isinstance: timm's BatchNormAct2d is a BatchNorm2d
+        if isinstance(m, cls):
+            return d
+    return default  # SyncBatchNorm: the rank is only known at run time
+
+
+# NOTE: exact types, not isinstance: a subclass may compute something else (timm's BatchNormAct2d
+# applies an activation after the norm), and a converter must never silently change a network.
+_PLAIN = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, SwitchNorm1d, SwitchNorm2d,
+          SwitchNorm3d, SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d}
+
+
+def _timm_norm_act_types() -> tuple[type, ...]:
+    """timm's BatchNorm + drop + activation layers, if timm is loaded (a model holding them loaded it)."""
+    mod = sys.modules.get("timm.layers.norm_act")
+    return () if mod is None else (mod.BatchNormAct2d, mod.SyncBatchNormAct)
+
+
+def _convertible(m: nn.Module, qualname: str) -> str | None:
+    """``"norm"``, ``"act"`` (a norm followed by ``m.drop`` and ``m.act``), or None (not a
+    normaliser convert_norm replaces).
+
+    Raises:
+        ValueError: a BatchNorm-like layer (a ``_BatchNorm`` subclass, a ``running_var`` buffer or
+            BatchNorm in its class name) that is none of these, named: frozen statistics, fused
+            activations or other arithmetic a plain norm would drop.
+    """
+    t = type(m)
+    if t in _PLAIN:
+        return "norm"
+    if t in NORM_ACT.values() or t in _timm_norm_act_types():
+        return "act"
+    if isinstance(m, (_BatchNorm, _SwitchNorm)) or (
+        not isinstance(m, (LatchedNorm, _InstanceNorm))
+        and ("batchnorm" in t.__name__.lower() or isinstance(getattr(m, "running_var", None), torch.Tensor))
+    ):
+        hint = " (unfreeze it first, e.g. timm.layers.unfreeze_batch_norm_2d)" if "frozen" in t.__name__.lower() else ""
+        raise ValueError(
+            f"convert_norm: layer {qualname or '<root>'} is a {t.__module__}.{t.__qualname__}, a BatchNorm-like "
+            f"layer it does not know{hint}; replacing it with a plain norm could change what the network "
+            f"computes. Known: torch's BatchNorm1d/2d/3d and SyncBatchNorm, timm's BatchNormAct2d and "
+            f"SyncBatchNormAct, and ssn's layers"
+        )
+    return None
+
+
+@torch.no_grad()
+def _with_act(new: nn.Module, src: nn.Module) -> nn.Module:
+    """``new`` (a plain norm in ``src``'s state) followed by ``src``'s drop and activation.
+
+    The norm+act form of ``new``'s class where there is one (timm's ``BatchNormAct2d``,
+    ``SyncBatchNormAct``, ``GroupNormAct``, ``GroupNorm1Act``; ours), with the same state_dict
+    keys; otherwise ``Sequential(norm, drop, act)``, which computes the same.
+    """
+    t = type(new)
+    twin: nn.Module | None = None
+    if t in NORM_ACT:
+        extra = {"projection": new.projection} if isinstance(new, _Sparsest) else {}
+        twin = NORM_ACT[t](new.num_features, eps=new.eps, momentum=new.momentum, affine=new.affine,
+                           sync=new.sync, process_group=new.process_group, in_var_correction=new.in_var_correction,
+                           apply_act=False, **extra)
+    elif t in (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm):
+        from timm.layers import norm_act as na  # the source is timm's: timm is installed
+
+        if t is nn.BatchNorm2d:
+            twin = na.BatchNormAct2d(new.num_features, eps=new.eps, momentum=new.momentum, affine=new.affine,
+                                     track_running_stats=new.track_running_stats, apply_act=False)
+        elif t is nn.SyncBatchNorm:
+            twin = na.SyncBatchNormAct(new.num_features, new.eps, new.momentum, new.affine,
+                                       new.track_running_stats, process_group=new.process_group)
+        elif new.num_groups == 1:
+            twin = na.GroupNorm1Act(new.num_channels, eps=new.eps, affine=new.affine, apply_act=False)
+        else:
+            twin = na.GroupNormAct(new.num_channels, num_groups=new.num_groups, eps=new.eps, affine=new.affine,
+                                   apply_act=False)
+    if twin is None:
+        return nn.Sequential(OrderedDict(norm=new, drop=src.drop, act=src.act))
+    twin.load_state_dict(new.state_dict())
+    twin.drop, twin.act = src.drop, src.act
+    ref = next(t for t in (*new.parameters(), *new.buffers()) if t.is_floating_point())
+    return twin.to(device=ref.device, dtype=ref.dtype).train(new.training)
 
 
 @torch.no_grad()
@@ -45,6 +131,8 @@ def _convert_one(m: nn.Module, name: str, dim: int, kw: dict[str, Any]) -> nn.Mo
     if sync and target in ("bn", "sn", "ssn"):  # a synchronised model stays synchronised
         target = "sync" + target
     args: dict[str, Any] = {"eps": m.eps, "momentum": m.momentum, "affine": m.affine, **kw}
+    if not getattr(m, "track_running_stats", True) and target in ("bn", "syncbn"):
+        args.setdefault("track_running_stats", False)  # batch statistics in eval too, as the source
     new = create_norm(target, m.num_features, dim=_source_dim(m, dim), **args)
     if m.affine and getattr(new, "weight", None) is not None:
         new.weight.copy_(m.weight)
@@ -70,19 +158,39 @@ def convert_norm(model: nn.Module, name: str, *, dim: int = 2, **kw: Any) -> nn.
     SN/SSN layers); eps and momentum are kept unless given in ``kw``. A SyncBatchNorm (or a
     synchronised SN/SSN) becomes the synchronised variant of ``bn``/``sn``/``ssn``.
 
+    Norm+act layers (timm's ``BatchNormAct2d``/``SyncBatchNormAct``, ``ssn``'s ``SwitchNormAct2d``/
+    ``SparseSwitchNormAct2d``) keep their activation and drop: the norm+act form of the new norm
+    (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``GroupNorm1Act``, ours), or
+    ``Sequential(norm, drop, act)`` for ``in``. ``convert_norm(model, "bn")`` computes what the
+    model computed.
+
     Args:
         model: any module; returned converted (the root itself may be replaced).
         name: a name of ``ssn.create_norm`` (``ssn``, ``sn``, ``bn``, ``gn``, ...).
         dim: spatial rank assumed for SyncBatchNorm, whose rank the module does not record.
         **kw: passed to the new layers (e.g. ``groups`` for ``gn``, ``radius``).
+
+    Raises:
+        ValueError: a BatchNorm-like layer it does not know (any other ``_BatchNorm`` subclass,
+            torchvision's ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``, ...), named; the
+            model is left unchanged.
     """
-    if isinstance(model, (_BatchNorm, _SwitchNorm)):
-        return _convert_one(model, name, dim, kw)
-    for child_name, child in model.named_children():
-        new = convert_norm(child, name, dim=dim, **kw)
-        if new is not child:
-            setattr(model, child_name, new)
-    return model
+    # NOTE: every layer is checked before any is replaced, so a refusal leaves the model as it was.
+    for qualname, m in model.named_modules():
+        _convertible(m, qualname)
+
+    def walk(module: nn.Module, prefix: str) -> nn.Module:
+        kind = _convertible(module, prefix)
+        if kind is not None:
+            new = _convert_one(module, name, dim, kw)
+            return _with_act(new, module) if kind == "act" else new
+        for child_name, child in module.named_children():
+            new = walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    return walk(model, "")
 
 
 _NATIVE = {
@@ -124,7 +232,10 @@ def _export_one(m: _SwitchNorm, qualname: str, force: bool) -> nn.Module:
         new.running_mean.copy_(m.running_mean)
         new.running_var.copy_(m.running_var)
         new.num_batches_tracked.copy_(m.num_batches_tracked)
-    return new.to(device=m.running_mean.device, dtype=m.running_mean.dtype).train(m.training)
+    new = new.to(device=m.running_mean.device, dtype=m.running_mean.dtype).train(m.training)
+    # NOTE: a norm+act layer exports to timm's own (BatchNormAct2d, GroupNorm1Act), so a timm model
+    # latched to BN exports to the plain timm model
+    return _with_act(new, m) if isinstance(m, _NormAct) else new
 
 
 def export_norm(model: nn.Module, *, force: bool = False) -> nn.Module:
@@ -133,7 +244,9 @@ def export_norm(model: nn.Module, *, force: bool = False) -> nn.Module:
     Both ratios on BN -> ``BatchNorm{1,2,3}d`` (with the running statistics), on IN ->
     ``InstanceNorm{1,2,3}d(affine=True)``, on LN -> ``GroupNorm(1, C)``; mean and variance on
     different statistics -> :class:`ssn.LatchedNorm`. A ResNet whose layers all chose BN exports
-    to a plain torchvision ResNet (same state_dict keys; BN folds into the convolutions).
+    to a plain torchvision ResNet (same state_dict keys; BN folds into the convolutions). The
+    norm+act layers of timm models keep their activation and drop: BN -> timm's ``BatchNormAct2d``,
+    LN -> ``GroupNorm1Act``, otherwise ``Sequential(norm, drop, act)``.
 
     Raises:
         ValueError: a layer that has not latched, named, unless ``force=True`` (then its ratios'

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torchvision
@@ -64,6 +66,36 @@ def test_torchvision_resnet_with_every_norm(name):
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (2, 5)
+
+
+def test_names_give_classes_or_keyword_partials():
+    """What timm keeps of a partial: the function and the keywords (its positional arguments are
+    dropped), so every name is a class or a partial binding keywords only."""
+    assert ssn.get_norm_layer("ssn") is ssn.SparseSwitchNorm2d and ssn.get_norm_layer("bn", dim=3) is nn.BatchNorm3d
+    for name in ssn.NORM_NAMES:
+        for dim in (1, 2, 3):
+            layer = ssn.get_norm_layer(name, dim=dim)
+            if isinstance(layer, functools.partial):
+                assert not layer.args, name
+                layer = functools.partial(layer.func, **layer.keywords)  # timm's rebinding
+            assert type(layer(64)) is type(ssn.create_norm(name, 64, dim=dim)), (name, dim)
+    assert ssn.get_norm_layer("syncssn")(4).sync and ssn.get_norm_layer("in")(4).affine
+
+
+@pytest.mark.parametrize("cls", [ssn.SwitchNorm2d, ssn.SparseSwitchNorm3d,
+                                 functools.partial(ssn.LatchedNorm, mean_stat="bn", var_stat="in")])
+def test_factory_keywords_like_batchnorm(cls):
+    """``device``/``dtype`` as nn.BatchNorm2d takes them: what ``.to()`` would give, meta included."""
+    made = cls(6, dtype=torch.float64)
+    moved = cls(6).to(torch.float64)
+    for (name, a), (_, b) in zip(made.state_dict().items(), moved.state_dict().items()):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+    native = nn.BatchNorm2d(6, dtype=torch.float64)
+    assert made.running_var.dtype == native.running_var.dtype and made.num_batches_tracked.dtype == torch.long
+    meta = cls(6, device="meta")
+    assert all(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+    assert meta.to_empty(device="cpu").num_batches_tracked.device.type == "cpu"
 
 
 def test_torchvision_zero_init_residual_reaches_our_weight():

@@ -151,3 +151,32 @@ def test_torch_compile_latched_path_has_no_graph_break():
     model.train()
     compiled(x).sum().backward()
 
+
+
+def test_convert_refuses_bn_like_layers_it_does_not_know():
+    """A converter must not silently change a network: torchvision's FrozenBatchNorm2d (frozen
+    statistics, not a BatchNorm subclass), a BatchNorm subclass (it may compute anything) and a
+    lazy BatchNorm (no weights yet) are refused by name, and nothing is replaced."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    for odd, cls_name in [(FrozenBatchNorm2d(4), "FrozenBatchNorm2d"), (Scaled(4), "Scaled"),
+                          (nn.LazyBatchNorm2d(), "LazyBatchNorm2d")]:
+        model = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(odd))
+        with pytest.raises(ValueError, match=rf"layer 1\.0 is a .*{cls_name}, a BatchNorm-like layer"):
+            ssn.convert_norm(model, "ssn")
+        assert type(model[0]) is nn.BatchNorm2d and model[1][0] is odd
+    # what convert_norm leaves alone, as before: norms it does not replace
+    keep = nn.Sequential(nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, track_running_stats=True), nn.LayerNorm(4))
+    assert [type(m) for m in ssn.convert_norm(keep, "ssn")] == [nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm]
+
+
+def test_convert_bn_without_running_stats_to_bn_is_the_identity():
+    ref = nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False), nn.BatchNorm1d(4)).eval()
+    out = ssn.convert_norm(copy.deepcopy(ref), "bn")
+    x = torch.randn(3, 4, 5, 5)
+    assert not out[0].track_running_stats
+    assert torch.equal(out[0](x), ref[0](x))  # batch statistics in eval, as the source
