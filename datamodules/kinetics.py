@@ -234,7 +234,8 @@ class KineticsDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers per device.
         test_crop_size: of the test views (default ``crop_size``; SlowFast tests Slow 8x8 on 256-pixel
             crops, which the network's global average over its head pooling accepts).
-        num_classes: for list files, the number of classes (default: largest train label + 1).
+        num_classes: the number of classes (default: largest train label + 1, or the class
+            folders); every list file's labels are checked against it when the module is set up.
         seed: of the video order (the same on every rank, which keeps the shards disjoint).
     """
 

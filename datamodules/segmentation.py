@@ -113,7 +113,8 @@ class SkippingSegDataset(Dataset):
     """An mmseg dataset whose samples with an unreadable image or label are skipped (``None``).
 
     Each unreadable file is logged once with its path and counted once (:attr:`skipped`), over
-    every DataLoader worker; any other failure (e.g. a label of the wrong size) is raised.
+    every DataLoader worker; any other failure (e.g. a label of the wrong size, channels or
+    values: :class:`CheckLabel`) is raised. A missing label file is refused at setup.
     """
 
     def __init__(self, dataset: Any, repeat: int = 1) -> None:
@@ -197,11 +198,11 @@ class SegDataModule(pl.LightningDataModule):
         cat_max_ratio: float = 0.75,
     ) -> None:
         super().__init__()
-        for name, value, interval in (("batch_size", batch_size, "[1, inf)"), ("val_batch_size", val_batch_size, "[1, inf)"),
-                                      ("num_workers", num_workers, "[0, inf)"), ("repeat", repeat, "[1, inf)"),
-                                      ("cat_max_ratio", cat_max_ratio, "(0, 1]"), *(("crop_size (each side)", v, "[1, inf)")
-                                      for v in crop_size), *(("scale (each side)", v, "[1, inf)") for v in scale)):
-            check_range(name, value, interval)
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size), ("repeat", repeat),
+                            *(("crop_size (each side)", v) for v in crop_size), *(("scale (each side)", v) for v in scale)):
+            check_range(name, value, "[1, inf)")
+        check_range("num_workers", num_workers, "[0, inf)")
+        check_range("cat_max_ratio", cat_max_ratio, "(0, 1]")
         if not 0 < ratio_range[0] <= ratio_range[1] < math.inf:
             raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {tuple(ratio_range)}")
         self.crop_size, self.scale = tuple(crop_size), tuple(scale)

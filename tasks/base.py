@@ -106,14 +106,20 @@ class NormTask(pl.LightningModule):
             the network has SSN layers).
         monitor_ratios: log per-layer ratios, heatmaps and the final selection
             (``tasks.callbacks.NormRatioMonitor``) when the network has SN/SSN layers.
-        pretrained: a checkpoint to initialise the backbone from: a Lightning checkpoint of any of
-            our tasks, a native export (``*.state_dict.pt``), an authors' checkpoint, or a
-            torchvision ResNet state_dict. Norms of another type are converted (statistics
-            copied); only the head may be new; a missing backbone key is an error.
+        pretrained: a checkpoint to initialise the backbone from (``~`` expanded): a Lightning
+            checkpoint of any of our tasks, a native export (``*.state_dict.pt``; the ``*.pt2``
+            program beside it is for inference and refused with that hint), an authors'
+            checkpoint, a torchvision ResNet state_dict (plain, with DDP's ``module.`` prefix, or
+            a reference-script ``{"model": ...}`` checkpoint). Norms of another type are converted
+            (statistics copied); only the head may be new; a missing backbone key and a NaN/Inf
+            tensor are errors naming the key. Read once, when training starts from it: a run
+            restoring a checkpoint (resume, validate, test) does not read it again. The run's
+            folders must not hold it (``tasks.cli``): a run never writes beside its source.
         pretrained_ratios: ``keep`` (ratios, latches and radius inherited: latched layers run the
             native kernels from the first step, the radius ramp continues from the inherited
             radius), ``reopen`` (ratios inherited as the start, latches cleared, a new ramp from
-            ``pretrained_radius_start``), ``reset`` (ratios re-initialised).
+            ``pretrained_radius_start``; refused for a native export, which holds no ratios),
+            ``reset`` (ratios re-initialised).
         pretrained_radius_start: the radius the new ramp starts from in ``reopen`` mode.
         pretrained_trusted: allow a pretrained file that needs unpickling arbitrary objects (off:
             ``torch.load(weights_only=True)``, which cannot execute code).
@@ -121,6 +127,8 @@ class NormTask(pl.LightningModule):
             new label set even of the same size).
         backbone_lr_scale: learning rate of the pretrained backbone relative to the new head.
         freeze: parameter-name prefixes of the backbone to freeze (e.g. ``["conv1", "bn1", "layer1"]``).
+            Frozen norms run in eval mode as Lightning's ``BaseFinetuning`` freezes them (running
+            statistics kept, no latching) and frozen SSN layers keep their radius.
         compile: compile the network (the backbone for segmentation) with ``torch.compile`` in place
             (``nn.Module.compile``: state_dict keys unchanged). SN/SSN layers trace to one graph;
             the latches are decided between steps, and a new latch recompiles its layer's path.
@@ -132,6 +140,10 @@ class NormTask(pl.LightningModule):
             step (no update; counted in ``train/skipped_nonfinite``). Either way the message names
             the step and the first layer where it appeared, and nothing non-finite reaches a
             checkpoint: parameters that become non-finite in an update always stop the run.
+
+    Every numeric option is checked against its range when the task is built (``_RANGES``;
+    e.g. ``backbone_lr_scale`` in ``[0, inf)``), and a training split that gives no batch
+    (fewer samples than ``batch_size`` with ``drop_last``) is refused before the first step.
     """
 
     def __init__(
@@ -478,7 +490,8 @@ class NormTask(pl.LightningModule):
         # first batch (a no-op when not resuming). Pinned by tests/test_resume.py.
         self.trainer.fit_loop._load_combined_loader_states()
         # after a resumed run's checkpoint is restored: the radius its frozen SSN layers keep
-        self._frozen_radius = {m: float(m.radius) for m in getattr(self, "_frozen_norms", []) if isinstance(m, _Sparsest)}
+        frozen = getattr(self, "_frozen_norms", [])
+        self._frozen_radius = {m: float(m.radius) for m in frozen if isinstance(m, _Sparsest)}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start_step = self.global_step
