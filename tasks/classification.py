@@ -1,4 +1,5 @@
-"""Image classification: torchvision ResNets (and a small ResNet for 28x28) with any normalizer."""
+"""Image classification: torchvision ResNets (and a small ResNet for 28x28) or any timm CNN
+(``timm/<name>``) with any normalizer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+import ssn
 from ssn.checks import check_range
 
 from .base import NormTask
@@ -17,6 +19,7 @@ from .base import NormTask
 __all__ = ["ImageClassifier", "SmallResNet", "build_classifier", "ARCHS"]
 
 ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50", "resnet101", "resnet50_authors")
+TIMM_PREFIX = "timm/"  # ``timm/<model name>``: any timm model that takes a norm layer (README, timm)
 
 
 class SmallResNet(nn.Module):
@@ -57,11 +60,32 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(x)), 1))
 
 
+def _timm_classifier(name: str, num_classes: int, in_channels: int, norm_layer: Callable[..., nn.Module]) -> nn.Module:
+    """A randomly initialised timm model (never a download) with ``norm_layer`` for its norms."""
+    import timm
+
+    ssn.register_timm()  # its norm+act families map our layers to SwitchNormAct2d/SparseSwitchNormAct2d
+    if name not in timm.list_models():
+        raise KeyError(f"unknown timm model {name!r} (timm.list_models() lists them)")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                                 norm_layer=norm_layer)
+    except TypeError as e:
+        if "norm_layer" not in str(e):
+            raise
+        raise ValueError(
+            f"timm model {name!r} takes no norm_layer ({e}); build it with BatchNorm and convert it "
+            "(ssn.convert_norm(model, name), which keeps its fused activations)"
+        ) from e
+
+
 def build_classifier(
     arch: str, num_classes: int, in_channels: int, norm_layer: Callable[..., nn.Module], zero_init_residual: bool
 ) -> nn.Module:
+    if arch.startswith(TIMM_PREFIX):
+        return _timm_classifier(arch[len(TIMM_PREFIX):], num_classes, in_channels, norm_layer)
     if arch not in ARCHS:
-        raise KeyError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+        raise KeyError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}, or timm/<name> (a timm model)")
     if arch == "resnet_small":
         model: nn.Module = SmallResNet(num_classes, in_channels, norm_layer=norm_layer)
     else:
@@ -88,6 +112,9 @@ class ImageClassifier(NormTask):
             ``resnet50_authors`` is the SSN authors' ResNet-50 (max-pool padding 0 with ceil mode,
             dropout 0.5 before ``fc``) for evaluating or fine-tuning their released checkpoints
             (with ``norm_kwargs: {in_var_correction: 1, momentum: 0.003}`` to match their layer).
+            ``timm/<name>``: a timm model (``pip install ssn-bench[timm]``), randomly initialised,
+            with the normalizer in every norm (ResNet/ResNeXt, RegNet, EfficientNet, DenseNet, ...;
+            see the README); its own zero-init of residual branches applies.
         num_classes, in_channels: linked from the data module by the CLI.
         zero_init_residual: zero the gamma of each residual block's last norm.
         label_smoothing: of the cross-entropy.
@@ -118,7 +145,9 @@ class ImageClassifier(NormTask):
         return self.net
 
     def head_prefixes(self) -> tuple[str, ...]:
-        return ("fc.",)
+        # NOTE: a timm model names its head in its config ("fc", "classifier", "head.fc")
+        head = getattr(self.net, "pretrained_cfg", {}).get("classifier", "fc")
+        return tuple(f"{h}." for h in ([head] if isinstance(head, str) else head))
 
     def training_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> Tensor:
         if batch is None:  # every image of the batch was unreadable (counted by the data module)

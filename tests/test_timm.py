@@ -222,3 +222,50 @@ def test_mobilenetv3_generator_binds_its_own_norm_layer():
     bind norm_layer themselves, so timm refuses one from the caller, whatever it is."""
     with pytest.raises(TypeError, match="multiple values for keyword argument 'norm_layer'"):
         timm.create_model("mobilenetv3_small_050", norm_layer=functools.partial(nn.BatchNorm2d))
+
+
+def test_image_classifier_takes_a_timm_arch_and_its_state_dict(tmp_path):
+    """``arch: timm/<name>`` with any normalizer; ``pretrained`` a timm model's own state_dict
+    (randomly initialised and saved here: no download). NOTE: through ssn.transfer's ResNet
+    layout (a stem ``conv1.weight``): timm's plain-stem ResNets load, deep stems and other
+    families do not yet (README)."""
+    from tasks import ImageClassifier
+
+    plain = timm.create_model("resnet18", num_classes=4)
+    torch.save(_randomise_stats(plain).state_dict(), tmp_path / "timm.pth")
+    task = ImageClassifier(arch="timm/resnet18", num_classes=10, in_channels=1, norm="ssn",
+                           pretrained=str(tmp_path / "timm.pth"))
+    task.configure_model()
+    assert task.head_prefixes() == ("fc.",) and task.net.fc.out_features == 10
+    assert torch.equal(task.net.layer1[0].bn1.running_var, plain.layer1[0].bn1.running_var)
+    torch.testing.assert_close(task.net.conv1.weight, plain.conv1.weight.sum(1, keepdim=True))  # 1 channel
+    assert task(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(KeyError, match="unknown timm model"):
+        ImageClassifier(arch="timm/no_such_net", num_classes=10, norm="ssn")
+    with pytest.raises(ValueError, match="takes no norm_layer"):
+        ImageClassifier(arch="timm/ghostnet_050", num_classes=10, norm="ssn")
+
+
+def test_cli_fit_with_a_timm_arch_on_fashion_mnist(tmp_path):
+    from datamodules import fashion_mnist as fm
+    from tasks.cli import main
+    from pathlib import Path
+
+    if not (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs `apt-get install dataset-fashion-mnist` (make test does it)")
+    root, out = Path(__file__).resolve().parents[1], str(tmp_path / "out")
+    cli = main([
+        "fit", "--config", str(root / "configs/base/trainer.yaml"),
+        "--config", str(root / "configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml"),
+        "--model.init_args.arch=timm/test_efficientnet", "--model.init_args.channels_last=false",
+        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+        "--data.batch_size=16",
+    ])
+    net = cli.model.net
+    assert cli.trainer.global_step == 4 and isinstance(net.bn1, ssn.SparseSwitchNormAct2d)
+    assert all(None not in m.latched for _, m in ssn.switch_norms(net))  # the radius ramp ended: latched
+    program = torch.export.load(tmp_path / "out" / "exported" / "model.pt2").module()
+    assert program(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    cli.trainer.logger.experiment.finish()
