@@ -108,8 +108,12 @@ def _is_authors(sd: dict[str, Any]) -> bool:
     return any(k.endswith("sn1.mean_weight") for k in sd)
 
 
-def backbone_state(obj: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
+def backbone_state(obj: dict[str, Any], stem: str = "conv1.weight") -> tuple[dict[str, Tensor], str]:
     """A checkpoint of any supported kind -> (state_dict in torchvision's ResNet layout, kind).
+
+    ``stem``: the key of the network's first convolution in that layout, which locates the backbone
+    under any prefix (a timm EfficientNet's is ``conv_stem.weight``, a deep-stem ResNet's
+    ``conv1.0.weight``).
 
     Kinds: a Lightning checkpoint of any of our tasks (``state_dict`` under the task's prefix, e.g.
     ``net.`` or ``model.backbone.``), the authors' checkpoint (``ssn.authors`` format), a plain
@@ -135,14 +139,16 @@ def backbone_state(obj: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
     if others:
         raise ValueError(f"not a state_dict: values of {others[:3]} are not tensors")
     sd = rekey_state(sd, lambda k: None if k.endswith("_extra_state") else k)
-    # NOTE: the stem convolution ``conv1`` is the shallowest of its name: the shortest prefix wins
+    # NOTE: the stem convolution is the shallowest of its name: the shortest prefix wins
     # (``net.`` over ``net.layer1.0.``), whatever the task's attribute path.
-    prefixes = sorted({k[: -len("conv1.weight")] for k in sd if (k == "conv1.weight" or k.endswith(".conv1.weight"))
-                       and sd[k].dim() >= 4}, key=len)
+    prefixes = sorted({k[: -len(stem)] for k in sd if (k == stem or k.endswith("." + stem)) and sd[k].dim() >= 4},
+                      key=len)
     if not prefixes:
+        what = "ResNet backbone" if stem == "conv1.weight" else "backbone"
+        blocks = " and blocks like 'layer1.0.conv1.weight'" if stem == "conv1.weight" else ""
         raise ValueError(
-            "no ResNet backbone in the checkpoint: expected a stem 'conv1.weight' and blocks like "
-            f"'layer1.0.conv1.weight' (under any prefix); found e.g. {sorted(sd)[:6]}"
+            f"no {what} in the checkpoint: expected a stem convolution '{stem}'{blocks} (under any "
+            f"prefix); found e.g. {sorted(sd)[:6]}"
         )
     prefix = prefixes[0]
     return rekey_state(sd, lambda k: k[len(prefix):] if k.startswith(prefix) else None), kind
@@ -215,6 +221,7 @@ def load_backbone(
     drop_ok: Iterable[str] = ("fc.",),
     ratios: str = "keep",
     kind: str = "state_dict",
+    stem: str = "conv1.weight",
 ) -> TransferReport:
     """Load a torchvision-layout backbone ``state`` into ``target`` (in place).
 
@@ -227,6 +234,7 @@ def load_backbone(
             latches cleared; the caller restarts the radius ramp), ``reset`` (logits uniform,
             latches cleared, radius 0). Running statistics and affine parameters load in every mode.
         kind: the source's kind, for the report.
+        stem: the first convolution's key, whose input channels may be adapted (e.g. RGB -> gray).
 
     Raises:
         ValueError: a missing backbone key or an unexpected source key (both named), a shape
@@ -254,9 +262,9 @@ def load_backbone(
                 missing.append(key)
             continue
         if src.shape != dst.shape:
-            if key == "conv1.weight" and src.dim() == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
+            if key == stem and src.dim() == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
                 src = _adapt_input_conv(src, dst.shape[1])
-                report.adapted.append(f"conv1 {tuple(state[key].shape)} -> {tuple(dst.shape)}")
+                report.adapted.append(f"{stem[: -len('.weight')]} {tuple(state[key].shape)} -> {tuple(dst.shape)}")
             elif key.startswith(new_ok):
                 report.new.append(key)
                 continue

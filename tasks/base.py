@@ -219,6 +219,11 @@ class NormTask(pl.LightningModule):
         """Keys of :meth:`pretrained_module` allowed to stay new (its head)."""
         return ()
 
+    def pretrained_stem(self) -> str:
+        """The key of the backbone's first convolution in the pretrained layout (it locates the
+        backbone in a checkpoint, and its input channels may be adapted)."""
+        return "conv1.weight"
+
     def load_pretrained(self, path: str) -> TransferReport:
         """Load ``path`` into :meth:`pretrained_module` (see the ``pretrained`` argument)."""
         hp = self.hparams
@@ -226,12 +231,13 @@ class NormTask(pl.LightningModule):
         target = self.pretrained_module()
         head = self.head_prefixes()
         try:
-            state, kind = backbone_state(read_checkpoint(path, trusted=hp.pretrained_trusted))
+            stem = self.pretrained_stem()
+            state, kind = backbone_state(read_checkpoint(path, trusted=hp.pretrained_trusted), stem)
             if not hp.pretrained_head:  # a new task's labels: the head starts afresh
                 state = rekey_state(state, lambda k: None if head and k.startswith(head) else k)
             state = with_metadata(self.map_pretrained(state, target), state)
             report = load_backbone(target, state, new_ok=head, drop_ok=("fc.", *head), ratios=hp.pretrained_ratios,
-                                   kind=kind)
+                                   kind=kind, stem=stem)
         except ValueError as e:
             raise ValueError(f"pretrained {path}: {e}" if path not in str(e) else str(e)) from e
         if hp.pretrained_ratios == "keep":  # the ramp continues from the largest radius still in use

@@ -149,6 +149,13 @@ class ImageClassifier(NormTask):
         head = getattr(self.net, "pretrained_cfg", {}).get("classifier", "fc")
         return tuple(f"{h}." for h in ([head] if isinstance(head, str) else head))
 
+    def pretrained_stem(self) -> str:
+        # NOTE: a timm model's stem has its family's name (``conv_stem``, ``stem.conv``, a deep
+        # stem's ``conv1.0``): its first convolution weight, in registration order
+        if not hasattr(self.net, "pretrained_cfg"):
+            return super().pretrained_stem()
+        return next(k for k, v in self.net.state_dict().items() if k.endswith(".weight") and v.dim() == 4)
+
     def training_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> Tensor:
         if batch is None:  # every image of the batch was unreadable (counted by the data module)
             return self.skip_batch()

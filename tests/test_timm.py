@@ -226,9 +226,7 @@ def test_mobilenetv3_generator_binds_its_own_norm_layer():
 
 def test_image_classifier_takes_a_timm_arch_and_its_state_dict(tmp_path):
     """``arch: timm/<name>`` with any normalizer; ``pretrained`` a timm model's own state_dict
-    (randomly initialised and saved here: no download). NOTE: through ssn.transfer's ResNet
-    layout (a stem ``conv1.weight``): timm's plain-stem ResNets load, deep stems and other
-    families do not yet (README)."""
+    (randomly initialised and saved here: no download)."""
     from tasks import ImageClassifier
 
     plain = timm.create_model("resnet18", num_classes=4)
@@ -240,6 +238,17 @@ def test_image_classifier_takes_a_timm_arch_and_its_state_dict(tmp_path):
     assert torch.equal(task.net.layer1[0].bn1.running_var, plain.layer1[0].bn1.running_var)
     torch.testing.assert_close(task.net.conv1.weight, plain.conv1.weight.sum(1, keepdim=True))  # 1 channel
     assert task(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # other stems: EfficientNet's conv_stem, RegNet's stem.conv, a deep-stem ResNet's conv1.0,
+    # DenseNet's features.conv0 (three input channels: no adaptation)
+    for name in ("test_efficientnet", "regnetx_002", "resnet18d", "densenet121"):
+        plain = _randomise_stats(timm.create_model(name, num_classes=4))
+        torch.save({"model": plain.state_dict()}, tmp_path / f"{name}.pth")  # the reference-script form
+        task = ImageClassifier(arch=f"timm/{name}", num_classes=10, in_channels=3, norm="bn",
+                               pretrained=str(tmp_path / f"{name}.pth"))
+        task.configure_model()
+        own, theirs = task.net.state_dict(), plain.state_dict()
+        head = task.head_prefixes()
+        assert all(torch.equal(v, theirs[k]) for k, v in own.items() if not k.startswith(head)), name
     with pytest.raises(KeyError, match="unknown timm model"):
         ImageClassifier(arch="timm/no_such_net", num_classes=10, norm="ssn")
     with pytest.raises(ValueError, match="takes no norm_layer"):
