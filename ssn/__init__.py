@@ -8,9 +8,11 @@ from .norm import (
     SparseSwitchNorm1d,
     SparseSwitchNorm2d,
     SparseSwitchNorm3d,
+    SparseSwitchNormBase,
     SwitchNorm1d,
     SwitchNorm2d,
     SwitchNorm3d,
+    SwitchNormBase,
 )
 from .inflate import inflate_resnet_state_dict
 from .integrations import bridge_pytorchvideo, register_mmengine
@@ -35,10 +37,12 @@ __all__ = [
     "SparseSwitchNorm2d",
     "SparseSwitchNorm3d",
     "SparseSwitchNormAct2d",
+    "SparseSwitchNormBase",
     "SwitchNorm1d",
     "SwitchNorm2d",
     "SwitchNorm3d",
     "SwitchNormAct2d",
+    "SwitchNormBase",
     "bridge_pytorchvideo",
     "average_running_stats",
     "convert_norm",

@@ -33,6 +33,8 @@ from .stats import BN, IN, LN, STATS, UNLATCHED, _batch_momentum, _check_input, 
 __all__ = [
     "STATS",
     "LatchedNorm",
+    "SparseSwitchNormBase",
+    "SwitchNormBase",
     "SwitchNorm1d",
     "SwitchNorm2d",
     "SwitchNorm3d",
@@ -42,8 +44,9 @@ __all__ = [
 ]
 
 
-class _SwitchNorm(nn.Module):
-    """Common implementation; subclasses fix the input rank and the ratio mapping."""
+class SwitchNormBase(nn.Module):
+    """Every SN/SSN layer (``isinstance(m, ssn.SwitchNormBase)``); subclasses fix the input rank
+    and the ratio mapping."""
 
     spatial_dims: ClassVar[int]
     _layout: ClassVar[str]
@@ -391,12 +394,14 @@ class _SwitchNorm(nn.Module):
         return s
 
 
-class _Softmax(_SwitchNorm):
+class _Softmax(SwitchNormBase):
     def _map_logits(self, logits: Tensor) -> Tensor:
         return torch.softmax(logits, dim=-1)
 
 
-class _Sparsest(_SwitchNorm):
+class SparseSwitchNormBase(SwitchNormBase):
+    """Every SSN layer: ratios by SparsestMax at the layer's ``radius``, latching when one-hot."""
+
     def __init__(self, num_features: int, *, projection: str = "exact", **kwargs: Any) -> None:
         """
         Args:
@@ -442,21 +447,21 @@ class SwitchNorm3d(_Softmax):
     _layout = "(N, C, T, H, W)"
 
 
-class SparseSwitchNorm1d(_Sparsest):
+class SparseSwitchNorm1d(SparseSwitchNormBase):
     """Sparse Switchable Normalization over (N, C, L) inputs: SparsestMax ratios over IN, LN, BN."""
 
     spatial_dims = 1
     _layout = "(N, C, L)"
 
 
-class SparseSwitchNorm2d(_Sparsest):
+class SparseSwitchNorm2d(SparseSwitchNormBase):
     """Sparse Switchable Normalization over (N, C, H, W) inputs: SparsestMax ratios over IN, LN, BN."""
 
     spatial_dims = 2
     _layout = "(N, C, H, W)"
 
 
-class SparseSwitchNorm3d(_Sparsest):
+class SparseSwitchNorm3d(SparseSwitchNormBase):
     """Sparse Switchable Normalization over (N, C, T, H, W) inputs: SparsestMax ratios."""
 
     spatial_dims = 3

@@ -19,7 +19,7 @@ from .factory import create_norm
 from .functional import sparsestmax
 from .norm import (
     BN, IN, LN, STATS, UNLATCHED, LatchedNorm, SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d,
-    SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, _Sparsest, _SwitchNorm,
+    SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SparseSwitchNormBase, SwitchNormBase,
 )
 from .timm_norm import NORM_ACT, _NormAct
 
@@ -31,15 +31,15 @@ __all__ = [
 _BN_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
-def switch_norms(model: nn.Module) -> Iterator[tuple[str, _SwitchNorm]]:
+def switch_norms(model: nn.Module) -> Iterator[tuple[str, SwitchNormBase]]:
     """Every SN/SSN layer of ``model`` with its qualified name."""
     for name, m in model.named_modules():
-        if isinstance(m, _SwitchNorm):
+        if isinstance(m, SwitchNormBase):
             yield name, m
 
 
 def _source_dim(m: nn.Module, default: int) -> int:
-    if isinstance(m, _SwitchNorm):
+    if isinstance(m, SwitchNormBase):
         return m.spatial_dims
     for cls, d in _BN_DIMS.items():  # isinstance: timm's BatchNormAct2d is a BatchNorm2d
         if isinstance(m, cls):
@@ -73,7 +73,7 @@ def _convertible(m: nn.Module, qualname: str) -> str | None:
         return "norm"
     if t in NORM_ACT.values() or t in _timm_norm_act_types():
         return "act"
-    if isinstance(m, (_BatchNorm, _SwitchNorm)) or (
+    if isinstance(m, (_BatchNorm, SwitchNormBase)) or (
         not isinstance(m, (LatchedNorm, _InstanceNorm))
         and ("batchnorm" in t.__name__.lower() or isinstance(getattr(m, "running_var", None), torch.Tensor))
     ):
@@ -98,7 +98,7 @@ def _with_act(new: nn.Module, src: nn.Module) -> nn.Module:
     t = type(new)
     twin: nn.Module | None = None
     if t in NORM_ACT:
-        extra = {"projection": new.projection} if isinstance(new, _Sparsest) else {}
+        extra = {"projection": new.projection} if isinstance(new, SparseSwitchNormBase) else {}
         twin = NORM_ACT[t](new.num_features, eps=new.eps, momentum=new.momentum, affine=new.affine,
                            sync=new.sync, process_group=new.process_group, in_var_correction=new.in_var_correction,
                            apply_act=False, **extra)
@@ -141,11 +141,11 @@ def _convert_one(m: nn.Module, name: str, dim: int, kw: dict[str, Any]) -> nn.Mo
         new.running_mean.copy_(m.running_mean)
         new.running_var.copy_(m.running_var)
         new.num_batches_tracked.copy_(m.num_batches_tracked)
-    if isinstance(m, _SwitchNorm) and isinstance(new, _SwitchNorm):
+    if isinstance(m, SwitchNormBase) and isinstance(new, SwitchNormBase):
         for key in ("mean_logits", "var_logits", "radius", "mean_latch", "var_latch"):
             getattr(new, key).copy_(getattr(m, key))
         new._refresh_latches()
-    if isinstance(m, _Sparsest) and isinstance(new, _Sparsest) and "projection" not in kw:
+    if isinstance(m, SparseSwitchNormBase) and isinstance(new, SparseSwitchNormBase) and "projection" not in kw:
         new.projection = m.projection
     ref = next(t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
     return new.to(device=ref.device, dtype=ref.dtype).train(m.training)
@@ -200,7 +200,7 @@ _NATIVE = {
 
 
 @torch.no_grad()
-def _export_one(m: _SwitchNorm, qualname: str, force: bool) -> nn.Module:
+def _export_one(m: SwitchNormBase, qualname: str, force: bool) -> nn.Module:
     latches = list(m._latches())
     if UNLATCHED in latches:
         if not force:
@@ -254,7 +254,7 @@ def export_norm(model: nn.Module, *, force: bool = False) -> nn.Module:
     """
 
     def walk(module: nn.Module, prefix: str) -> nn.Module:
-        if isinstance(module, _SwitchNorm):
+        if isinstance(module, SwitchNormBase):
             return _export_one(module, prefix, force)
         for child_name, child in module.named_children():
             new = walk(child, f"{prefix}.{child_name}" if prefix else child_name)
@@ -272,7 +272,7 @@ def set_radius(model: nn.Module, radius: float) -> int:
         raise ValueError(f"radius must be a non-negative number, got {radius!r}")
     count = 0
     for _, m in switch_norms(model):
-        if isinstance(m, _Sparsest):
+        if isinstance(m, SparseSwitchNormBase):
             m.radius.fill_(radius)
             count += 1
     return count
@@ -296,9 +296,9 @@ def update_latches(model: nn.Module) -> int:
     Returns:
         How many ratios latched in this call.
     """
-    groups: dict[tuple[Any, ...], list[_Sparsest]] = {}
+    groups: dict[tuple[Any, ...], list[SparseSwitchNormBase]] = {}
     for _, m in switch_norms(model):
-        if isinstance(m, _Sparsest) and m.training and UNLATCHED in m._latches():
+        if isinstance(m, SparseSwitchNormBase) and m.training and UNLATCHED in m._latches():
             key = (m.mean_logits.device, m.mean_logits.dtype, m.projection)
             groups.setdefault(key, []).append(m)
     if not groups:
@@ -330,7 +330,7 @@ def update_latches(model: nn.Module) -> int:
     return latched
 
 
-_NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, _SwitchNorm, LatchedNorm)
+_NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, SwitchNormBase, LatchedNorm)
 
 
 def param_groups(
@@ -355,7 +355,7 @@ def param_groups(
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            if isinstance(module, _SwitchNorm) and pname in ("mean_logits", "var_logits"):
+            if isinstance(module, SwitchNormBase) and pname in ("mean_logits", "var_logits"):
                 ratios.append(p)
             elif isinstance(module, _NORM_TYPES):
                 norms.append(p)
@@ -374,7 +374,7 @@ def _per_device(m: nn.Module) -> bool:
     """A layer that keeps running BN statistics of its own device's batches (not synchronised)."""
     if isinstance(m, nn.SyncBatchNorm) or getattr(m, "sync", False):
         return False
-    return isinstance(m, (_BatchNorm, _SwitchNorm, LatchedNorm)) and getattr(m, "running_mean", None) is not None
+    return isinstance(m, (_BatchNorm, SwitchNormBase, LatchedNorm)) and getattr(m, "running_mean", None) is not None
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .norm import STATS, UNLATCHED, LatchedNorm, _Sparsest, _SwitchNorm
+from .norm import STATS, UNLATCHED, LatchedNorm, SparseSwitchNormBase, SwitchNormBase
 
 __all__ = ["RATIO_MODES", "TransferReport", "backbone_state", "load_backbone", "read_checkpoint", "record_norms",
            "rekey_state", "with_metadata"]
@@ -245,7 +245,7 @@ def load_backbone(
     new_ok, drop_ok = tuple(new_ok), tuple(drop_ok)
     report = TransferReport(kind=kind)
     norms = {n: m for n, m in target.named_modules()
-             if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, _SwitchNorm, LatchedNorm))}
+             if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, SwitchNormBase, LatchedNorm))}
     own = target.state_dict()
     meta = getattr(state, "_metadata", None) or {}
     missing, bad_shape, converted = [], [], set()
@@ -293,7 +293,7 @@ def load_backbone(
     if nonfinite:
         raise ValueError(f"the pretrained tensors hold NaN/Inf values in {len(nonfinite)} of them: {_brief(nonfinite)} "
                          "(saved after the source diverged?); use an earlier checkpoint of the source")
-    recorded = [name for name, m in norms.items() if isinstance(m, _SwitchNorm)
+    recorded = [name for name, m in norms.items() if isinstance(m, SwitchNormBase)
                 and (meta.get(name) or {}).get(_META) and f"{name}.mean_latch" not in state]
     if recorded and ratios == "reopen":
         raise ValueError(
@@ -305,7 +305,7 @@ def load_backbone(
         own[key].copy_(src.to(own[key].dtype))
     report.loaded = len(values)
     for name, m in norms.items():
-        if not isinstance(m, _SwitchNorm):
+        if not isinstance(m, SwitchNormBase):
             continue
         recorded = (meta.get(name) or {}).get(_META)
         if recorded and f"{name}.mean_latch" not in state:  # a native export: restore its selection
@@ -314,7 +314,7 @@ def load_backbone(
             converted.discard(name)
         if ratios != "keep":
             m.latch(None, None)
-            if isinstance(m, _Sparsest):
+            if isinstance(m, SparseSwitchNormBase):
                 m.radius.zero_()
         if ratios == "reset":
             m.mean_logits.zero_()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import ssn
 from ssn.checks import check_range
-from ssn.norm import LatchedNorm, _Sparsest, _SwitchNorm
+from ssn import LatchedNorm, SparseSwitchNormBase, SwitchNormBase
 from ssn.transfer import (
     RATIO_MODES, TransferReport, backbone_state, load_backbone, read_checkpoint, rekey_state, with_metadata,
 )
@@ -64,7 +64,7 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, LatchedNorm, _SwitchNorm))
+    return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, LatchedNorm, SwitchNormBase))
 
 # The accepted range of each numeric NormTask option (ssn.checks.check_range; None passes).
 _RANGES = {
@@ -242,7 +242,7 @@ class NormTask(pl.LightningModule):
             raise ValueError(f"pretrained {path}: {e}" if path not in str(e) else str(e)) from e
         if hp.pretrained_ratios == "keep":  # the ramp continues from the largest radius still in use
             self.initial_radius = max((float(m.radius) for _, m in ssn.switch_norms(target)
-                                       if isinstance(m, _Sparsest) and None in m.latched), default=None)
+                                       if isinstance(m, SparseSwitchNormBase) and None in m.latched), default=None)
         elif hp.pretrained_ratios == "reopen":
             self.initial_radius = hp.pretrained_radius_start
             ssn.set_radius(target, hp.pretrained_radius_start)
@@ -440,7 +440,7 @@ class NormTask(pl.LightningModule):
 
         layers = [m for _, m in ssn.switch_norms(self)]
         callbacks: list[pl.Callback] = [RunSummary()]  # <default_root_dir>/summary.json, for compare
-        if any(isinstance(m, _Sparsest) for m in layers):
+        if any(isinstance(m, SparseSwitchNormBase) for m in layers):
             hp = self.hparams
             callbacks.append(RadiusSchedule(end=hp.radius_end, ramp_fraction=hp.radius_ramp_fraction,
                                             delay_fraction=hp.radius_delay_fraction))
@@ -497,7 +497,7 @@ class NormTask(pl.LightningModule):
         self.trainer.fit_loop._load_combined_loader_states()
         # after a resumed run's checkpoint is restored: the radius its frozen SSN layers keep
         frozen = getattr(self, "_frozen_norms", [])
-        self._frozen_radius = {m: float(m.radius) for m in frozen if isinstance(m, _Sparsest)}
+        self._frozen_radius = {m: float(m.radius) for m in frozen if isinstance(m, SparseSwitchNormBase)}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start_step = self.global_step

@@ -54,7 +54,7 @@ def _randomise(m: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _ref_ratios(m):
-    if isinstance(m, ssn.norm._Sparsest):
+    if isinstance(m, ssn.norm.SparseSwitchNormBase):
         f = lambda z: ssn.sparsestmax(z, float(m.radius))  # noqa: E731  (tested on its own)
     else:
         f = lambda z: torch.softmax(z, -1)  # noqa: E731

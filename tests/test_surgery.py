@@ -10,14 +10,14 @@ import torchvision
 from torch import nn
 
 import ssn
-from ssn.norm import _SwitchNorm
+from ssn.norm import SwitchNormBase
 
 
 def _randomise_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, _SwitchNorm)):
+            if isinstance(m, (nn.BatchNorm2d, SwitchNormBase)):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
@@ -103,7 +103,7 @@ def test_export_every_latch_combination_is_exact(dim):
                 got = new(x)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             if mean == var:
-                assert not isinstance(new, (ssn.LatchedNorm, _SwitchNorm)), (mean, var, type(new))
+                assert not isinstance(new, (ssn.LatchedNorm, SwitchNormBase)), (mean, var, type(new))
             else:
                 assert isinstance(new, ssn.LatchedNorm)
                 # the exported module also trains like the latched layer it replaced
