@@ -16,6 +16,7 @@ import copy
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -28,9 +29,9 @@ from ssn.io import atomic_write, save_atomic
 from ssn.transfer import read_checkpoint, record_norms
 
 from .base import NormTask
-from .callbacks import SUMMARY_FILE, complete_summary, update_summary
+from .summary import SUMMARY_FILE, complete_summary, update_summary
 
-__all__ = ["SSNCLI", "main", "export_model"]
+__all__ = ["SSNCLI", "command", "export_model", "main"]
 
 say = rank_zero_only(print)  # the report after fit, printed once under DDP
 
@@ -231,12 +232,24 @@ def main(args: list[str] | None = None) -> SSNCLI:
     )
 
 
+def command(argv: Sequence[str]) -> int:
+    """``ssn-bench sweep ...`` (:mod:`tasks.sweep`) / ``ssn-bench compare ...`` (:mod:`tasks.report`);
+    ``argv[0]`` is the subcommand. Returns the exit status."""
+    if not argv or argv[0] not in ("sweep", "compare"):
+        raise ValueError("expected `sweep` or `compare`")
+    if argv[0] == "sweep":
+        from .sweep import sweep_main
+
+        return sweep_main(argv[1:])
+    from .report import compare_main
+
+    return compare_main(argv[1:])
+
+
 def console() -> None:
     """The ``ssn-bench`` console script (returns nothing, so the exit status is 0 on success);
-    ``ssn-bench sweep|compare ...`` go to :mod:`tasks.compare`."""
+    ``ssn-bench sweep|compare ...`` go to :func:`command`."""
     if sys.argv[1:2] in (["sweep"], ["compare"]):
-        from .compare import command
-
         raise SystemExit(command(sys.argv[1:]))
     main()
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.compare import build_grid, command, compare, load_records, run_status
+from tasks.cli import command
+from tasks.report import compare, load_records
+from tasks.sweep import build_grid, run_status
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST_SSN = "configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml"

@@ -1,413 +1,35 @@
-"""Comparing normalizers: ``ssn-bench sweep`` (a grid of runs, each its own process, resumable;
-or a SLURM job array / wandb sweep file) and ``ssn-bench compare`` (a table, Markdown, CSV and
-plots from the runs' ``summary.json``, written by ``tasks.callbacks.RunSummary``).
+"""``ssn-bench compare``: the report of a set of runs from their ``summary.json``
+(:mod:`tasks.summary`): runs grouped so that a group differs only by its seed, mean ± std tables
+(Markdown, CSV), plots (metric against batch size, the SSN selection per layer), optionally logged
+to wandb.
 
-    ssn-bench sweep --task configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml \\
-        --norms bn gn sn ssn --batch-sizes 2 8 32 --seeds 0 1 2 --set trainer.max_epochs=2 \\
-        --out outputs/sweeps/small-batch [--jobs 2] [--dry-run] [--slurm job.sh] [--wandb-sweep sweep.yaml]
     ssn-bench compare outputs/sweeps/small-batch --out outputs/sweeps/small-batch/report \\
         [--metric test/acc1] [--filter norm=bn,ssn] [--group-by task norm batch_size]
 
-A run's folder is ``<out>/<name>/`` (checkpoints, offline wandb run, ``summary.json``,
-``run.log``). A sweep skips runs whose summary is ``complete``, resumes runs that have a
-``checkpoints/last.ckpt`` with ``--ckpt_path last``, and starts the others; a failing run does not
-stop the rest (the exit status says how many failed).
+Reading (:func:`load_records`), grouping (:func:`group_keys`, :func:`aggregate`), writing
+(:func:`markdown_table`, :func:`write_csv`, the plots) and the whole report (:func:`compare`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import json
 import math
-import os
-import re
-import shlex
 import statistics
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ssn import NORM_NAMES, STATS  # STATS: the statistics in ratio order: in, ln, bn
+from ssn import STATS  # the statistics in ratio order: in, ln, bn
 
-from .callbacks import SUMMARY_FILE
+from .summary import MEASURED, SUMMARY_FILE, malformed
 
-__all__ = ["GridRun", "build_grid", "check_runs", "command", "compare", "group_keys", "load_records", "run_status",
-           "sweep"]
+__all__ = ["aggregate", "compare", "compare_main", "filter_records", "group_keys", "load_records", "markdown_table",
+           "write_csv"]
 
 NORM_ORDER = ("bn", "syncbn", "gn", "in", "ln", "sn", "syncsn", "ssn", "syncssn")
-DEFAULT_BASE = "configs/base/trainer.yaml"
 
 
-# =============================================================================== the grid
-@dataclass
-class GridRun:
-    """One entry of a sweep's grid: its identity, folder and ``ssn-bench fit`` arguments."""
-
-    index: int
-    name: str
-    group: str
-    task: str
-    norm: str
-    batch_size: int | None
-    seed: int | None
-    values: dict[str, str]
-    dir: Path
-    args: list[str] = field(default_factory=list)
-
-    def command(self, resume: bool = False) -> list[str]:
-        return [sys.executable, "-m", "tasks.cli", *self.args, *(["--ckpt_path", "last"] if resume else [])]
-
-
-def _yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config {path} not found")
-    return yaml.safe_load(p.read_text()) or {}
-
-
-def _get(cfg: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(cfg, dict) or part not in cfg:
-            return None
-        cfg = cfg[part]
-    return cfg
-
-
-def _task_config(path: str, norm: str | None) -> tuple[str, str, str, bool]:
-    """(config file for ``norm``, task label, the norm, whether ``--model.init_args.norm`` must
-    override it). The per-normalizer sibling file (``{arch}_{norm}_{dataset}-{crop}.yaml``) is
-    preferred: it carries the normalizer's own arguments (e.g. GN's groups)."""
-    p = Path(path)
-    own = _get(_yaml(path), "model.init_args.norm")
-    token = f"_{own}_" if own else None
-    label = p.stem.replace(token, "_", 1) if token and token in p.stem else p.stem
-    if norm is None or norm == own:
-        return path, label, own or "?", False
-    if token and token in p.name:
-        sibling = p.with_name(p.name.replace(token, f"_{norm}_", 1))
-        if sibling.is_file():
-            return str(sibling), label, norm, False
-    return path, label, norm, True
-
-
-def _wandb_logger(configs: Sequence[str]) -> bool:
-    """Whether the composed configs' logger is a WandbLogger (the last file that sets one wins)."""
-    logger = None
-    for c in configs:
-        value = _get(_yaml(c), "trainer.logger")
-        if value is not None:
-            logger = value
-    return isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger")
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)
-
-
-def _pairs(items: Sequence[str], what: str) -> list[tuple[str, str]]:
-    out = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what} expects KEY=VALUE, got {item!r}")
-        out.append((key.removeprefix("--"), value))
-    return out
-
-
-def build_grid(
-    tasks: Sequence[str], *, base: Sequence[str] = (DEFAULT_BASE,), norms: Sequence[str] | None = None,
-    batch_sizes: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
-    grid: Sequence[str] = (), sets: Sequence[str] = (), extra: Sequence[str] = (),
-    out: str | Path = "outputs/sweep",
-    sweep_name: str | None = None,
-) -> list[GridRun]:
-    """The runs of a sweep, in a fixed order (task, normalizer, batch size, seed, then the
-    ``grid`` keys): the same arguments always give the same indices (SLURM array tasks rely on it).
-
-    Args:
-        tasks: task config files (a per-normalizer file is swapped for its sibling of each norm).
-        base: config files composed before each task file (default: the base trainer).
-        norms, batch_sizes, seeds: the usual axes (None: the config's value, no axis).
-        grid: ``KEY=V1,V2,...`` more axes over any config key (e.g. ``model.init_args.lr=0.1,0.2``).
-        sets: ``KEY=VALUE`` overrides of every run.
-        extra: raw ``ssn-bench fit`` arguments appended to every run (not part of its identity).
-        out: the sweep folder; each run writes into ``out/<name>``.
-        sweep_name: tag of every run (default: the folder's name).
-    """
-    unknown = [n for n in norms or [] if n not in NORM_NAMES]
-    if unknown:
-        raise ValueError(f"--norms {' '.join(unknown)}: unknown normalizer; known: {', '.join(NORM_NAMES)}")
-    out = Path(out)
-    sweep_name = sweep_name or out.name
-    axes = [(k, v.split(",")) for k, v in _pairs(grid, "--grid")]
-    runs: list[GridRun] = []
-    for task_path, norm, bs, seed, *values in itertools.product(
-        tasks, norms or [None], batch_sizes or [None], seeds or [None], *[vals for _, vals in axes]
-    ):
-        config, label, norm_name, override = _task_config(task_path, norm)
-        configs = [*base, config]
-        chosen = {k: v for (k, _), v in zip(axes, values)}
-        suffix = "".join(f"-{_safe(k.split('.')[-1])}{_safe(v)}" for k, v in chosen.items())
-        group = f"{label}-{norm_name}" + (f"-b{bs}" if bs is not None else "") + suffix
-        name = group + (f"-s{seed}" if seed is not None else "")
-        run_dir = out / name
-        args = ["fit"]
-        for c in configs:
-            args += ["--config", c]
-        args += [f"--trainer.default_root_dir={run_dir}"]
-        if _wandb_logger(configs):
-            tags = [sweep_name, label, norm_name] + ([f"batch{bs}"] if bs is not None else [])
-            logger = "--trainer.logger.init_args"
-            args += [f"{logger}.save_dir={run_dir}", f"{logger}.name={name}", f"{logger}.group={group}",
-                     f"{logger}.job_type={norm_name}", f"{logger}.tags=[{', '.join(tags)}]"]
-        if override:
-            args += [f"--model.init_args.norm={norm_name}"]
-        args += [f"--{k}={v}" for k, v in _pairs(sets, "--set")]
-        if bs is not None:
-            args += [f"--data.init_args.batch_size={bs}"]
-        if seed is not None:
-            args += [f"--seed_everything={seed}"]
-        args += [f"--{k}={v}" for k, v in chosen.items()]
-        args += list(extra)
-        runs.append(GridRun(len(runs), name, group, label, norm_name, bs, seed, chosen, run_dir, args))
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise ValueError("two grid entries have the same name (a task file given twice?)")
-    return runs
-
-
-# The arguments that only name a run's outputs or vary its seed and batch (argparse checked their
-# types): runs equal in the rest parse alike, so one of them is checked.
-_PER_RUN = ("--trainer.default_root_dir=", "--trainer.logger.init_args.", "--seed_everything=",
-            "--data.init_args.batch_size=")
-
-
-def check_runs(runs: Sequence[GridRun]) -> None:
-    """Parse every distinct run's ``ssn-bench fit`` arguments as the run would (``--print_config``:
-    no model is built), so a mistyped ``--grid``/``--set`` key or a value of the wrong type stops
-    the sweep before its first run, not in each run's log. Raises ``ValueError`` naming the run
-    and the parser's error."""
-    import contextlib
-    import io
-
-    from .cli import main
-
-    seen: set[tuple[str, ...]] = set()
-    for run in runs:
-        key = tuple(a for a in run.args if not a.startswith(_PER_RUN))
-        if key in seen:
-            continue
-        seen.add(key)
-        err = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            try:
-                main([*run.args, "--print_config"])
-                code: Any = 0
-            except SystemExit as e:
-                code = e.code
-        if code not in (0, None):
-            text = err.getvalue()
-            message = text[text.rfind("error:"):].strip() if "error:" in text else text.strip()[-2000:]
-            raise ValueError(f"run {run.name}: its arguments do not parse; no run was started.\n{message}")
-
-
-def run_status(run_dir: Path) -> str:
-    """``complete`` (summary says so), ``running`` (its process is alive), ``interrupted`` (a
-    ``checkpoints/last.ckpt`` to resume from) or ``new``."""
-    summary = run_dir / SUMMARY_FILE
-    if summary.is_file():
-        try:
-            if json.loads(summary.read_text()).get("status") == "complete":
-                return "complete"
-        except (OSError, ValueError):
-            pass
-    pid_file = run_dir / "run.pid"
-    if pid_file.is_file():
-        try:
-            os.kill(int(pid_file.read_text().split()[0]), 0)
-            return "running"
-        except (OSError, ValueError, IndexError):
-            pass
-    return "interrupted" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "new"
-
-
-def _launch(run: GridRun, threads: int | None, total: int) -> tuple[GridRun, str, int]:
-    status = run_status(run.dir)
-    if status in ("complete", "running"):
-        print(f"[{run.index + 1}/{total}] {run.name}: {status}, skipped", flush=True)
-        return run, status, 0
-    resume = status == "interrupted"
-    cmd = run.command(resume)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    what = "resumed from last.ckpt" if resume else "started"
-    print(f"[{run.index + 1}/{total}] {run.name}: {what}", flush=True)
-    start = time.time()
-    with open(run.dir / "run.log", "a") as log:
-        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        (run.dir / "run.pid").write_text(f"{proc.pid}\n")
-        rc = proc.wait()
-    (run.dir / "run.pid").unlink(missing_ok=True)
-    final = run_status(run.dir)
-    ok = rc == 0 and final == "complete"
-    outcome = "done" if ok else f"FAILED (exit {rc}), see {run.dir / 'run.log'}"
-    print(f"[{run.index + 1}/{total}] {run.name}: {outcome} in {time.time() - start:.0f} s", flush=True)
-    return run, "done" if ok else "failed", rc
-
-
-def sweep(runs: Sequence[GridRun], *, jobs: int = 1, threads: int | None = None) -> dict[str, str]:
-    """Run every entry not yet complete, each in its own process (``jobs`` at a time); returns
-    name -> ``complete`` (skipped), ``running`` (skipped: alive elsewhere), ``done`` or ``failed``."""
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda r: _launch(r, threads, len(runs)), runs))
-    return {run.name: status for run, status, _ in results}
-
-
-def _argv(ns: argparse.Namespace, *, index: bool = False) -> list[str]:
-    """The sweep's own arguments (to re-invoke one grid entry from SLURM or a wandb agent)."""
-    args = ["--out", str(ns.out)]
-    if ns.name:
-        args += ["--name", ns.name]
-    for flag, values in (("--config", ns.config), ("--task", ns.task), ("--norms", ns.norms),
-                         ("--batch-sizes", ns.batch_sizes), ("--seeds", ns.seeds)):
-        if values:
-            args += [flag, *map(str, values)]
-    for flag, values in (("--grid", ns.grid), ("--set", ns.set)):
-        for v in values:
-            args += [flag, v]
-    if ns.threads:
-        args += ["--threads", str(ns.threads)]
-    if index:
-        args += ["--index"]
-    return args
-
-
-def slurm_script(ns: argparse.Namespace, n: int) -> str:
-    """An sbatch job array whose task ``i`` runs grid entry ``i`` (resuming it when requeued)."""
-    out = Path(ns.out).resolve()
-    call = shlex.join([sys.executable, "-m", "tasks.cli", "sweep", *_argv(ns)])
-    extra = (" -- " + shlex.join(ns.extra)) if ns.extra else ""
-    limit = f"%{ns.jobs}" if ns.jobs and ns.jobs > 1 else ""
-    options = "".join(f"#SBATCH {o}\n" for o in ns.slurm_option)
-    return (
-        "#!/bin/bash\n"
-        f"# {n} runs of the sweep {out.name}: task i runs grid entry i ({out / 'grid.json'} lists them).\n"
-        "# Submit: sbatch THIS_FILE. A task that is requeued or resubmitted resumes its run from\n"
-        "# checkpoints/last.ckpt; a complete run is skipped.\n"
-        f"#SBATCH --job-name={_safe('ssn-' + out.name)}\n"
-        f"#SBATCH --array=0-{n - 1}{limit}\n"
-        f"#SBATCH --output={out}/slurm-%A_%a.log\n"
-        f"{options}"
-        "set -euo pipefail\n"
-        f"cd {shlex.quote(os.getcwd())}\n"
-        f"{call} --index \"$SLURM_ARRAY_TASK_ID\"{extra}\n"
-    )
-
-
-def wandb_sweep_file(ns: argparse.Namespace, runs: Sequence[GridRun], project: str | None) -> str:
-    """A wandb sweep (method grid over the entry index) for online users: ``wandb sweep FILE``,
-    then ``wandb agent ...``; each agent run executes one grid entry (its wandb run joins the sweep)."""
-    import yaml
-
-    cmd = ["${env}", sys.executable, "-m", "tasks.cli", "sweep", "${args}", *_argv(ns)]
-    if ns.extra:
-        cmd += ["--", *ns.extra]
-    spec = {
-        "name": Path(ns.out).name, "method": "grid", "program": "tasks/cli.py",
-        "parameters": {"index": {"values": [r.index for r in runs]}}, "command": cmd,
-    }
-    if project:
-        spec["project"] = project
-    legend = "".join(f"#   {r.index}: {r.name}\n" for r in runs)
-    return (f"# wandb sweep of {len(runs)} runs (go online: --set trainer.logger.init_args.offline=false).\n"
-            f"# index -> run:\n{legend}" + yaml.safe_dump(spec, sort_keys=False))
-
-
-def sweep_main(argv: Sequence[str]) -> int:
-    argv = list(argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(prog="ssn-bench sweep", description="Launch a grid of ssn-bench fit runs.",
-                                epilog="Arguments after `--` are passed to every run as they are.")
-    p.add_argument("--task", nargs="+", required=True, help="task config file(s), one grid axis")
-    p.add_argument("--config", nargs="+", default=[DEFAULT_BASE], help="base config(s) before each task file")
-    p.add_argument("--norms", nargs="+", help="normalizers (per-norm sibling configs are used when present)")
-    p.add_argument("--batch-sizes", nargs="+", type=int, help="per-device batch sizes (lr scales linearly)")
-    p.add_argument("--seeds", nargs="+", type=int, help="seed_everything values")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="more axes: any config key")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    p.add_argument("--out", default="outputs/sweep", help="sweep folder (one subfolder per run)")
-    p.add_argument("--name", help="sweep name, a wandb tag of every run (default: the folder's name)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (SLURM: array tasks at a time)")
-    p.add_argument("--threads", type=int, help="torch threads of each run (OMP_NUM_THREADS)")
-    p.add_argument("--index", type=int, action="append", help="run only these entries (SLURM, wandb agents)")
-    p.add_argument("--dry-run", action="store_true", help="print each run's status and command, run nothing")
-    p.add_argument("--slurm", metavar="FILE", help="write a SLURM job array script instead of running")
-    p.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
-                   help="an #SBATCH line, e.g. --slurm-option=--gres=gpu:1")
-    p.add_argument("--wandb-sweep", metavar="FILE", help="write a wandb grid sweep file instead of running")
-    ns = p.parse_args(argv)
-    ns.extra = extra
-    try:
-        runs = build_grid(ns.task, base=ns.config, norms=ns.norms, batch_sizes=ns.batch_sizes, seeds=ns.seeds,
-                          grid=ns.grid, sets=ns.set, extra=extra, out=ns.out, sweep_name=ns.name)
-        if ns.index is not None:
-            bad = [i for i in ns.index if not 0 <= i < len(runs)]
-            if bad:
-                p.error(f"--index {bad}: the grid has {len(runs)} entries (0-{len(runs) - 1})")
-        check_runs(runs if ns.index is None else [runs[i] for i in ns.index])
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from ssn.io import write_text_atomic
-
-    listing = [{"index": r.index, "name": r.name, "group": r.group, "task": r.task, "norm": r.norm,
-                "batch_size": r.batch_size, "seed": r.seed, "values": r.values, "dir": str(r.dir),
-                "command": shlex.join(r.command())} for r in runs]
-    write_text_atomic(out / "grid.json", json.dumps(listing, indent=1) + "\n")
-    if ns.slurm or ns.wandb_sweep:
-        if ns.slurm:
-            write_text_atomic(ns.slurm, slurm_script(ns, len(runs)))
-            print(f"wrote {ns.slurm}: a job array of {len(runs)} runs (sbatch {ns.slurm})")
-        if ns.wandb_sweep:
-            project = next((_get(_yaml(c), "trainer.logger.init_args.project") for c in reversed(ns.config)
-                            if _get(_yaml(c), "trainer.logger.init_args.project")), None)
-            write_text_atomic(ns.wandb_sweep, wandb_sweep_file(ns, runs, project))
-            print(f"wrote {ns.wandb_sweep}: a wandb grid sweep of {len(runs)} runs "
-                  f"(wandb sweep {ns.wandb_sweep})")
-        return 0
-    if ns.index is not None:
-        runs = [runs[i] for i in ns.index]
-    if ns.dry_run:
-        for r in runs:
-            status = run_status(r.dir)
-            print(f"{r.index}\t{r.name}\t{status}\t{shlex.join(r.command(status == 'interrupted'))}")
-        return 0
-    results = sweep(runs, jobs=ns.jobs, threads=ns.threads)
-    failed = [n for n, s in results.items() if s == "failed"]
-    counts = {s: sum(v == s for v in results.values()) for s in ("done", "complete", "running", "failed")}
-    print("sweep: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" (of {len(results)})")
-    for n in failed:
-        print(f"  failed: {n}")
-    return 1 if failed else 0
-
-
-# ============================================================================= the report
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted keys of a config, ``init_args`` levels dropped (``model.lr``, ``data.batch_size``);
     a list of objects is indexed (``trainer.callbacks.0.dirpath``), other lists are values."""
@@ -431,15 +53,11 @@ def selection_fractions(selection: list[dict[str, Any]]) -> dict[str, float] | N
     return {s: sum(c == s for c in choices) / len(choices) for s in STATS}
 
 
-# What a summary's top-level scalars measure rather than define (summaries without ``run_info``).
-MEASURED = frozenset({"status", "global_step", "epochs", "ckpt_path", "fit_seconds", "train_seconds",
-                      "train_samples", "throughput", "peak_memory_mb", "peak_memory_kind", "device"})
 # Settings that never tell two experiments apart: where outputs go, how progress is shown, what a
 # resumed run resumes from (the same run), the logger (it only records). The seed is the other one.
 OUTPUT_KEYS = frozenset({"trainer.default_root_dir", "ckpt_path", "trainer.enable_progress_bar",
                          "trainer.enable_model_summary"})
 OUTPUT_LEAVES = frozenset({"dirpath", "filename", "save_dir", "log_dir"})
-NUMERIC = ("throughput", "peak_memory_mb", "batch_size", "global_batch_size", "global_step")
 
 
 def is_seed(key: str) -> bool:
@@ -450,37 +68,6 @@ def is_seed(key: str) -> bool:
 def _names_outputs(key: str) -> bool:
     return (key in OUTPUT_KEYS or key.startswith("trainer.logger.") or key == "trainer.logger"
             or key.rsplit(".", 1)[-1] in OUTPUT_LEAVES)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def malformed(s: Any) -> str | None:
-    """What is wrong with a parsed ``summary.json`` for compare, or None."""
-    if not isinstance(s, dict):
-        return f"not a JSON object but a {type(s).__name__}"
-    for key in ("metrics", "config", "run_info", "hparams"):
-        if s.get(key) is not None and not isinstance(s[key], dict):
-            return f"{key!r} is a {type(s[key]).__name__}, not an object"
-    for k, v in (s.get("metrics") or {}).items():
-        if not _is_number(v):
-            return f"metric {k!r} is {v!r}, not a finite number"
-    for k in NUMERIC:
-        if s.get(k) is not None and not _is_number(s[k]):
-            return f"{k!r} is {s[k]!r}, not a finite number"
-    if s.get("status") is not None and not isinstance(s["status"], str):
-        return f"'status' is {s['status']!r}, not a string"
-    sel = s.get("selection")
-    if sel is not None and not isinstance(sel, list):
-        return f"'selection' is a {type(sel).__name__}, not a list"
-    for row in sel or []:
-        values = [row.get(f"{k}_{st}") for k in ("mean", "var") for st in STATS] if isinstance(row, dict) else []
-        latches = [row.get(f"{k}_latch") for k in ("mean", "var")] if isinstance(row, dict) else []
-        if (not values or not all(map(_is_number, values)) or not isinstance(row.get("layer"), str)
-                or any(x not in (None, *STATS) for x in latches)):
-            return f"a 'selection' row is not a layer's ratios and latches: {str(row)[:80]}"
-    return None
 
 
 def _record(f: Path, s: dict[str, Any]) -> dict[str, Any]:
@@ -963,10 +550,3 @@ def compare_main(argv: Sequence[str]) -> int:
     if ns.wandb != "off":
         log_to_wandb(result, project=ns.wandb_project, mode=ns.wandb, name=ns.title or None)
     return 0
-
-
-def command(argv: Sequence[str]) -> int:
-    """``ssn-bench sweep ...`` / ``ssn-bench compare ...`` (``argv[0]`` is the subcommand)."""
-    if not argv or argv[0] not in ("sweep", "compare"):
-        raise ValueError("expected `sweep` or `compare`")
-    return sweep_main(argv[1:]) if argv[0] == "sweep" else compare_main(argv[1:])
