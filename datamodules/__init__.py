@@ -1,4 +1,10 @@
-"""LightningDataModules: ImageNet (real on-disk layout) and Fashion-MNIST (the embedded default)."""
+"""LightningDataModules, one file per dataset on a shared base (``base.SplitDataModule``: the loaders;
+``resumable``: the exactly resumable training loader).
+
+Classification: Fashion-MNIST (the default), scikit-learn's digits, ImageNet
+(its on-disk layout). Segmentation (mmseg pipelines): Cityscapes, ADE20K, any folder in mmseg's layout.
+Video: Kinetics (pytorchvideo).
+"""
 
 from .ade20k import ADE20KDataModule
 from .cityscapes import CityscapesDataModule

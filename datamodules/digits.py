@@ -6,20 +6,21 @@ Real data, offline: ``sklearn.datasets.load_digits`` reads a file inside the sci
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ssn.checks import check_range
 
-from .resumable import ResumableLoader, eval_loader
+from .base import SplitDataModule
 
 __all__ = ["DigitsDataModule"]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """scikit-learn's digits at 28x28 (bilinear), split by a seeded permutation into
     ``test_size`` test, ``val_size`` validation and the rest (1,797 in all) training images.
 
@@ -71,16 +72,5 @@ class DigitsDataModule(pl.LightningDataModule):
         norm = lambda idx: TensorDataset((x[idx] - mean) / std, y[idx])  # noqa: E731
         self.data = {"train": norm(train), "val": norm(val), "test": norm(test)}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        cls = ResumableLoader if shuffle else eval_loader  # the training loader resumes exactly
-        return cls(self.data[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                   num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+    def _loader_options(self, train: bool) -> dict[str, Any]:
+        return {"num_workers": self.hparams.num_workers}

@@ -6,14 +6,14 @@ import gzip
 import logging
 import struct
 from pathlib import Path
+from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from .resumable import ResumableLoader, eval_loader
+from .base import SplitDataModule
 
 __all__ = ["FashionMNISTDataModule", "read_idx", "DEBIAN_ROOT"]
 
@@ -62,7 +62,7 @@ def _find(folder: Path, name: str) -> Path | None:
     return None
 
 
-class FashionMNISTDataModule(pl.LightningDataModule):
+class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST (60k train, 10k test, 28x28 grey, 10 classes, MIT).
 
     The files are looked up in ``root`` (or ``root/FashionMNIST/raw``, torchvision's layout), then
@@ -155,21 +155,11 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         if stage in (None, "fit", "test", "predict") and "test" not in self.data:
             self.data["test"] = TensorDataset(*self._load("test"))
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        cls = ResumableLoader if shuffle else eval_loader  # the training loader resumes exactly
-        batch_size = self.batch_size if shuffle else self.hparams.eval_batch_size or self.batch_size
-        return cls(self.data[split], batch_size=batch_size, shuffle=shuffle,
-                   num_workers=self.hparams.num_workers, drop_last=shuffle,
-                   persistent_workers=self.hparams.num_workers > 0)
+    def _batch_size(self, train: bool) -> int:
+        return self.batch_size if train else self.hparams.eval_batch_size or self.batch_size
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def _loader_options(self, train: bool) -> dict[str, Any]:
+        return {"num_workers": self.hparams.num_workers, "persistent_workers": self.hparams.num_workers > 0}
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         x, y = batch

@@ -7,15 +7,14 @@ import multiprocessing as mp
 from pathlib import Path
 from typing import Any, Callable
 
-import lightning.pytorch as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import default_collate
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .resumable import ResumableLoader, eval_loader
+from .base import SplitDataModule
 
 __all__ = ["ImageNetDataModule", "SkippingImageFolder"]
 
@@ -109,7 +108,7 @@ def collate_skipping(batch: list[Any]) -> Any:
     return default_collate(kept)
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """ImageNet-1k (or any folder in its layout) for classification.
 
     Training: RandomResizedCrop(crop_size), horizontal flip, colour jitter, optional PCA lighting
@@ -120,6 +119,7 @@ class ImageNetDataModule(pl.LightningDataModule):
     """
 
     in_channels = 3
+    test_split = "val"  # ImageNet's test labels are not public: report val
 
     def __init__(
         self,
@@ -201,18 +201,7 @@ class ImageNetDataModule(pl.LightningDataModule):
                     raise FileNotFoundError(f"{self.root / split} holds no images; " + LAYOUT.format(root=self.root))
                 self.data[split] = ds
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader_options(self, train: bool) -> dict[str, Any]:
         w = self.hparams.num_workers
-        cls = ResumableLoader if train else eval_loader  # the training loader resumes exactly
-        return cls(self.data[split], batch_size=self.batch_size, shuffle=train, drop_last=train,
-                   num_workers=w, pin_memory=torch.cuda.is_available(), persistent_workers=w > 0,
-                   collate_fn=collate_skipping)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val", False)  # ImageNet's test labels are not public: report val
+        return {"num_workers": w, "pin_memory": torch.cuda.is_available(), "persistent_workers": w > 0,
+                "collate_fn": collate_skipping}

@@ -21,7 +21,6 @@ import multiprocessing as mp
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -30,6 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sa
 
 from ssn.checks import check_range
 from ssn.integrations import bridge_pytorchvideo
+
+from .base import SplitDataModule
 
 # NOTE: at import, not only before building the transforms: a worker or rank started with
 # "spawn" unpickles the transforms after importing this module, in a fresh interpreter.
@@ -218,7 +219,7 @@ def _first(batch: list[Any]) -> Any:
     return batch[0]  # the stream yields whole batches; the loader's batch of one is unwrapped
 
 
-class KineticsDataModule(pl.LightningDataModule):
+class KineticsDataModule(SplitDataModule):
     """Kinetics-400/600/700 (or any video set in its layout) for video classification.
 
     Clips of ``frames`` frames taken every ``sampling_rate`` frames of a ``fps`` video (pytorchvideo's
@@ -398,7 +399,8 @@ class KineticsDataModule(pl.LightningDataModule):
             if split not in self.data:
                 self.data[split] = self._stream(split)
 
-    def _loader(self, split: str) -> DataLoader:
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        """A stream is batched, sharded and shuffled by itself: the loader takes one batch at a time."""
         stream = self.data[split]
         if split == "train" and self.trainer is not None:
             stream.set_epoch(self.trainer.current_epoch)  # a resumed run continues the order
@@ -407,12 +409,3 @@ class KineticsDataModule(pl.LightningDataModule):
                             pin_memory=torch.cuda.is_available(), persistent_workers=w > 0)
         loader.batch_sampler.sampler = _EpochSampler(stream)
         return loader
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")

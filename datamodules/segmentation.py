@@ -14,14 +14,13 @@ import multiprocessing as mp
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ssn.checks import check_range
 
-from .resumable import ResumableLoader, eval_loader
+from .base import SplitDataModule
 
 __all__ = ["CheckLabel", "SegDataModule", "SegFolderDataModule", "SkippingSegDataset", "collate_skipping",
            "readable"]
@@ -170,7 +169,7 @@ def collate_skipping(batch: list[Any]) -> dict[str, list[Any]] | None:
     return pseudo_collate(kept) if kept else None
 
 
-class SegDataModule(pl.LightningDataModule):
+class SegDataModule(SplitDataModule):
     """Base of the segmentation data modules: an mmseg dataset per split, skipping, loaders.
 
     Subclasses set ``num_classes`` and implement :meth:`_check_layout` (fail early with the
@@ -183,6 +182,7 @@ class SegDataModule(pl.LightningDataModule):
     in_channels: int = 3
     color_type: str = "color"
     photometric: bool = True
+    test_split = "val"  # Cityscapes' and ADE20K's test labels are not public
 
     def __init__(
         self,
@@ -249,21 +249,13 @@ class SegDataModule(pl.LightningDataModule):
                 _check_labels_exist(dataset, split)
                 self.data[split] = SkippingSegDataset(dataset, self.repeat if split == "train" else 1)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _batch_size(self, train: bool) -> int:
+        return self.batch_size if train else self.val_batch_size
+
+    def _loader_options(self, train: bool) -> dict[str, Any]:
         w = self.num_workers
-        cls = ResumableLoader if train else eval_loader  # the training loader resumes exactly
-        return cls(self.data[split], batch_size=self.batch_size if train else self.val_batch_size,
-                   shuffle=train, drop_last=train, num_workers=w, persistent_workers=w > 0,
-                   pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val", False)  # Cityscapes' and ADE20K's test labels are not public
+        return {"num_workers": w, "persistent_workers": w > 0, "pin_memory": torch.cuda.is_available(),
+                "collate_fn": collate_skipping}
 
 
 FOLDER_LAYOUT = """expected mmseg's custom-dataset layout:

@@ -18,18 +18,15 @@ from .inflate import inflate_resnet_state_dict
 from .integrations import bridge_pytorchvideo, register_mmengine
 from .schedule import radius_at
 from .timm_norm import SparseSwitchNormAct2d, SwitchNormAct2d, register_timm
-from .surgery import (
-    average_running_stats,
-    convert_norm,
-    export_norm,
-    param_groups,
-    set_radius,
-    switch_norms,
-    update_latches,
-)
+from .registry import NORMS, NormSpec
+from .stats import selected_stat
+from .surgery import convert_norm, export_norm, switch_norms
+from .training import average_running_stats, param_groups, set_radius, update_latches
 
 __all__ = [
     "LatchedNorm",
+    "NORMS",
+    "NormSpec",
     "authors_sparsestmax",
     "NORM_NAMES",
     "STATS",
@@ -57,6 +54,7 @@ __all__ = [
     "register_timm",
     "set_radius",
     "sparsemax",
+    "selected_stat",
     "sparsestmax",
     "switch_norms",
     "update_latches",

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +31,7 @@ from torch import nn
 from .io import save_atomic
 from .functional import PROJECTIONS, authors_sparsestmax, sparsestmax
 from .norm import STATS, SparseSwitchNorm2d
+from .transfer import read_checkpoint
 
 __all__ = ["authors_resnet50", "convert_authors_state_dict", "load_authors_checkpoint", "unfixed_layers"]
 
@@ -195,22 +194,8 @@ def load_authors_checkpoint(
     Raises:
         FileNotFoundError, ValueError: a missing, corrupt or mismatching file, with the reason.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as e:
-        if "global" not in str(e):  # weights_only names the global it refused; anything else is junk
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[-3:]})") from e
-        raise ValueError(
-            f"{path}: holds objects besides tensors (e.g. numpy scalars of training state); if you "
-            "trust the file, pass trusted=True (or --trusted)"
-        ) from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict, got {type(state).__name__}")
+    # NOTE: their files may hold training state (numpy scalars) that only ``trusted`` unpickles
+    state = read_checkpoint(path, trusted=trusted, allow_hint="trusted=True, or --trusted")
     ours = convert_authors_state_dict(state)
     model = authors_resnet50(num_classes=ours["fc.weight"].shape[0], projection=projection)
     expected = model.state_dict()

@@ -13,31 +13,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .norm import (
-    SparseSwitchNorm1d,
-    SparseSwitchNorm2d,
-    SparseSwitchNorm3d,
-    SwitchNorm1d,
-    SwitchNorm2d,
-    SwitchNorm3d,
-)
+from .registry import NORM_NAMES, norm_spec
 
 __all__ = ["NORM_NAMES", "create_norm", "get_norm_layer"]
 
-_BY_DIM: dict[str, dict[int, type[nn.Module]]] = {
-    "bn": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
-    "in": {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
-    "sn": {1: SwitchNorm1d, 2: SwitchNorm2d, 3: SwitchNorm3d},
-    "ssn": {1: SparseSwitchNorm1d, 2: SparseSwitchNorm2d, 3: SparseSwitchNorm3d},
-}
-NORM_NAMES = ("bn", "syncbn", "gn", "in", "ln", "sn", "ssn", "syncsn", "syncssn")
 
-
-def _check_name(name: str) -> str:
-    key = name.lower() if isinstance(name, str) else name
-    if key not in NORM_NAMES:
-        raise KeyError(f"unknown normalizer {name!r}; valid names: {', '.join(NORM_NAMES)}")
-    return key
+def _check_dim(dim: int) -> None:
+    if dim not in (1, 2, 3):
+        raise ValueError(f"dim must be 1, 2 or 3 (spatial dimensions), got {dim!r}")
 
 
 def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Module:
@@ -57,22 +40,17 @@ def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Mod
         KeyError: an unknown name (the message lists the valid ones).
         ValueError: a bad ``dim`` or a channel count that ``groups`` does not divide.
     """
-    key = _check_name(name)
-    if dim not in (1, 2, 3):
-        raise ValueError(f"dim must be 1, 2 or 3 (spatial dimensions), got {dim!r}")
-    if key in ("gn", "ln"):
+    spec = norm_spec(name)
+    _check_dim(dim)
+    if not spec.layers:  # the nn.GroupNorm forms: groups first
         kw.pop("momentum", None)
-        groups = 1 if key == "ln" else kw.pop("groups", 32)
+        groups = spec.groups or kw.pop("groups", 32)
         if num_features % groups:
             raise ValueError(f"gn: {groups} groups do not divide {num_features} channels; pass groups=")
         return nn.GroupNorm(groups, num_features, eps=kw.pop("eps", 1e-5), affine=kw.pop("affine", True), **kw)
-    if key == "syncbn":
-        return nn.SyncBatchNorm(num_features, **kw)
-    if key in ("syncsn", "syncssn"):
-        key, kw["sync"] = key[4:], True
-    if key == "in":
-        kw.setdefault("affine", True)  # a learnable normaliser like the others, as in the paper
-    return _BY_DIM[key][dim](num_features, **kw)
+    # NOTE: the name's keywords: a user's ``affine`` wins over ``in``'s default, ``sync`` is the name's
+    kw = {**spec.defaults, **kw, **({"sync": True} if spec.sync and spec.switch else {})}
+    return spec.layers[dim](num_features, **kw)
 
 
 def _named_norm(num_features: int, *, name: str, dim: int = 2, **kw: Any) -> nn.Module:
@@ -94,19 +72,12 @@ def get_norm_layer(
     ``defaults`` bound), as in timm. Unknown names fail here, not when the model is built.
     """
     if isinstance(name, str):
-        key = _check_name(name)
-        if dim not in (1, 2, 3):
-            raise ValueError(f"dim must be 1, 2 or 3 (spatial dimensions), got {dim!r}")
-        if key.startswith("sync") and key != "syncbn":
-            key, defaults = key[4:], {"sync": True, **defaults}
-        if key == "in":
-            defaults = {"affine": True, **defaults}  # a learnable normaliser, as create_norm builds
-        if key in _BY_DIM:
-            cls: Callable[..., nn.Module] = _BY_DIM[key][dim]
-        elif key == "syncbn":
-            cls = nn.SyncBatchNorm
-        else:
-            return functools.partial(_named_norm, name=key, dim=dim, **defaults)
+        spec = norm_spec(name)
+        _check_dim(dim)
+        if not spec.layers:
+            return functools.partial(_named_norm, name=spec.name, dim=dim, **defaults)
+        defaults = {**spec.defaults, **defaults}
+        cls: Callable[..., nn.Module] = spec.layers[dim]
         _register_timm_if_loaded()
         return functools.partial(cls, **defaults) if defaults else cls
     if callable(name):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .stats import _Coeffs, _mixture_coeffs, _mixture_coeffs_backward
+from .stats import _Coeffs, _mixture_coeffs, _mixture_coeffs_backward, float32_at_least
 
 # NOTE: the blocked loops' temporaries: 256 KB in float32, so a block and its temporary stay in
 # a core's L2 instead of spilling to L3 and evicting what the next convolution reads (ResNet-50
@@ -207,6 +207,19 @@ def _plane_grad_sums(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
     return g_xc.view(x.shape[:2]), g_sum.view(x.shape[:2])
 
 
+def _centre_first(mu: Tensor, var: Tensor) -> bool:
+    """Whether the backward's variance term ``(x - mu) * c2`` must be formed from the centred
+    input rather than as ``x * c2 - mu * c2``.
+
+    NOTE: the affine form rounds at ``eps * |mu * c2|``, the centred one at ``eps * |x - mu| * |c2|``
+    (what the native batch-norm backward does); the two agree within 64x while a plane's mean is
+    within 64 standard deviations of zero. Beyond (constant planes, large means with a tiny spread,
+    where ``c2`` grows as the mixed variance falls below eps), the centred input costs one extra
+    pass over the activation. One host read (free on the CPU).
+    """
+    return bool(torch.addcmul(var, mu, mu, value=-1 / 4096).min() < 0)
+
+
 class _SwitchNormFn(torch.autograd.Function):
     """Mixture normalisation with a hand-written backward.
 
@@ -234,7 +247,7 @@ class _SwitchNormFn(torch.autograd.Function):
         ratios over IN, LN, BN. The batch statistics (biased, over ``count`` elements per channel,
         a CPU tensor so reading it syncs nothing) are empty with running statistics."""
         # NOTE: statistics in float32 at least (fp16/bf16 inputs under autocast).
-        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        xs = float32_at_least(x)
         m = math.prod(xs.shape[2:])
         planes = _plane_moments(xs, correction)
         c, count = _mixture_coeffs(planes, ratios, weight, bias, bn_mean, bn_var, eps, m, group)
@@ -258,7 +271,7 @@ class _SwitchNormFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor, *_: Tensor):  # type: ignore[override]
         x, ratios, weight = ctx.saved_tensors
-        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        xs = float32_at_least(x)
         c: _Coeffs = ctx.coeffs
         mu = c.planes[0]
         g = grad_y.to(xs.dtype)
@@ -268,8 +281,13 @@ class _SwitchNormFn(torch.autograd.Function):
         # grad_x = g * scale + g_mu / M + (x - mu_in) * 2 g_var / dof: one affine + one addcmul.
         m = math.prod(xs.shape[2:])
         c2 = g_planes[1].mul_(2 / ctx.dof)
-        shift = g_planes[0].div_(m).addcmul_(c2, mu, value=-1)
-        grad_x = _plane_affine(xs, c2, shift)
+        g_mu = g_planes[0].div_(m)
+        if m == 1:  # a single element is its own mean: the variance path contributes exactly 0
+            grad_x = _plane_affine(xs, c2.zero_(), g_mu)
+        elif _centre_first(mu, c.planes[1]):
+            grad_x = _plane_affine(xs - mu.view(mu.shape + (1,) * (xs.dim() - 2)), c2, g_mu)
+        else:
+            grad_x = _plane_affine(xs, c2, g_mu.addcmul_(c2, mu, value=-1))
         grad_x = grad_x.addcmul_(g, c.scale.view(c.scale.shape + (1,) * (xs.dim() - 2)))
         need = ctx.needs_input_grad
         return (

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import traceable
 from .fused import _SwitchNormFn, _dof
-from .stats import BN, IN, STATS, _check_input, _update_running
+from .stats import BN, IN, STATS, _check_input, _update_running, float32_at_least
 
 __all__ = ["LatchedNorm"]
 
@@ -80,7 +80,7 @@ class LatchedNorm(nn.Module):
         """Only the selected statistics, in plain ops (exportable with a dynamic batch)."""
         sp = tuple(range(2, x.dim()))
         shape = (1, -1) + (1,) * len(sp)
-        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        xs = float32_at_least(x)
         # NOTE: mean and variance differ here, so at least one needs the per-plane moments; the
         # variance uses the layer's degrees of freedom (no NaN for 1x1 maps when unbiased).
         m = math.prod(x.shape[2:])

@@ -28,7 +28,9 @@ from .functional import PROJECTIONS, authors_sparsestmax, max_radius, sparsestma
 from . import traceable
 from .fused import _plane_affine, _plane_moments_eval, _SwitchNormFn
 from .latched import LatchedNorm  # noqa: F401  (re-exported: ssn.norm.LatchedNorm)
-from .stats import BN, IN, LN, STATS, UNLATCHED, _batch_momentum, _check_input, _update_running  # noqa: F401
+from .stats import (  # noqa: F401  (BN, IN, LN re-exported: ssn.norm.BN)
+    BN, IN, LN, STATS, UNLATCHED, _batch_momentum, _check_input, _update_running, float32_at_least,
+)
 
 __all__ = [
     "STATS",
@@ -250,8 +252,8 @@ class SwitchNormBase(nn.Module):
     def _native_ok(self, x: Tensor, stat: int) -> bool:
         """Whether the native kernel computes exactly this layer on ``x``.
 
-        InstanceNorm refuses a single spatial element and, in training, BatchNorm a single value
-        per channel (DeepLab's image pooling at batch 1); synchronised BN statistics and the
+        InstanceNorm refuses a single spatial element, GroupNorm a single value in all and, in
+        training, BatchNorm a single value per channel (DeepLab's image pooling at batch 1); synchronised BN statistics and the
         unbiased instance variance have no native kernel here. The mixture path covers all of
         these (zero variance rather than NaN).
         """
@@ -263,7 +265,7 @@ class SwitchNormBase(nn.Module):
             return math.prod(x.shape[2:]) > 1
         if stat == BN:
             return x.numel() // x.shape[1] > 1
-        return True
+        return x.numel() > 1  # LN: group_norm refuses a single value
 
     def _tie_unused(self) -> Tensor | None:
         """Under DDP, a zero tied to both ratio logits, for outputs whose graph may miss them.
@@ -355,7 +357,7 @@ class SwitchNormBase(nn.Module):
         pass over ``x`` where they do not cancel, ``fused._plane_moments_eval``), a few (N, C) ops
         and one affine pass.
         """
-        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        xs = float32_at_least(x)
         key = self._fold_key(xs.dtype)
         if self._fold is None or self._fold[0] != key:
             self._fold = (key, self._make_fold(xs.dtype))

@@ -8,7 +8,7 @@ running averages of the BN statistics and the input checks common to every layer
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,26 @@ from torch import Tensor, nn
 STATS = ("in", "ln", "bn")
 IN, LN, BN = range(3)
 UNLATCHED = -1
+_WIDE = (torch.float32, torch.float64)  # the dtypes statistics are computed in
+
+
+def float32_at_least(x: Tensor) -> Tensor:
+    """``x`` itself in float32/float64, else widened to float32: statistics of fp16/bf16 inputs
+    (autocast) are computed in float32, as BatchNorm does."""
+    return x if x.dtype in _WIDE else x.float()
+
+
+def selected_stat(latch: int | str | None, ratios: Tensor | Sequence[float]) -> int:
+    """The statistic (index into ``STATS``) a mean or variance uses: its latch, or while it is not
+    latched (``UNLATCHED``, ``None`` or ``""``) the argmax of its ratios (the first on a tie)."""
+    if isinstance(latch, str) and latch:
+        return STATS.index(latch)
+    if isinstance(latch, int) and latch != UNLATCHED:
+        return latch
+    if isinstance(ratios, Tensor):
+        return int(ratios.argmax())
+    values = list(ratios)
+    return values.index(max(values))
 
 
 def _moments(mu_in: Tensor, var_in: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -180,7 +200,7 @@ def _update_running(module: nn.Module, mean: Tensor, var: Tensor, count: float) 
     # NOTE: averaged in float32 at least, as BatchNorm does: a half-precision layer's batch
     # variance may exceed 65504 while the running average (weight ``m``) stays representable.
     for buf, new in ((module.running_mean, mean), (module.running_var, var * unbias)):
-        if buf.dtype in (torch.float32, torch.float64):
+        if buf.dtype in _WIDE:
             buf.lerp_(new.to(buf.dtype), m)
         else:
             buf.copy_(buf.float().lerp_(new.float(), m))

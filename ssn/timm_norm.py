@@ -18,6 +18,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from .norm import SparseSwitchNorm2d, SwitchNorm2d
+from .registry import NORMS
 
 __all__ = ["SparseSwitchNormAct2d", "SwitchNormAct2d", "register_timm"]
 
@@ -72,7 +73,7 @@ class SparseSwitchNormAct2d(_NormAct, SparseSwitchNorm2d):
 
 NORM_ACT = {SwitchNorm2d: SwitchNormAct2d, SparseSwitchNorm2d: SparseSwitchNormAct2d}
 # timm's string names (``norm_layer="ssn"``): lower case, as timm looks them up
-_TIMM_NAMES = {"sn": SwitchNorm2d, "ssn": SparseSwitchNorm2d}
+_TIMM_NAMES = {n: s.layers[2] for n, s in NORMS.items() if s.switch and not s.sync}  # sn, ssn
 
 
 def register_timm() -> None:

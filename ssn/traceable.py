@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .stats import BN, IN, LN, _moments
+from .stats import BN, IN, LN, _moments, float32_at_least
 
 
 def mixture(
@@ -35,7 +35,7 @@ def mixture(
     (returned, biased, over ``count`` elements per channel, for the running averages), else the
     given running statistics.
     """
-    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()  # statistics in float32 at least
+    xs = float32_at_least(x)
     spatial = tuple(range(2, x.dim()))
     m = math.prod(x.shape[2:])
     var_in, mu_in = torch.var_mean(xs, spatial, correction=0, keepdim=True)

@@ -37,8 +37,11 @@ STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 _META = "ssn_stats"  # state_dict metadata entry of a native export: the statistics a layer latched to
 
 
-def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False,
+                    allow_hint: str = "pretrained_trusted: true") -> dict[str, Any]:
     """``torch.load`` a checkpoint safely (``weights_only`` unless ``trusted``), with clear errors.
+
+    ``allow_hint``: how the caller's user allows an untrusted file, for the refusal's message.
 
     Raises:
         FileNotFoundError: no file. ValueError: an empty, corrupt or non-PyTorch file, or one that
@@ -62,7 +65,7 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict[s
             raise ValueError(
                 f"{path}: refused: it needs unpickling objects besides tensors and plain containers, which "
                 f"can execute code ({str(e).splitlines()[0][:200]}); only if you trust the file, allow it "
-                "(pretrained_trusted: true)"
+                f"({allow_hint})"
             ) from e
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from e
     except Exception as e:  # noqa: BLE001 (random bytes raise anything from IndexError to TypeError)
@@ -212,6 +215,117 @@ def _norm_owner(key: str, norms: dict[str, nn.Module]) -> tuple[str, str] | None
     return (mod, leaf) if mod in norms else None
 
 
+_NORM_STATE = SWITCH_KEYS + STAT_KEYS  # a norm's keys that may exist on one side only (BN <-> SSN)
+
+
+@dataclass
+class _Match:
+    """The source tensors that go into the target, and what does not fit (see :func:`_match`)."""
+
+    values: dict[str, Tensor] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    bad_shape: list[str] = field(default_factory=list)
+    converted: set[str] = field(default_factory=set)
+
+
+def _match(own: dict[str, Tensor], state: dict[str, Tensor], norms: dict[str, nn.Module], report: TransferReport,
+           *, new_ok: tuple[str, ...], drop_ok: tuple[str, ...], stem: str) -> _Match:
+    """Pair every target key with its source tensor (the stem adapted to the input channels); a
+    norm state one side lacks marks the norm as converted, a head key as new or dropped."""
+    found = _Match()
+    for key, dst in own.items():
+        owner = _norm_owner(key, norms)
+        src = state.get(key)
+        if src is None:
+            if owner and owner[1] in _NORM_STATE:
+                found.converted.add(owner[0])  # e.g. a BN source for an SSN target: logits stay uniform
+            elif key.startswith(new_ok):
+                report.new.append(key)
+            else:
+                found.missing.append(key)
+            continue
+        if src.shape != dst.shape:
+            if key == stem and src.dim() == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
+                src = _adapt_input_conv(src, dst.shape[1])
+                report.adapted.append(f"{stem[: -len('.weight')]} {tuple(state[key].shape)} -> {tuple(dst.shape)}")
+            elif key.startswith(new_ok):
+                report.new.append(key)
+                continue
+            else:
+                found.bad_shape.append(f"{key}: {tuple(src.shape)} vs {tuple(dst.shape)}")
+                continue
+        found.values[key] = src
+    for key in state:
+        if key in own:
+            continue
+        owner = _norm_owner(key, norms)
+        if owner and (owner[1] in _NORM_STATE or owner[1] == "_extra_state"):
+            found.converted.add(owner[0])  # e.g. an SSN source for a BN/GN target: its ratios are dropped
+        elif key.startswith(drop_ok):
+            report.dropped.append(key)
+        else:
+            found.unexpected.append(key)
+    return found
+
+
+def _recorded_selection(norms: dict[str, nn.Module], state: dict[str, Tensor], meta: dict[str, Any],
+                        name: str) -> str | None:
+    """The ``mean/var`` statistics a native export recorded for SN/SSN layer ``name`` (None when
+    the source holds the layer's own latches, or records nothing)."""
+    if not isinstance(norms[name], SwitchNormBase) or f"{name}.mean_latch" in state:
+        return None
+    return (meta.get(name) or {}).get(_META)
+
+
+def _validate(found: _Match, norms: dict[str, nn.Module], state: dict[str, Tensor], meta: dict[str, Any],
+              ratios: str) -> None:
+    """Refuse, before anything is loaded: keys that do not fit, NaN/Inf tensors, and ``reopen``
+    from a native export (which holds a selection, not ratios)."""
+    if found.missing or found.unexpected or found.bad_shape:
+        raise ValueError(
+            "the pretrained backbone does not fit this network: "
+            + "; ".join(f"{what} ({len(keys)}): {_brief(keys)}" for what, keys in
+                        (("missing", found.missing), ("unexpected", found.unexpected),
+                         ("shape mismatch", found.bad_shape)) if keys)
+        )
+    nonfinite = [k for k, v in found.values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f"the pretrained tensors hold NaN/Inf values in {len(nonfinite)} of them: {_brief(nonfinite)} "
+                         "(saved after the source diverged?); use an earlier checkpoint of the source")
+    recorded = [name for name in norms if _recorded_selection(norms, state, meta, name)]
+    if recorded and ratios == "reopen":
+        raise ValueError(
+            f"pretrained_ratios 'reopen' starts from the source's ratios, but this native export holds only the "
+            f"selection of its {len(recorded)} layers (e.g. {recorded[0]}), not ratios: use 'keep' (the recorded "
+            "latches), 'reset', or 'reopen' from the Lightning checkpoint (last.ckpt) the export was made from"
+        )
+
+
+def _apply_ratios(norms: dict[str, nn.Module], state: dict[str, Tensor], meta: dict[str, Any], ratios: str,
+                  found: _Match, report: TransferReport) -> None:
+    """Per SN/SSN layer after the tensors are in: restore a native export's recorded latches, then
+    the ``ratios`` mode (``reopen``: latches cleared, radius 0; ``reset``: logits uniform too)."""
+    for name, m in norms.items():
+        if not isinstance(m, SwitchNormBase):
+            continue
+        recorded = _recorded_selection(norms, state, meta, name)
+        if recorded:  # a native export: restore its selection
+            mean, var = recorded.split("/")
+            m.latch(mean, var)
+            found.converted.discard(name)
+        if ratios != "keep":
+            m.latch(None, None)
+            if isinstance(m, SparseSwitchNormBase):
+                m.radius.zero_()
+        if ratios == "reset":
+            m.mean_logits.zero_()
+            m.var_logits.zero_()
+        m._refresh_latches()
+        report.switch_layers += 1
+        report.latched += UNLATCHED not in m._latches()
+
+
 @torch.no_grad()
 def load_backbone(
     target: nn.Module,
@@ -242,85 +356,16 @@ def load_backbone(
     """
     if ratios not in RATIO_MODES:
         raise ValueError(f"pretrained_ratios must be one of {RATIO_MODES}, got {ratios!r}")
-    new_ok, drop_ok = tuple(new_ok), tuple(drop_ok)
     report = TransferReport(kind=kind)
     norms = {n: m for n, m in target.named_modules()
              if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, SwitchNormBase, LatchedNorm))}
     own = target.state_dict()
     meta = getattr(state, "_metadata", None) or {}
-    missing, bad_shape, converted = [], [], set()
-    values: dict[str, Tensor] = {}
-    for key, dst in own.items():
-        owner = _norm_owner(key, norms)
-        src = state.get(key)
-        if src is None:
-            if owner and owner[1] in SWITCH_KEYS + STAT_KEYS:
-                converted.add(owner[0])  # e.g. a BN source for an SSN target: logits stay uniform
-            elif key.startswith(new_ok):
-                report.new.append(key)
-            else:
-                missing.append(key)
-            continue
-        if src.shape != dst.shape:
-            if key == stem and src.dim() == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
-                src = _adapt_input_conv(src, dst.shape[1])
-                report.adapted.append(f"{stem[: -len('.weight')]} {tuple(state[key].shape)} -> {tuple(dst.shape)}")
-            elif key.startswith(new_ok):
-                report.new.append(key)
-                continue
-            else:
-                bad_shape.append(f"{key}: {tuple(src.shape)} vs {tuple(dst.shape)}")
-                continue
-        values[key] = src
-    unexpected = []
-    for key in state:
-        if key in own:
-            continue
-        owner = _norm_owner(key, norms)
-        if owner and (owner[1] in SWITCH_KEYS + STAT_KEYS or owner[1] == "_extra_state"):
-            converted.add(owner[0])  # e.g. an SSN source for a BN/GN target: its ratios are dropped
-        elif key.startswith(drop_ok):
-            report.dropped.append(key)
-        else:
-            unexpected.append(key)
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            "the pretrained backbone does not fit this network: "
-            + "; ".join(f"{what} ({len(keys)}): {_brief(keys)}" for what, keys in
-                        (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad_shape)) if keys)
-        )
-    nonfinite = [k for k, v in values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if nonfinite:
-        raise ValueError(f"the pretrained tensors hold NaN/Inf values in {len(nonfinite)} of them: {_brief(nonfinite)} "
-                         "(saved after the source diverged?); use an earlier checkpoint of the source")
-    recorded = [name for name, m in norms.items() if isinstance(m, SwitchNormBase)
-                and (meta.get(name) or {}).get(_META) and f"{name}.mean_latch" not in state]
-    if recorded and ratios == "reopen":
-        raise ValueError(
-            f"pretrained_ratios 'reopen' starts from the source's ratios, but this native export holds only the "
-            f"selection of its {len(recorded)} layers (e.g. {recorded[0]}), not ratios: use 'keep' (the recorded "
-            "latches), 'reset', or 'reopen' from the Lightning checkpoint (last.ckpt) the export was made from"
-        )
-    for key, src in values.items():
+    found = _match(own, state, norms, report, new_ok=tuple(new_ok), drop_ok=tuple(drop_ok), stem=stem)
+    _validate(found, norms, state, meta, ratios)
+    for key, src in found.values.items():
         own[key].copy_(src.to(own[key].dtype))
-    report.loaded = len(values)
-    for name, m in norms.items():
-        if not isinstance(m, SwitchNormBase):
-            continue
-        recorded = (meta.get(name) or {}).get(_META)
-        if recorded and f"{name}.mean_latch" not in state:  # a native export: restore its selection
-            mean, var = recorded.split("/")
-            m.latch(mean, var)
-            converted.discard(name)
-        if ratios != "keep":
-            m.latch(None, None)
-            if isinstance(m, SparseSwitchNormBase):
-                m.radius.zero_()
-        if ratios == "reset":
-            m.mean_logits.zero_()
-            m.var_logits.zero_()
-        m._refresh_latches()
-        report.switch_layers += 1
-        report.latched += UNLATCHED not in m._latches()
-    report.converted = sorted(converted)
+    report.loaded = len(found.values)
+    _apply_ratios(norms, state, meta, ratios, found, report)
+    report.converted = sorted(found.converted)
     return report

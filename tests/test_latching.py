@@ -63,7 +63,7 @@ def test_update_latches_is_one_call_and_never_unlatches(monkeypatch):
         layers[3].mean_logits.copy_(torch.tensor([0.0, 5.0, 0.0]))
     calls = []
     real = fn.sparsestmax
-    monkeypatch.setattr(ssn.surgery, "sparsestmax", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ssn.training, "sparsestmax", lambda *a: calls.append(1) or real(*a))
     assert ssn.update_latches(net) == 2 and len(calls) == 1
     assert layers[1].latched == (None, "bn") and layers[3].latched == ("ln", None)
     with torch.no_grad():  # the ratio leaves the vertex: the latch stays
