@@ -16,7 +16,7 @@ import copy
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -29,9 +29,9 @@ from ssn.io import atomic_write, save_atomic
 from ssn.transfer import read_checkpoint, record_norms
 
 from .base import NormTask
-from .summary import SUMMARY_FILE, complete_summary, update_summary
+from .summary import SUMMARY_FILE, complete_summary, read_summary, update_summary
 
-__all__ = ["SSNCLI", "command", "export_model", "main"]
+__all__ = ["SSNCLI", "command", "export_model", "main", "run"]
 
 say = rank_zero_only(print)  # the report after fit, printed once under DDP
 
@@ -230,6 +230,25 @@ def main(args: list[str] | None = None) -> SSNCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def run(args: Sequence[str]) -> dict[str, Any]:
+    """Run ``ssn-bench fit ...`` in this process and return the run's summary: the one way scripts
+    run the CLI from Python, ``run(["fit", "--config", ..., "--trainer.default_root_dir=OUT"])``.
+
+    Returns:
+        ``<default_root_dir>/summary.json`` (:mod:`tasks.summary`): identity, config, final and best
+        metrics (``test/...`` after the test that follows ``fit`` unless ``--export=false``),
+        throughput, the per-layer selection.
+
+    Raises:
+        FileNotFoundError: the run wrote no summary (``validate``/``test`` do not write one).
+    """
+    cli = main(list(args))
+    path = Path(cli.trainer.default_root_dir) / SUMMARY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"ssn-bench {' '.join(args[:1])} wrote no {path} (only fit writes a summary)")
+    return read_summary(path)
 
 
 def command(argv: Sequence[str]) -> int:
