@@ -12,7 +12,8 @@ Every figure is a ratio to the eager BN network measured in the same run: candid
 alternately, the median over rounds of the ratio within each round (bench_norm.round_ratios).
 Memory: the peak, during one training step, of the bytes the PyTorch allocator holds above what
 was live when the step began (parameters, optimizer state and input excluded), summed from the
-allocation events of torch.profiler(profile_memory=True); the same method on CPU and GPU.
+allocation events of torch.profiler(profile_memory=True) on the input's device; the same method
+on CPU and GPU. ``--device cuda`` runs the networks on a GPU (timings synchronised).
 
     python benchmarks/bench_e2e.py                          # ResNet-50, eager and compiled
     python benchmarks/bench_e2e.py --models resnet50 video deeplabv3 --no-compile
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ssn  # noqa: E402
-from bench_norm import _alternate_rounds, round_ratios, steady_allocator  # noqa: E402
+from bench_norm import _alternate_rounds, device_sync, round_ratios, steady_allocator  # noqa: E402
 
 EAGER = ["BN", "GN", "SN", "SSN dense", "SSN latched", "SSN exported"]
 COMPILED = ["BN", "SSN dense", "SSN latched"]
@@ -158,7 +159,10 @@ def peak_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast
     with profile(activities=activities, profile_memory=True) as prof:
         run()
     model.zero_grad(set_to_none=True)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    # NOTE: on a GPU the profiler also records the host's allocations; only the input's device counts
+    device = x.device.type.upper()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == device)
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -168,13 +172,17 @@ def peak_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast
 
 # ---------------------------------------------------------------------------------- main
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    device = torch.device(getattr(args, "device", "cpu"))  # (callers' Namespaces may predate --device)
     native, x, classes = build(name, args.quick)
-    target = torch.randint(0, classes, (x.shape[0],))
-    eager = variants(native, ["BN"] + [n for n in args.eager if n != "BN"])
+    if getattr(args, "batch", None):  # a smaller batch than the model's own (gpu_check --quick)
+        x = x[: args.batch]
+    native, x = native.to(device), x.to(device)
+    target = torch.randint(0, classes, (x.shape[0],), device=device)
+    eager = {n: net.to(device) for n, net in variants(native, ["BN"] + [n for n in args.eager if n != "BN"]).items()}
     nets: dict[str, nn.Module] = dict(eager)
     compiled_names = [] if args.no_compile or name not in args.compile_models else args.compiled
     for cname in compiled_names:
-        nets[f"{cname} compiled"] = torch.compile(variants(native, [cname])[cname])
+        nets[f"{cname} compiled"] = torch.compile(variants(native, [cname])[cname].to(device))
     inputs = {n: x for n in nets}
     if args.channels_last:  # the eager candidates again, weights and input channels-last
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
@@ -191,7 +199,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
             runs[n]()  # warm-up (and compilation)
             if n.endswith("compiled"):
                 print(f"  {name} {n} {mode}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
-        per_round = _alternate_rounds(runs, args.rounds)
+        per_round = _alternate_rounds(runs, args.rounds, sync=device_sync(device))
         ratios = round_ratios(per_round, "BN")
         print(f"  {name} {mode}: " + ", ".join(f"{n} {r:.2f}x" for n, r in ratios.items()), flush=True)
         for n, ts in per_round.items():
@@ -223,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small inputs, 3 rounds")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 3)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="device of the networks (cpu, cuda)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="time each model this many times (fresh networks each time); the table gives the "
                          "median ratio over the repeats and their range")

@@ -10,7 +10,16 @@ For activation shapes typical of ResNet-50 (2-D) and a 3-D ResNet (video), times
 
 The candidates are timed alternately, one iteration each per round; a ratio is the median over
 rounds of the candidate's time over its reference's in the same round, so drifts of the machine
-cancel. Run:
+cancel.
+
+Each row also gives the layer's achieved memory bandwidth as a fraction of a copy of the same
+tensor (``dst.copy_(src)``, timed in the same rounds: 2 * numel * itemsize bytes over its time),
+the memory roof of this machine for this size. A layer's bytes are its minimum traffic: eval reads
+the activation and writes the output (2 * numel * itemsize); a training step (forward + backward)
+reads x and writes y, then reads the output gradient and x and writes the input gradient
+(5 * numel * itemsize). Per-channel parameters and statistics are ignored (C << numel). 1.0 is a
+layer that moves no byte more than it must at copy speed; BatchNorm's own fraction shows how far
+the native kernels are from it (its training forward reads x twice, for instance).
 
 Then whole ResNet-50s (batch 8 at 112 px): dense SSN, SSN latched on BN, and the latter exported
 with ssn.export_norm, each against torchvision's BatchNorm ResNet-50.
@@ -18,6 +27,7 @@ with ssn.export_norm, each against torchvision's BatchNorm ResNet-50.
     python benchmarks/bench_norm.py            # full table (a few minutes on 2 CPU cores)
     python benchmarks/bench_norm.py --quick    # one small shape per rank
     python benchmarks/bench_norm.py --compiled --no-models --shapes 16x64x56x56   # torch.compile'd layers
+    python benchmarks/bench_norm.py --device cuda --no-models --quick             # the layers on a GPU
 """
 
 from __future__ import annotations
@@ -82,6 +92,26 @@ def candidates(dim: int, c: int) -> dict[str, tuple[nn.Module, str]]:
     }
 
 
+# Bytes of the activation a layer must move, in units of numel * itemsize (see the docstring).
+TRAFFIC = {"eval": 2, "train": 5}
+
+
+def min_traffic_bytes(shape: tuple[int, ...], train: bool, itemsize: int = 4) -> int:
+    """The layer's minimum memory traffic on an activation of ``shape``: eval reads x and writes y;
+    training also reads dy and x and writes dx in the backward."""
+    return TRAFFIC["train" if train else "eval"] * math.prod(shape) * itemsize
+
+
+def roof_fraction(seconds: float, copy_seconds: float, train: bool) -> float:
+    """Achieved bandwidth (minimum traffic / time) over the copy's (2 * numel * itemsize / its time)."""
+    return TRAFFIC["train" if train else "eval"] / 2 * copy_seconds / seconds
+
+
+def device_sync(device: torch.device | str) -> Callable[[], None] | None:
+    """What makes a timing wait for the device's queued kernels (None on the CPU, which runs them eagerly)."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+
+
 def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, train: bool) -> Callable[[], None]:
     if train:
         module.train()
@@ -110,18 +140,61 @@ def compiled_candidates(dim: int, c: int) -> dict[str, tuple[nn.Module, str]]:
 
 
 def measure(
-    shape: tuple[int, ...], train: bool, rounds: int, compiled: bool = False
+    shape: tuple[int, ...], train: bool, rounds: int, compiled: bool = False, device: str = "cpu"
 ) -> list[tuple[str, float, float, str]]:
+    """(name, median seconds, ratio to its reference, reference) of every candidate."""
+    return measure_roof(shape, train, rounds, compiled, device)[0]
+
+
+def measure_roof(
+    shape: tuple[int, ...], train: bool, rounds: int, compiled: bool = False, device: str = "cpu"
+) -> tuple[list[tuple[str, float, float, str]], float]:
+    """``measure``'s rows and the median time of a copy of the activation, timed in the same rounds
+    (the memory roof: see ``roof_fraction``)."""
     dim = len(shape) - 2
     cands = (compiled_candidates if compiled else candidates)(dim, shape[1])
-    if train:
+    if train or torch.device(device).type != "cpu":
+        # NOTE: the floor is the CPU kernels' two passes; CUDA's dense eval is one var_mean kernel
         cands.pop("dense eval floor", None)
-    x = torch.randn(shape, requires_grad=train)
-    grad = torch.randn(shape)
+    for m, _ in cands.values():
+        m.to(device)
+    x = torch.randn(shape, device=device, requires_grad=train)
+    grad = torch.randn(shape, device=device)
     runs = {name: _step(m, x, grad, train) for name, (m, _) in cands.items()}
-    times = _alternate_rounds(runs, rounds)
+    dst = torch.empty_like(x, requires_grad=False)
+    src = x.detach()
+    sync = device_sync(device)
+    # NOTE: _alternate_rounds repeats every run as often as the fastest needs; a lone copy (a few
+    # microseconds) would multiply the layers' repeats by 100s. The copy run repeats itself to last
+    # about as long as the fastest layer instead, and its time is divided back.
+    reps = max(1, round(_once(min(runs.values(), key=lambda r: _once(r, sync)), sync)
+                        / _once(lambda: dst.copy_(src), sync, 5)))
+
+    def copies() -> None:
+        for _ in range(reps):
+            dst.copy_(src)
+
+    runs[COPY] = copies
+    times = _alternate_rounds(runs, rounds, sync=sync)
     ratios = {ref: round_ratios(times, ref) for _, ref in cands.values()}  # once per reference
-    return [(name, statistics.median(times[name]), ratios[ref][name], ref) for name, (_, ref) in cands.items()]
+    rows = [(name, statistics.median(times[name]), ratios[ref][name], ref) for name, (_, ref) in cands.items()]
+    return rows, statistics.median(times[COPY]) / reps
+
+
+def _once(run: Callable[[], object], sync: Callable[[], None] | None, n: int = 1) -> float:
+    """Seconds per call of ``run`` (after one untimed call), for sizing repeats only."""
+    run()
+    if sync:
+        sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run()
+    if sync:
+        sync()
+    return (time.perf_counter() - t0) / n
+
+
+COPY = "copy (roof)"
 
 
 def model_candidates() -> dict[str, nn.Module]:
@@ -192,17 +265,25 @@ def _alternate(runs: dict[str, Callable[[], None]], rounds: int, min_sample: flo
     return {name: statistics.median(ts) for name, ts in _alternate_rounds(runs, rounds, min_sample).items()}
 
 
-def _alternate_rounds(runs: dict[str, Callable[[], None]], rounds: int, min_sample: float = 0.02) -> dict[str, list[float]]:
+def _alternate_rounds(
+    runs: dict[str, Callable[[], None]], rounds: int, min_sample: float = 0.02,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
     """Each run's time in every round, candidates interleaved in a shuffled order every round.
 
     Each timed sample repeats a run enough times (the same count for every candidate) to last
     about ``min_sample`` seconds, so sub-millisecond kernels are not lost in timer jitter.
+    ``sync`` (``torch.cuda.synchronize`` on a GPU) is called before and after each sample, so a
+    sample is the device's time for its runs, not the host's time to queue them.
     """
+    wait = sync or (lambda: None)
     fastest = math.inf
     for run in runs.values():  # warm-up: allocator, lazy inits
         run()
+        wait()
         t0 = time.perf_counter()
         run()
+        wait()
         fastest = min(fastest, time.perf_counter() - t0)
     inner = max(1, math.ceil(min_sample / max(fastest, 1e-6)))
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -211,9 +292,11 @@ def _alternate_rounds(runs: dict[str, Callable[[], None]], rounds: int, min_samp
     for _ in range(rounds):
         shuffle(order)  # no candidate always follows the same one (allocator and cache state)
         for name, run in order:
+            wait()
             t0 = time.perf_counter()
             for _ in range(inner):
                 run()
+            wait()
             times[name].append((time.perf_counter() - t0) / inner)
     return times
 
@@ -238,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="compiled (inductor, fullgraph) SN / SSN dense / SSN latched against eager BatchNorm, "
                          "training and eval")
     ap.add_argument("--shapes", nargs="+", default=None, help="shapes to run, e.g. 16x64x56x56 (default: all)")
+    ap.add_argument("--device", default="cpu", help="device of the layers (cpu, cuda); the ResNet-50s stay on the CPU")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,21 +335,33 @@ def main(argv: list[str] | None = None) -> None:
     steady = steady_allocator()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} alternating rounds, median"
           f"{', steady glibc allocator' if steady else ''}")
-    print(f"{'shape':<22} {'mode':<6} {'layer':<16} {'ms':>8} {'ratio':>7}  vs")
+    print("bw/copy: the layer's minimum traffic over its time, as a fraction of a copy of the same tensor "
+          "(eval 2, train 5 x numel x itemsize; see the docstring)")
+    print(f"{'shape':<22} {'mode':<6} {'layer':<16} {'ms':>8} {'ratio':>7} {'bw/copy':>7}  vs")
     table: dict[tuple[str, str, str], float] = {}  # (layer, mode, shape) -> ratio
+    roof: dict[tuple[str, str, str], float] = {}  # (layer, mode, shape) -> bandwidth / copy bandwidth
     for shape in shapes:
         for train in (True, False):
             mode = "train" if train else "eval"
-            for name, t, ratio, ref in measure(shape, train, rounds, args.compiled):
+            rows, copy_s = measure_roof(shape, train, rounds, args.compiled, args.device)
+            key = "x".join(map(str, shape))
+            for name, t, ratio, ref in rows:
+                roof[(name, mode, key)] = roof_fraction(t, copy_s, train)
                 if name == ref:
                     continue
-                print(f"{str(shape):<22} {mode:<6} {name:<16} {t * 1e3:8.2f} {ratio:6.2f}x  {ref}")
-                table[(name, mode, "x".join(map(str, shape)))] = ratio
+                print(f"{str(shape):<22} {mode:<6} {name:<16} {t * 1e3:8.2f} {ratio:6.2f}x "
+                      f"{roof[(name, mode, key)]:7.3f}  {ref}")
+                table[(name, mode, key)] = ratio
+            copy_gbs = 2 * math.prod(shape) * 4 / copy_s / 1e9
+            natives = ", ".join(f"{n} {roof[(n, mode, key)]:.3f}" for n, _, _, r in rows if n == r)
+            print(f"{str(shape):<22} {mode:<6} roof: copy {copy_gbs:.1f} GB/s; natives' bw/copy: {natives}")
     rows = sorted({(name, mode) for name, mode, _ in table}, key=lambda r: (r[1] != "train", r[0]))
     cols = list(dict.fromkeys(shape for _, _, shape in table))
     print("\nworst ratio over shapes:")
     for name, mode in rows:
-        print(f"  {name:<16} {mode:<6} {max(table[(name, mode, c)] for c in cols):5.2f}x")
+        lowest = min(roof[(name, mode, c)] for c in cols)
+        print(f"  {name:<16} {mode:<6} {max(table[(name, mode, c)] for c in cols):5.2f}x"
+              f"   (lowest bw/copy {lowest:.2f})")
     if not args.no_models:
         batch, size = (2, 64) if args.quick else (8, 112)
         model_rows = measure_models(rounds, batch, size)
@@ -280,6 +376,11 @@ def main(argv: list[str] | None = None) -> None:
             ref = (compiled_candidates if args.compiled else candidates)(2, 8)[name][1]
             cells = " | ".join(f"{v:.2f}" for v in vals)
             print(f"| {name} (vs {ref}) | {mode} | {cells} | **{max(vals):.2f}** |")
+        print("\n| layer: bw / copy bw | mode | " + " | ".join(cols) + " |")
+        print("|---|---|" + "---:|" * len(cols))
+        for name, mode in sorted({(n, m) for n, m, _ in roof}, key=lambda r: (r[1] != "train", r[0])):
+            cells = " | ".join(f"{roof[(name, mode, c)]:.2f}" if (name, mode, c) in roof else "-" for c in cols)
+            print(f"| {name} | {mode} | {cells} |")
         if not args.no_models:
             print(f"\n| ResNet-50 (batch {batch}, {size}px) | train step | eval |\n|---|---:|---:|")
             by = {(n, m): r for n, m, _, r in model_rows}
