@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-DEMO   := --config configs/base/trainer.yaml --config configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml
+DEMO   := --config configs/base/trainer.yaml --config configs/fashion_mnist/resnet_small_fashionmnist-28.yaml \
+          --config configs/norms/ssn.yaml --config configs/fashion_mnist/norms/ssn.yaml
 
 .PHONY: setup data demo test bench study lock clean
 

@@ -47,15 +47,21 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST = "configs/fashion_mnist/resnet_small_{}_fashionmnist-28.yaml"
+FMNIST = "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"
 EVERY_STEP = "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args: {save_last: true, every_n_train_steps: 1}\n"
+
+
+def compose(base: str, norm: str) -> list[str]:
+    """The --config arguments of a task's base file with a normalizer's overlays."""
+    overlay = Path(base).parent / "norms" / f"{norm}.yaml"
+    return ["--config", base, "--config", f"configs/norms/{norm}.yaml",
+            *(["--config", str(overlay)] if (ROOT / overlay).is_file() else [])]
 
 
 def cli(out: Path, *extra: str, norm: str = "ssn", config: str | None = None) -> list[str]:
     return [sys.executable, "-m", "tasks.cli", "fit", "--config", "configs/base/trainer.yaml",
-            "--config", config or FMNIST.format(norm), f"--trainer.default_root_dir={out}",
-            f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=2", "--export=false", *extra]
+            *compose(config or FMNIST, norm), "--config", "configs/base/quiet.yaml", f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}", "--trainer.limit_val_batches=2", "--export=false", *extra]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -152,7 +158,7 @@ def trial_corrupt_images(tmp: Path) -> tuple[bool, str]:
         proc = run(cli(tmp / f"out-{broken}", "--model.init_args.arch=resnet18", f"--data.init_args.root={root}",
                        "--data.init_args.crop_size=32", "--data.init_args.resize_size=36", "--data.init_args.batch_size=4",
                        "--data.init_args.num_workers=0", "--trainer.max_epochs=1",
-                       config="configs/imagenet/resnet50_bn_imagenet-224.yaml"))
+                       config="configs/imagenet/resnet50_imagenet-224.yaml", norm="bn"))
         results.append((broken, proc))
     two, every = results[0][1], results[1][1]
     warned = two.stderr.count("skipping unreadable image")
@@ -245,7 +251,7 @@ def trial_typos(tmp: Path) -> tuple[bool, str]:
                 f"sweep folder created: {(tmp / 'sw').exists()}")
 
 
-SEG_CONFIG = "configs/cityscapes/deeplabv3_r50_ssn_cityscapes-769x769.yaml"
+SEG_CONFIG = "configs/cityscapes/deeplabv3_r50_cityscapes-769x769.yaml"
 
 
 def _cityscapes(root: Path) -> list[Path]:
@@ -310,7 +316,7 @@ def trial_video_lists(tmp: Path) -> tuple[bool, str]:
         (root / "train.csv").write_text(train)
         (root / "val.csv").write_text(val)
         proc = run(cli(tmp / f"out-{len(tried)}", f"--data.init_args.root={root}", "--trainer.max_epochs=1",
-                       config="configs/clips/slow_r14_bn_clips-64.yaml"))
+                       config="configs/clips/slow_r14_clips-64.yaml", norm="bn"))
         tried.append((fault, proc.returncode != 0 and ".csv" in last_error(proc), last_error(proc)))
     return all(ok for _, ok, _ in tried), "; ".join(f"{fault}: {'refused' if ok else 'NOT refused'} ({err})"
                                                    for fault, ok, err in tried)

@@ -159,14 +159,14 @@ def test_segmentation_summary_history_holds_each_validations_miou(tmp_path):
     root, out = write_cityscapes(tmp_path / "cs"), str(tmp_path / "out")
     cli = main([
         "fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
-        "--config", str(ROOT / "configs/cityscapes/deeplabv3_r50_ssn_cityscapes-769x769.yaml"),
+        "--config", str(ROOT / "configs/cityscapes/deeplabv3_r50_cityscapes-769x769.yaml"),
+        "--config", str(ROOT / "configs/norms/ssn.yaml"), "--config", str(ROOT / "configs/base/quiet.yaml"),
         f"--data.init_args.root={root}", "--data.init_args.num_workers=0", "--data.init_args.crop_size=[32, 32]",
         "--data.init_args.scale=[96, 48]", "--model.init_args.depth=18", "--model.init_args.crop_size=[32, 32]",
         "--model.init_args.test_crop_size=[32, 32]", "--model.init_args.test_stride=[24, 24]",
         "--trainer.max_steps=2", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
         f"--trainer.default_root_dir={out}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={out}", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--export=false",
+        f"--trainer.logger.save_dir={out}", "--export=false",
     ])
     history = json.loads((tmp_path / "out" / "summary.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 2] and all("val/mIoU" in h for h in history)

@@ -19,15 +19,16 @@ from tasks.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "configs/base/trainer.yaml")
-FMNIST_SSN = str(ROOT / "configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml")
+FMNIST_SSN = ["--config", str(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"),
+              "--config", str(ROOT / "configs/norms/ssn.yaml"), "--config", str(ROOT / "configs/fashion_mnist/norms/ssn.yaml")]
+QUIET = str(ROOT / "configs/base/quiet.yaml")
 HAVE_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs dataset-fashion-mnist (make test installs it)")
 
 
 def _args(out: Path, *extra: str) -> list[str]:
-    return ["--config", BASE, "--config", FMNIST_SSN, f"--trainer.default_root_dir={out}",
-            f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=2",
+    return ["--config", BASE, *FMNIST_SSN, "--config", QUIET, f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}", "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=2",
             "--trainer.limit_test_batches=2", "--data.batch_size=16", "--trainer.max_epochs=1", *extra]
 
 
@@ -137,14 +138,15 @@ def test_authors_checkpoint_evaluates_through_validate(tmp_path):
 
     shutil.rmtree(tmp_path / "imagenet" / "train")  # evaluation needs only val/
     out = tmp_path / "out"
-    cli = main(["validate", "--config", BASE, "--config", str(ROOT / "configs/imagenet/resnet50_ssn_imagenet-224.yaml"),
+    cli = main(["validate", "--config", BASE, "--config", str(ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"),
+                "--config", str(ROOT / "configs/norms/ssn.yaml"), "--config", str(ROOT / "configs/imagenet/norms/ssn.yaml"),
+                "--config", QUIET,
                 "--model.init_args.arch=resnet50_authors", f"--model.init_args.pretrained={path}",
                 "--model.init_args.pretrained_head=true",
                 "--model.init_args.norm_kwargs={in_var_correction: 1, momentum: 0.003}",
                 f"--data.init_args.root={tmp_path / 'imagenet'}", "--data.init_args.crop_size=64",
                 "--data.init_args.resize_size=64", "--data.init_args.batch_size=6", "--data.init_args.num_workers=0",
-                f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-                "--trainer.enable_progress_bar=false"])
+                f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}"])
     model = cli.model.net.eval()
     x = torch.randn(2, 3, 65, 65)
     with torch.no_grad():  # the loaded task's network is their network (float64, as test_authors)

@@ -16,7 +16,8 @@ from datamodules.imagenet import EpochSwitch, ImageNetDataModule, Lighting
 from tasks.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SSN_CFG = ROOT / "configs/imagenet/resnet50_ssn_imagenet-224.yaml"
+IMAGENET = ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"
+SSN = [IMAGENET, ROOT / "configs/norms/ssn.yaml", ROOT / "configs/imagenet/norms/ssn.yaml"]  # the SSN recipe
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +27,12 @@ def recipe_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recipe")
     _imagenet_fixture(tmp / "imagenet", corrupt=False)
     cli = main([
-        "fit", "--config", str(SSN_CFG), "--model.init_args.arch=resnet_small",
+        "fit", *(a for c in SSN for a in ("--config", str(c))), "--config", str(ROOT / "configs/base/quiet.yaml"),
+        "--model.init_args.arch=resnet_small",
         f"--data.init_args.root={tmp / 'imagenet'}", "--data.init_args.crop_size=16", "--data.init_args.resize_size=20",
         "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--trainer.limit_train_batches=1",
         "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp}",
+        f"--trainer.default_root_dir={tmp}",
         "--trainer.callbacks+=ddp_probe.ScheduleProbe", "--model.init_args.monitor_ratios=false", "--export=false",
     ])
     probe = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ScheduleProbe")
@@ -38,9 +40,9 @@ def recipe_run(tmp_path_factory):
 
 
 def test_config_values_name_their_source():
-    text = SSN_CFG.read_text()
+    text = IMAGENET.read_text()
     assert "switchablenorms/Sparse_SwitchNorm" in text and "train_imagenet.py" in text
-    cfg = yaml.safe_load(text)["model"]["init_args"]
+    cfg = {k: v for c in SSN for k, v in yaml.safe_load(c.read_text())["model"]["init_args"].items()}
     assert cfg["schedule"] == "step" and cfg["warmup_epochs"] == 0 and cfg["ratio_grad_clip"] == 1.0
 
 

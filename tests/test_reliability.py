@@ -123,11 +123,13 @@ def test_every_training_image_unreadable_fails_the_run(tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(RuntimeError, match="epoch 0: every training batch was unreadable"):
         main(["fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
-              "--config", str(ROOT / "configs/imagenet/resnet50_bn_imagenet-224.yaml"), "--model.init_args.arch=resnet18",
+              "--config", str(ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"),
+              "--config", str(ROOT / "configs/norms/bn.yaml"), "--config", str(ROOT / "configs/base/quiet.yaml"),
+              "--model.init_args.arch=resnet18",
               f"--data.init_args.root={tmp_path / 'imagenet'}", "--data.init_args.crop_size=32",
               "--data.init_args.resize_size=36", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
               "--trainer.max_epochs=1", f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-              "--trainer.enable_progress_bar=false", "--export=false"])
+              "--export=false"])
 
 
 def test_training_split_smaller_than_one_batch_is_an_error(tmp_path):
@@ -159,7 +161,7 @@ def test_a_run_never_writes_beside_its_pretrained_source(tmp_path):
 def test_the_digits_fine_tuning_config_writes_into_its_own_folder():
     import yaml
 
-    digits = yaml.safe_load((ROOT / "configs/digits/resnet_small_ssn_digits-28.yaml").read_text())
+    digits = yaml.safe_load((ROOT / "configs/digits/resnet_small_digits-28.yaml").read_text())
     base = yaml.safe_load((ROOT / "configs/base/trainer.yaml").read_text())
     source = Path(digits["model"]["init_args"]["pretrained"])
     root = Path({**base["trainer"], **digits["trainer"]}["default_root_dir"])

@@ -20,7 +20,7 @@ from datamodules.resumable import ResumableLoader
 from tasks.checkpointing import AtomicCheckpointIO
 from tasks.cli import main
 
-from test_tasks import BASE, FMNIST, ROOT, needs_fmnist
+from test_tasks import BASE, QUIET, ROOT, fmnist, needs_fmnist
 
 CKPT_EVERY_STEP = """
 trainer:
@@ -34,9 +34,8 @@ def _args(tmp_path: Path, out: str, *extra: str) -> list[str]:
     cfg = tmp_path / "every_step.yaml"
     cfg.write_text(CKPT_EVERY_STEP)
     out = str(tmp_path / out)
-    return ["--config", BASE, "--config", FMNIST.format("ssn"), "--config", str(cfg),
+    return ["--config", BASE, *fmnist("ssn"), "--config", str(cfg), "--config", QUIET,
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=2", "--trainer.max_epochs=2",
             "--data.batch_size=16", "--export=false", *extra]
 

@@ -20,7 +20,8 @@ from tasks.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "configs/base/trainer.yaml")
-FMNIST = str(ROOT / "configs/fashion_mnist/resnet_small_{}_fashionmnist-28.yaml")
+FMNIST = str(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml")
+QUIET = str(ROOT / "configs/base/quiet.yaml")
 HAVE_FMNIST = (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist` (make test does it)")
 
@@ -79,12 +80,18 @@ def test_channels_last_switch_changes_the_layout_not_the_result(norm):
         torch.testing.assert_close(pb.grad, pa.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
+def fmnist(norm: str) -> list[str]:
+    """The --config arguments of the Fashion-MNIST task with this normalizer (its composition)."""
+    overlay = ROOT / f"configs/fashion_mnist/norms/{norm}.yaml"
+    return ["--config", FMNIST, "--config", str(ROOT / f"configs/norms/{norm}.yaml"),
+            *(["--config", str(overlay)] if overlay.is_file() else [])]
+
+
 def _args(tmp_path: Path, norm: str = "ssn", *extra: str) -> list[str]:
     out = str(tmp_path / "out")
     return [
-        "--config", BASE, "--config", FMNIST.format(norm),
+        "--config", BASE, *fmnist(norm), "--config", QUIET,
         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
         "--data.batch_size=16", *extra,
     ]
@@ -185,11 +192,12 @@ def test_cli_imagenet_config_on_a_fixture_in_the_real_layout(tmp_path):
     _imagenet_fixture(tmp_path / "imagenet")
     out = str(tmp_path / "out")
     cli = main([
-        "fit", "--config", BASE, "--config", str(ROOT / "configs/imagenet/resnet50_ssn_imagenet-224.yaml"),
+        "fit", "--config", BASE, "--config", str(ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"),
+        "--config", str(ROOT / "configs/norms/ssn.yaml"), "--config", str(ROOT / "configs/imagenet/norms/ssn.yaml"),
         "--model.init_args.arch=resnet18", f"--data.init_args.root={tmp_path / 'imagenet'}",
         "--data.init_args.crop_size=32", "--data.init_args.resize_size=36", "--data.init_args.batch_size=4",
         "--data.init_args.num_workers=0", "--trainer.max_epochs=1", f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false", "--export=false",
+        f"--trainer.logger.init_args.save_dir={out}", "--config", QUIET, "--export=false",
     ])
     assert cli.model.hparams.num_classes == 3  # linked from the class folders
     assert cli.trainer.global_step == 3  # 14 images (2 unreadable, skipped) in batches of 4, last dropped

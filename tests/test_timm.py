@@ -265,10 +265,11 @@ def test_cli_fit_with_a_timm_arch_on_fashion_mnist(tmp_path):
     root, out = Path(__file__).resolve().parents[1], str(tmp_path / "out")
     cli = main([
         "fit", "--config", str(root / "configs/base/trainer.yaml"),
-        "--config", str(root / "configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml"),
+        "--config", str(root / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"),
+        "--config", str(root / "configs/norms/ssn.yaml"), "--config", str(root / "configs/fashion_mnist/norms/ssn.yaml"),
+        "--config", str(root / "configs/base/quiet.yaml"),
         "--model.init_args.arch=timm/test_efficientnet", "--model.init_args.channels_last=false",
-        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.max_epochs=1",
+        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}", "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
         "--data.batch_size=16",
     ])
