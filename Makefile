@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO   := --config configs/base/trainer.yaml --config configs/fashion_mnist/resnet_small_fashionmnist-28.yaml \
           --config configs/norms/ssn.yaml --config configs/fashion_mnist/norms/ssn.yaml
 
-.PHONY: setup data demo test bench study lock clean
+.PHONY: setup data demo test bench gpu-check study lock clean
 
 $(STAMP): pyproject.toml requirements/lock.txt requirements/extras-seg.txt requirements/extras-video.txt
 	python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ test: setup data
 
 bench: setup
 	$(PY) benchmarks/bench_norm.py
+
+# On a CUDA machine: the CUDA tests, layer and network benchmarks, peak memory, bandwidth (docs/performance.md).
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The small-batch study (docs/comparison.md): BN/GN/SN/SSN x per-device batch 2-32 x seeds, a
 # resumable sweep, then the compare report into docs/img/small-batch/. SEEDS="0 1" for fewer.
