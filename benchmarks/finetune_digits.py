@@ -1,9 +1,10 @@
 """Fine-tuning end to end on real data: the main job's SSN checkpoint (Fashion-MNIST) on scikit-learn's
 handwritten digits, in `keep` and `reopen` modes, against the same network trained from scratch on
-the same budget. Prints a Markdown table (test accuracy, wall time, latched layers) and the
-per-layer selection before and after; heatmaps land in each run's folder.
+the same budget, each through ``tasks.cli.run``. Prints the report's Markdown table of the runs'
+``summary.json`` (test accuracy, fit seconds, latched fractions) and the per-layer selection before
+and after; heatmaps land in each run's folder.
 
-    .venv/bin/python benchmarks/finetune_digits.py [--pretrained outputs/checkpoints/last.ckpt]
+    python benchmarks/finetune_digits.py [--pretrained outputs/checkpoints/last.ckpt]
         [--epochs 10] [--train-sizes 1000 100] [--seeds 0]
 
 Run `make demo` first (it writes the checkpoint).
@@ -12,39 +13,36 @@ Run `make demo` first (it writes the checkpoint).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import Any
+
+from tasks.callbacks import selection_table
+from tasks.cli import run as run_cli
+from tasks.report import aggregate, load_records, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("test/acc1", "fit_seconds")
+GROUP_BY = ("data.train_size", "pretrained_ratios", "pretrained")
 CONFIG = ROOT / "configs/digits/resnet_small_ssn_digits-28.yaml"
 MODES = {"keep": ["--model.init_args.pretrained_ratios=keep"],
          "reopen": ["--model.init_args.pretrained_ratios=reopen"],
          "scratch": ["--model.init_args.pretrained=null"]}
 
 
-def run(mode: str, train_size: int, seed: int, args: argparse.Namespace) -> dict:
-    out = Path(args.out) / f"{mode}-n{train_size}-s{seed}"
-    cmd = [sys.executable, "-m", "tasks.cli", "fit", "--config", str(CONFIG), *MODES[mode],
-           f"--seed_everything={seed}", f"--trainer.max_epochs={args.epochs}", f"--data.init_args.train_size={train_size}",
-           "--data.init_args.batch_size=" + str(min(64, train_size // 2)),
-           f"--trainer.default_root_dir={out}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-           "--trainer.enable_model_summary=false"]
+def run_dir(mode: str, train_size: int, seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.out) / f"{mode}-n{train_size}-s{seed}"
+
+
+def run(mode: str, train_size: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One fine-tuning (or scratch) run through the CLI; returns its ``summary.json``."""
+    cli_args = ["fit", "--config", str(CONFIG), *MODES[mode],
+                f"--seed_everything={seed}", f"--trainer.max_epochs={args.epochs}", f"--data.init_args.train_size={train_size}",
+                "--data.init_args.batch_size=" + str(min(64, train_size // 2)),
+                f"--trainer.default_root_dir={run_dir(mode, train_size, seed, args)}", "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     if mode != "scratch":
-        cmd.append(f"--model.init_args.pretrained={args.pretrained}")
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    acc = float(proc.stdout.split("test (model): ")[1].split("test/acc1 ")[1].split(",")[0])
-    sel = json.loads((out / "ssn" / "selection.json").read_text())
-    latched = sum(bool(r["mean_latch"] and r["var_latch"]) for r in sel)
-    return {"mode": mode, "n": train_size, "seed": seed, "acc": acc, "wall": wall, "latched": latched,
-            "layers": len(sel), "selection": (out / "ssn" / "selection.txt").read_text()}
+        cli_args.append(f"--model.init_args.pretrained={args.pretrained}")
+    return run_cli(cli_args)
 
 
 def main() -> None:
@@ -58,23 +56,16 @@ def main() -> None:
     if not Path(args.pretrained).is_file():
         raise SystemExit(f"no checkpoint at {args.pretrained}: run `make demo` first")
     before = Path(args.pretrained).parent.parent / "ssn" / "selection.txt"
-    results = [run(m, n, s, args) for n in args.train_sizes for m in MODES for s in args.seeds]
+    runs = {(m, n, s): run(m, n, s, args) for n in args.train_sizes for m in MODES for s in args.seeds}
+    records = load_records([run_dir(*key, args) / "summary.json" for key in runs])
     print(f"\nFine-tuning on scikit-learn digits, {args.epochs} epochs, seeds {args.seeds} "
-          f"(test accuracy on 500 held-out digits; wall time per run, CLI start-up included)\n")
-    print("| train images | mode | test acc | wall (s) | layers latched at the end |")
-    print("|---:|---|---:|---:|---:|")
-    for n in args.train_sizes:
-        for m in MODES:
-            rs = [r for r in results if r["n"] == n and r["mode"] == m]
-            accs = [r["acc"] for r in rs]
-            acc = f"{statistics.mean(accs):.4f}" + (f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
-            print(f"| {n} | {m} | {acc} | {statistics.mean(r['wall'] for r in rs):.0f} | "
-                  f"{rs[0]['latched']}/{rs[0]['layers']} |")
+          f"(test accuracy on 500 held-out digits; pretrained — is the run from scratch)\n")
+    print(markdown_table(aggregate(records, GROUP_BY, METRICS), GROUP_BY, METRICS))
     if before.is_file():
         print("\nSelection of the pretrained (Fashion-MNIST) network:\n```\n" + before.read_text() + "```")
     for m in ("keep", "reopen", "scratch"):
-        r = next(r for r in results if r["mode"] == m)
-        print(f"\nSelection after fine-tuning ({m}, {r['n']} images):\n```\n{r['selection']}```")
+        (mode, n, _), summary = next((k, v) for k, v in runs.items() if k[0] == m)
+        print(f"\nSelection after fine-tuning ({mode}, {n} images):\n```\n{selection_table(summary['selection'])}\n```")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ fine-tuned from our own Fashion-MNIST classification checkpoints, one row per no
    binary labels (background 0 / nucleus 1); the left 384 columns train, the right 128 columns are
    held out for validation; written in mmseg's layout under ``OUT/data``.
 2. Backbone: a torchvision ResNet-18 (one input channel) trained here on real Fashion-MNIST with the
-   same normalizer through ``ssn-bench fit`` (the command is printed; reused when its
+   same normalizer through ``tasks.cli.run`` (the arguments are printed; reused when its
    ``last.ckpt`` exists), passed as ``--model.init_args.pretrained`` (the task's shared loading:
    backbone without ``fc``, ratios and latches kept).
-3. Segmentation: ``configs/nuclei/deeplabv3_r18_{norm}_nuclei-128x128.yaml`` through the CLI
-   (instantiated, then fit and validated on the held-out part). Prints mIoU / mAcc / aAcc against the best all-one-class prediction, the wall time, and
-   the per-layer selection of backbone and heads for SN/SSN; writes ``OUT/results.md``.
+3. Segmentation: ``configs/nuclei/deeplabv3_r18_{norm}_nuclei-128x128.yaml`` through
+   ``tasks.cli.run`` (fit, validated on the held-out part at the last step). Each run's
+   ``summary.json`` gives the table (the report's writer: mIoU / mAcc / aAcc, fit seconds) against
+   the best all-one-class prediction, and the per-layer selection of backbone and heads for SN/SSN;
+   writes ``OUT/results.md``.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from tasks.callbacks import selection_table
+from tasks.cli import run as run_cli
+from tasks.report import aggregate, load_records, markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+METRICS = ("val/mIoU", "val/mAcc", "val/aAcc", "fit_seconds")
+PARTS = ("backbone", "decode_head", "auxiliary_head")  # the SemanticSegmenter's model.<part>
 
 
 def prepare_nuclei(out: Path, split_col: int = 384) -> tuple[np.ndarray, np.ndarray]:
@@ -61,13 +66,13 @@ def pretrain(norm: str, root: Path, epochs: float) -> Path:
     ckpt = root / norm / "checkpoints" / "last.ckpt"
     if ckpt.exists():
         return ckpt
-    cmd = [str(ROOT / ".venv/bin/ssn-bench"), "fit", "--config", "configs/base/trainer.yaml",
-           "--config", f"configs/fashion_mnist/resnet_small_{norm}_fashionmnist-28.yaml",
-           "--model.init_args.arch", "resnet18", "--trainer.max_epochs", str(max(1, round(epochs))),
-           "--trainer.default_root_dir", str(root / norm), "--trainer.logger.init_args.save_dir", str(root / norm),
-           "--trainer.enable_progress_bar", "false", "--export", "false"]
-    print("pretraining:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    args = ["fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
+            "--config", str(ROOT / f"configs/fashion_mnist/resnet_small_{norm}_fashionmnist-28.yaml"),
+            "--model.init_args.arch", "resnet18", "--trainer.max_epochs", str(max(1, round(epochs))),
+            "--trainer.default_root_dir", str(root / norm), "--trainer.logger.init_args.save_dir", str(root / norm),
+            "--trainer.enable_progress_bar", "false", "--export", "false"]
+    print("pretraining: ssn-bench", " ".join(args), flush=True)
+    run_cli(args)
     return ckpt
 
 
@@ -84,13 +89,8 @@ def one_class_baseline(label: np.ndarray) -> float:
     return best
 
 
-def run(norm: str, args: argparse.Namespace, data: Path) -> dict:
-    import lightning.pytorch as pl
-
-    from tasks.callbacks import layer_ratios, selection_table
-    from tasks.cli import SSNCLI
-    from tasks.base import NormTask
-
+def run(norm: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
+    """Fit ``norm``'s segmenter through the CLI; returns its ``summary.json``."""
     out = args.out / norm
     config = ROOT / f"configs/nuclei/deeplabv3_r18_{norm}_nuclei-128x128.yaml"
     overrides = [f"--data.init_args.root={data}", f"--trainer.default_root_dir={out}",
@@ -103,25 +103,21 @@ def run(norm: str, args: argparse.Namespace, data: Path) -> dict:
         overrides += [f"--data.init_args.crop_size={crop}", f"--model.init_args.crop_size={crop}"]
     if args.batch:
         overrides += [f"--data.init_args.batch_size={args.batch}"]
-    source = "scratch"
     if not args.scratch:
-        ckpt = pretrain(norm, args.pretrained_root, args.pretrain_epochs)
-        overrides += [f"--model.init_args.pretrained={ckpt}"]
-        source = str(ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt)
-    cli = SSNCLI(NormTask, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 save_config_kwargs={"overwrite": True}, run=False,
-                 args=["--config", str(ROOT / "configs/base/trainer.yaml"), "--config", str(config), *overrides])
-    task, dm, trainer = cli.model, cli.datamodule, cli.trainer
-    start = time.perf_counter()
-    trainer.fit(task, datamodule=dm)
-    seconds = time.perf_counter() - start
-    scores = trainer.validate(task, datamodule=dm, verbose=False)[0]
-    row = {"norm": norm, "backbone": source, "steps": trainer.global_step, "seconds": round(seconds, 1),
-           **{k.split("/")[1]: round(v, 4) for k, v in scores.items() if k.split("/")[-1] in ("mIoU", "mAcc", "aAcc")}}
-    parts = {"backbone": task.model.backbone, "decode_head": task.model.decode_head,
-             "auxiliary_head": task.model.auxiliary_head}
-    row["selection"] = {name: selection_table(layer_ratios(m)) for name, m in parts.items()}
-    return row
+        overrides += [f"--model.init_args.pretrained={pretrain(norm, args.pretrained_root, args.pretrain_epochs)}"]
+    return run_cli(["fit", "--config", str(ROOT / "configs/base/trainer.yaml"), "--config", str(config), *overrides])
+
+
+def part_selections(summary: dict[str, Any]) -> dict[str, str]:
+    """The selection table of each part (backbone, heads) from the summary's per-layer rows."""
+    tables = {}
+    for part in PARTS:
+        prefix = f"model.{part}."
+        rows = [{**r, "layer": r["layer"][len(prefix):]} for r in summary.get("selection") or []
+                if r["layer"].startswith(prefix)]
+        if rows:
+            tables[part] = selection_table(rows)
+    return tables
 
 
 def main() -> None:
@@ -140,24 +136,25 @@ def main() -> None:
     data = args.out / "data"
     _, val_label = prepare_nuclei(data)
     baseline = one_class_baseline(val_label)
-    rows = [run(norm, args, data) for norm in args.norms]
+    summaries = {norm: run(norm, args, data) for norm in args.norms}
+    records = load_records([args.out / norm / "summary.json" for norm in args.norms])
+    group_by = ["norm", "pretrained", "global_step"]
     lines = [f"held-out part: {val_label.shape[1]}x{val_label.shape[0]} px, nucleus fraction "
              f"{val_label.mean():.3f}; best all-one-class mIoU {baseline:.4f}", "",
-             "| norm | backbone | steps | train time (s) | mIoU | mAcc | aAcc |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['norm']} | {r['backbone']} | {r['steps']} | {r['seconds']} | {r.get('mIoU')} | {r.get('mAcc')} | "
-              f"{r.get('aAcc')} |" for r in rows]
-    for r in rows:
-        for part, table in r["selection"].items():
-            if table != "no SN/SSN layers":
-                lines += ["", f"{r['norm']} {part}:", "```", table, "```"]
+             markdown_table(aggregate(records, group_by, METRICS), group_by, METRICS)]
+    for norm, summary in summaries.items():
+        for part, table in part_selections(summary).items():
+            lines += ["", f"{norm} {part}:", "```", table, "```"]
     text = "\n".join(lines)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
+    rows = [{"norm": norm, "pretrained": s.get("pretrained"), "steps": s.get("global_step"), **s.get("metrics", {})}
+            for norm, s in summaries.items()]
     (args.out / "results.json").write_text(json.dumps({"baseline_mIoU": baseline, "rows": rows}, indent=1))
     # NOTE: the run asserts learning: SSN from a classification checkpoint must clearly beat the
     # best all-one-class prediction on the held-out part.
-    ssn_pre = [r["mIoU"] for r in rows if r["norm"] == "ssn" and not args.scratch and r.get("mIoU") is not None]
+    ssn_pre = [r["val/mIoU"] for r in rows if r["norm"] == "ssn" and not args.scratch and r.get("val/mIoU") is not None]
     if ssn_pre and max(ssn_pre) < baseline + 0.05:
         raise SystemExit(f"SSN did not learn: mIoU {max(ssn_pre):.4f} against the one-class baseline {baseline:.4f}")
 

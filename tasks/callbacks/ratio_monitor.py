@@ -27,7 +27,7 @@ __all__ = ["NormRatioMonitor", "heatmap", "selection_table"]
 
 def _choice(row: dict[str, Any], kind: str) -> str:
     values = [row[f"{kind}_{s}"] for s in ssn.STATS]
-    best = ssn.STATS[max(range(3), key=values.__getitem__)]
+    best = ssn.STATS[ssn.selected_stat(row[f"{kind}_latch"], values)]
     return best.upper() if row[f"{kind}_latch"] else f"({best})"
 
 
