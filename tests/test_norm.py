@@ -551,3 +551,25 @@ def test_dense_eval_keeps_float32_accuracy_at_large_means(shift, kind, channels_
 def _plane_errors(y: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
     """Max |y - y_ref| of each (n, c) plane."""
     return (y.double() - y_ref.detach()).abs().flatten(2).amax(-1)
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 1, 1), (2, 16, 1, 1)])
+def test_input_gradient_exact_on_1x1_maps_with_the_instance_variance(shape):
+    """Variance from IN on 1x1 maps (always 0, so the mixed variance is eps) with a mixed mean: the
+    backward's variance term, formed as x * c2 - mu * c2 with c2 ~ eps^-1.5, cancelled (an error of
+    10 in a gradient of 500) where it is exactly 0; against the float64 formula's gradient.
+    (Constant planes of more elements are ill-conditioned the same way, through the rounding of
+    their mean: tests/test_conformance.py bounds those by the formula's own sensitivity.)"""
+    m = _randomise(SwitchNorm2d(16))
+    m.latch(None, "in")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) + 3
+    grad = torch.randn(shape, generator=g)
+    x32 = x.clone().requires_grad_()
+    m(x32).backward(grad)
+    xd = x.double().requires_grad_()
+    ref_m = copy.deepcopy(m).double()
+    mr, vr = ref_m.ratios()
+    reference(xd, mr.detach(), vr.detach(), ref_m.weight, ref_m.bias, m.eps).backward(grad.double())
+    err = (x32.grad.double() - xd.grad).abs().max().item()
+    assert err <= 1e-5 * xd.grad.abs().max().item(), f"error {err:.2e} of {xd.grad.abs().max():.2e}"
