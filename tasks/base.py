@@ -1,46 +1,32 @@
-"""What every task shares: the normalizer choice, the optimisation recipe, pretrained loading,
-per-device statistics, skipped data and the run summary."""
+"""``NormTask``, the base of every task module: the normalizer choice, the training step's
+guards (non-finite losses and updates), per-device statistics, skipped data and the run's identity.
+
+Around it, one concern per module: the optimisation recipe in :mod:`tasks.recipe`, pretrained
+loading and freezing in :mod:`tasks.pretrained`, the callbacks it adds in :mod:`tasks.callbacks`.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from typing import Any, Callable, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
 import ssn
+from ssn import SparseSwitchNormBase
 from ssn.checks import check_range
-from ssn import LatchedNorm, SparseSwitchNormBase, SwitchNormBase
-from ssn.transfer import (
-    RATIO_MODES, TransferReport, backbone_state, load_backbone, read_checkpoint, rekey_state, with_metadata,
-)
+from ssn.registry import SYNC_NAMES
+from ssn.transfer import TransferReport
 
-__all__ = ["NormTask", "lr_factor"]
+from .pretrained import Pretrained, freeze_backbone, split_backbone_groups
+from .recipe import Recipe, check_training_batches, global_batch_size, lr_factor, ratio_parameters, steps_per_epoch
+
+__all__ = ["NormTask", "lr_factor"]  # lr_factor: tasks.recipe's, re-exported (tests import it from here)
 
 log = logging.getLogger(__name__)
-
-SYNC_NAMES = ("syncbn", "syncsn", "syncssn")
-
-
-def lr_factor(
-    step: int, total: int, warmup: int, schedule: str, milestones: list[int], gamma: float,
-    power: float = 0.9, min_factor: float = 0.0,
-) -> float:
-    """Learning-rate multiplier at optimizer ``step``: linear warm-up, then cosine, step decay
-    (x ``gamma`` at each milestone step) or poly (mmseg's ``PolyLR``: ``(1 - t)^power`` from 1 down
-    to ``min_factor``)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "poly":
-        return (1 - min_factor) * (1 - progress) ** power + min_factor
-    return gamma ** sum(step >= m for m in milestones)
 
 
 def _to_channels_last(net: nn.Module) -> None:
@@ -62,9 +48,6 @@ def _to_channels_last(net: nn.Module) -> None:
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
-
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, LatchedNorm, SwitchNormBase))
 
 # The accepted range of each numeric NormTask option (ssn.checks.check_range; None passes).
 _RANGES = {
@@ -146,6 +129,10 @@ class NormTask(pl.LightningModule):
     (fewer samples than ``batch_size`` with ``drop_last``) is refused before the first step.
     """
 
+    # Whether the CLI exports ``net`` to native layers after fit (a task whose ``net`` maps one
+    # input tensor to its output sets it).
+    exportable: ClassVar[bool] = False
+
     def __init__(
         self,
         norm: str = "bn",
@@ -184,8 +171,7 @@ class NormTask(pl.LightningModule):
         # NOTE: collects the subclass's arguments too (Lightning walks the __init__ frames).
         self.save_hyperparameters()
         ssn.get_norm_layer(norm)  # an unknown name fails now, with the valid ones listed
-        if pretrained_ratios not in RATIO_MODES:
-            raise ValueError(f"pretrained_ratios must be one of {RATIO_MODES}, got {pretrained_ratios!r}")
+        Pretrained.from_hparams(self.hparams)  # checks the ratio mode now; the file is read in configure_model
         for name, interval in _RANGES.items():
             check_range(name, self.hparams[name], interval)
         for m in milestones:
@@ -196,6 +182,14 @@ class NormTask(pl.LightningModule):
         self.norm = norm
         self.norm_kwargs = dict(norm_kwargs or {})
         self.initial_radius: float | None = None  # where the radius ramp starts (fine-tuning)
+        # configure_model runs once per module; pretrained is read once (not when restoring)
+        self._configured = False
+        self._pretrained_loaded = False
+        # frozen norm layers (kept in eval mode), and the radius each frozen SSN layer keeps
+        self._frozen_norms: list[nn.Module] = []
+        self._frozen_radius: dict[nn.Module, float] = {}
+        self._skipped_nonfinite = 0  # steps skipped under nonfinite: skip
+        self._epoch_start_step = -1  # global step at the start of this training epoch
 
     def norm_layer(self, dim: int = 2):  # noqa: ANN201
         return ssn.get_norm_layer(self.norm, dim=dim, **self.norm_kwargs)
@@ -225,28 +219,13 @@ class NormTask(pl.LightningModule):
         return "conv1.weight"
 
     def load_pretrained(self, path: str) -> TransferReport:
-        """Load ``path`` into :meth:`pretrained_module` (see the ``pretrained`` argument)."""
-        hp = self.hparams
-        path = os.path.expanduser(path)
-        target = self.pretrained_module()
-        head = self.head_prefixes()
-        try:
-            stem = self.pretrained_stem()
-            state, kind = backbone_state(read_checkpoint(path, trusted=hp.pretrained_trusted), stem)
-            if not hp.pretrained_head:  # a new task's labels: the head starts afresh
-                state = rekey_state(state, lambda k: None if head and k.startswith(head) else k)
-            state = with_metadata(self.map_pretrained(state, target), state)
-            report = load_backbone(target, state, new_ok=head, drop_ok=("fc.", *head), ratios=hp.pretrained_ratios,
-                                   kind=kind, stem=stem)
-        except ValueError as e:
-            raise ValueError(f"pretrained {path}: {e}" if path not in str(e) else str(e)) from e
-        if hp.pretrained_ratios == "keep":  # the ramp continues from the largest radius still in use
-            self.initial_radius = max((float(m.radius) for _, m in ssn.switch_norms(target)
-                                       if isinstance(m, SparseSwitchNormBase) and None in m.latched), default=None)
-        elif hp.pretrained_ratios == "reopen":
-            self.initial_radius = hp.pretrained_radius_start
-            ssn.set_radius(target, hp.pretrained_radius_start)
-        log.warning("pretrained %s into %s: %s", path, type(self).__name__, report.summary())
+        """Load ``path`` into :meth:`pretrained_module` (see the ``pretrained`` argument and
+        :class:`tasks.pretrained.Pretrained`)."""
+        source = Pretrained.from_hparams(self.hparams, path)
+        report, radius = source.load(self.pretrained_module(), stem=self.pretrained_stem(), head=self.head_prefixes(),
+                                     map_state=self.map_pretrained, owner=type(self).__name__)
+        if source.ratios != "reset":
+            self.initial_radius = radius
         return report
 
     def restoring_checkpoint(self) -> None:
@@ -258,128 +237,61 @@ class NormTask(pl.LightningModule):
         # NOTE: once per module, before the optimizer is built (Lightning calls it at every fit,
         # validate and test; a copy, e.g. the CLI's exported model, is configured already). A
         # resumed run's checkpoint is restored after this and wins (it is the fine-tuned state).
-        if getattr(self, "_configured", False):
+        if self._configured:
             return
-        if self.hparams.pretrained and not getattr(self, "_pretrained_loaded", False):
+        if self.hparams.pretrained and not self._pretrained_loaded:
             self.load_pretrained(self.hparams.pretrained)
             self._pretrained_loaded = True
-        self._freeze(self.hparams.freeze)
+        self._frozen_norms = freeze_backbone(self.pretrained_module(), self.hparams.freeze)
         if self.hparams.channels_last:
             _to_channels_last(self.pretrained_module())
         if self.hparams.compile:
             self.pretrained_module().compile()
         self._configured = True
 
-    def _freeze(self, prefixes: list[str]) -> None:
-        """Freeze the backbone parameters under ``prefixes``, and the norms among them as Lightning's
-        ``BaseFinetuning.freeze`` does: in eval mode (running statistics kept, SSN layers do not
-        latch); a frozen SSN layer also keeps its radius (:meth:`on_train_batch_start`)."""
-        self._frozen_norms: list[nn.Module] = []
-        backbone = self.pretrained_module()
-        for prefix in prefixes:
-            params = [p for n, p in backbone.named_parameters() if n.startswith(prefix)]
-            if not params:
-                raise ValueError(f"freeze: no backbone parameter starts with {prefix!r}; the backbone's top-level "
-                                 f"names: {sorted({n.split('.')[0] for n, _ in backbone.named_parameters()})}")
-            for p in params:
-                p.requires_grad_(False)
-            self._frozen_norms += [m for n, m in backbone.named_modules() if n.startswith(prefix) and _is_norm(m)
-                                   and not any(p.requires_grad for p in m.parameters())]
-
     def train(self, mode: bool = True) -> NormTask:
         super().train(mode)
-        for m in getattr(self, "_frozen_norms", []):
+        for m in self._frozen_norms:  # as Lightning's BaseFinetuning.freeze: statistics kept, no latching
             m.eval()
         return self
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # NOTE: after the callbacks' hook (Lightning calls those first): RadiusSchedule has ramped
         # every SSN layer; a frozen one goes back to its radius at the start of training
-        for m, radius in getattr(self, "_frozen_radius", {}).items():
+        for m, radius in self._frozen_radius.items():
             m.radius.fill_(radius)
 
     # ------------------------------------------------------------------------- optimisation
     def global_batch_size(self) -> int:
-        dm = self.trainer.datamodule
-        per_device = getattr(dm, "batch_size", None) if dm is not None else None
-        if per_device is None:
-            raise ValueError("the data module must expose batch_size (per device) to scale the lr")
-        if not isinstance(per_device, int) or per_device < 1:
-            raise ValueError(f"data batch_size must be a positive number of samples per device, got {per_device!r}")
-        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return global_batch_size(self.trainer)
 
     def effective_lr(self) -> float:
-        return self.hparams.lr * self.global_batch_size() / self.hparams.lr_batch_size
+        return Recipe.from_hparams(self.hparams).scaled_lr(self.global_batch_size())
 
     def steps_per_epoch(self) -> int:
-        """Optimizer steps in one epoch (of this rank's loader, after limit_train_batches)."""
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does, whatever max_epochs is
-        batches = self.trainer.num_training_batches
-        if not math.isfinite(batches):
-            raise ValueError("epoch-based schedules need a sized training loader")
-        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
-
-    def _check_training_batches(self) -> None:
-        """Refuse a training split that gives no batch, which would train nothing and still
-        end as a finished run (with the test metrics of an untrained network)."""
-        if self.trainer.train_dataloader is None:  # a max_steps run's estimate did not build it
-            self.trainer.fit_loop.setup_data()
-        if self.trainer.num_training_batches:
-            return
-        loader = self.trainer.train_dataloader
-        loader = getattr(loader, "iterables", loader)  # Lightning's CombinedLoader around ours
-        dataset = getattr(loader, "dataset", None)
-        size = len(dataset) if hasattr(dataset, "__len__") else "an unknown number of"
-        raise ValueError(
-            f"the training split gives no batch: {size} samples (per device), batch_size "
-            f"{getattr(loader, 'batch_size', None)}, drop_last={getattr(loader, 'drop_last', None)}, "
-            f"limit_train_batches={self.trainer.limit_train_batches}: no step would train; use a smaller "
-            "batch_size or more training data"
-        )
+        return steps_per_epoch(self.trainer)
 
     def _param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The recipe's groups; a pretrained backbone's parts at ``backbone_lr_scale``."""
         hp = self.hparams
-        groups = ssn.param_groups(self, lr=lr, weight_decay=hp.weight_decay, ratio_lr_scale=hp.ratio_lr_scale,
-                                  ratio_weight_decay=hp.ratio_weight_decay, norm_weight_decay=hp.norm_weight_decay)
+        groups = Recipe.from_hparams(hp).param_groups(self, lr)
         if hp.backbone_lr_scale == 1.0 or not hp.pretrained:
             return groups
-        head = self.head_prefixes()
-        backbone = {id(p) for n, p in self.pretrained_module().named_parameters() if not n.startswith(head)}
-        out = []
-        for g in groups:  # split each group into backbone / new parts; ratios keep their own lr
-            inside = [p for p in g["params"] if id(p) in backbone]
-            outside = [p for p in g["params"] if id(p) not in backbone]
-            if inside:
-                out.append({**g, "name": f"backbone_{g['name']}", "params": inside, "lr": g["lr"] * hp.backbone_lr_scale})
-            if outside:
-                out.append({**g, "params": outside})
-        return out
+        return split_backbone_groups(groups, self.pretrained_module(), head=self.head_prefixes(),
+                                     scale=hp.backbone_lr_scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        recipe = Recipe.from_hparams(self.hparams)
         lr = self.effective_lr()
-        groups = [g for g in self._param_groups(lr) if any(p.requires_grad for p in g["params"])]
-        for g in groups:
-            g["params"] = [p for p in g["params"] if p.requires_grad]
-        opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        opt = recipe.optimizer(self._param_groups(lr), lr)
         total = int(self.trainer.estimated_stepping_batches)
-        self._check_training_batches()
-        per_epoch = self.steps_per_epoch() if hp.schedule == "step" or hp.warmup_epochs else 1
-        warmup = round(hp.warmup_epochs * per_epoch)
-        milestones = [m * per_epoch for m in hp.milestones]
-
-        def factor(group_lr: float) -> Callable[[int], float]:
-            # NOTE: min_lr is absolute for every group (mmengine's PolyLR eta_min), so each group
-            # gets its own floor as a fraction of its own lr.
-            floor = min(1.0, hp.min_lr / group_lr) if group_lr > 0 else 0.0
-            return lambda step: lr_factor(step, total, warmup, hp.schedule, milestones, hp.gamma, hp.poly_power, floor)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["lr"]) for g in opt.param_groups])
+        check_training_batches(self.trainer)
+        per_epoch = self.steps_per_epoch() if recipe.needs_epochs else 1
+        sched = recipe.scheduler(opt, total_steps=total, steps_per_epoch=per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def ratio_parameters(self) -> list[nn.Parameter]:
-        return [p for _, m in ssn.switch_norms(self) for p in (m.mean_logits, m.var_logits)]
+        return ratio_parameters(self)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         # NOTE: the non-finite guard: the closure (forward + backward) runs first, so a bad loss or
@@ -399,7 +311,7 @@ class NormTask(pl.LightningModule):
             optimizer.zero_grad()
             for buffer, before in buffers:
                 buffer.copy_(before)
-            self._skipped_nonfinite = getattr(self, "_skipped_nonfinite", 0) + 1
+            self._skipped_nonfinite += 1
             self.log("train/skipped_nonfinite", float(self._skipped_nonfinite), on_step=True, on_epoch=False)
             return
         optimizer.step(closure=lambda: loss)
@@ -429,11 +341,9 @@ class NormTask(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # NOTE: after DDP's gradient averaging and AMP's unscaling, as the authors clip after
         # their all-reduce; latched logits have no (or a zero) gradient and add nothing.
-        if self.hparams.ratio_grad_clip is not None:
-            params = [p for p in self.ratio_parameters() if p.grad is not None]
-            if params:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.ratio_grad_clip)
-                self.log("ssn/ratio_grad_norm", norm, on_step=True, on_epoch=False)
+        norm = Recipe.from_hparams(self.hparams).clip_ratio_grads(self)
+        if norm is not None:
+            self.log("ssn/ratio_grad_norm", norm, on_step=True, on_epoch=False)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         from .callbacks import NormRatioMonitor, RadiusSchedule, RunSummary
@@ -496,8 +406,7 @@ class NormTask(pl.LightningModule):
         # first batch (a no-op when not resuming). Pinned by tests/test_resume.py.
         self.trainer.fit_loop._load_combined_loader_states()
         # after a resumed run's checkpoint is restored: the radius its frozen SSN layers keep
-        frozen = getattr(self, "_frozen_norms", [])
-        self._frozen_radius = {m: float(m.radius) for m in frozen if isinstance(m, SparseSwitchNormBase)}
+        self._frozen_radius = {m: float(m.radius) for m in self._frozen_norms if isinstance(m, SparseSwitchNormBase)}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start_step = self.global_step
@@ -511,7 +420,7 @@ class NormTask(pl.LightningModule):
         # an epoch in which no batch could be read (Lightning skips a batch that collates to None)
         # trained nothing: an error, not a "successful" run; decided together, so under DDP every
         # rank stops
-        nothing = float(self.global_step == getattr(self, "_epoch_start_step", -1))
+        nothing = float(self.global_step == self._epoch_start_step)
         if self.trainer.strategy.reduce(torch.tensor(nothing, device=self.device), reduce_op="sum") > 0:
             raise RuntimeError(f"epoch {self.current_epoch}: every training batch was unreadable ({skipped} samples "
                                "skipped, each logged with its path): check the training files")
