@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ssn import STATS  # the statistics in ratio order: in, ln, bn
+from ssn.registry import NORM_ORDER  # the order rows and plot lines list the normalizers in
 
 from .summary import MEASURED, SUMMARY_FILE, malformed
 
 __all__ = ["aggregate", "compare", "compare_main", "filter_records", "group_keys", "load_records", "markdown_table",
            "write_csv"]
-
-NORM_ORDER = ("bn", "syncbn", "gn", "in", "ln", "sn", "syncsn", "ssn", "syncssn")
 
 
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``ssn-bench sweep``: launch a grid of ``ssn-bench fit`` runs, each its own process,
 resumable; or write a SLURM job array / wandb sweep file for the same grid.
 
-    ssn-bench sweep --task configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml \\
+    ssn-bench sweep --task configs/fashion_mnist/resnet_small_fashionmnist-28.yaml \\
         --norms bn gn sn ssn --batch-sizes 2 8 32 --seeds 0 1 2 --set trainer.max_epochs=2 \\
         --out outputs/sweeps/small-batch [--jobs 2] [--dry-run] [--slurm job.sh] [--wandb-sweep sweep.yaml]
 
@@ -74,21 +74,39 @@ def _get(cfg: dict[str, Any], dotted: str) -> Any:
     return cfg
 
 
-def _task_config(path: str, norm: str | None) -> tuple[str, str, str, bool]:
-    """(config file for ``norm``, task label, the norm, whether ``--model.init_args.norm`` must
-    override it). The per-normalizer sibling file (``{arch}_{norm}_{dataset}-{crop}.yaml``) is
-    preferred: it carries the normalizer's own arguments (e.g. GN's groups)."""
+def _norm_overlays(task: Path, norm: str) -> list[str]:
+    """The overlays that make ``task`` (``configs/<task>/<base>.yaml``) train with ``norm``:
+    ``configs/norms/<norm>.yaml``, then ``configs/<task>/norms/<norm>.yaml`` where the normalizer's
+    recipe differs for the task. Empty when there is no ``configs/norms/<norm>.yaml``."""
+    common = task.parent.parent / "norms" / f"{norm}.yaml"
+    if not common.is_file():
+        return []
+    own = task.parent / "norms" / f"{norm}.yaml"
+    return [str(common), *([str(own)] if own.is_file() else [])]
+
+
+def _task_configs(path: str, norm: str | None) -> tuple[list[str], str, str, bool]:
+    """(config files of ``path`` with ``norm``, the task label, the normalizer, whether
+    ``--model.init_args.norm`` must set it: no overlay for it). ``norm`` None or the file's own:
+    the file alone. The label is the file's name, less its normalizer for a file that names one
+    (``resnet_small_ssn_digits-28`` -> ``resnet_small_digits-28``)."""
     p = Path(path)
     own = _get(_yaml(path), "model.init_args.norm")
     token = f"_{own}_" if own else None
     label = p.stem.replace(token, "_", 1) if token and token in p.stem else p.stem
     if norm is None or norm == own:
-        return path, label, own or "?", False
-    if token and token in p.name:
-        sibling = p.with_name(p.name.replace(token, f"_{norm}_", 1))
-        if sibling.is_file():
-            return str(sibling), label, norm, False
-    return path, label, norm, True
+        return [path], label, own or _default_norm(), False
+    overlays = _norm_overlays(p, norm)
+    return [path, *overlays], label, norm, not overlays
+
+
+def _default_norm() -> str:
+    """``NormTask``'s ``norm`` default (a task file that sets none trains with it)."""
+    import inspect
+
+    from .base import NormTask
+
+    return str(inspect.signature(NormTask.__init__).parameters["norm"].default)
 
 
 def _wandb_logger(configs: Sequence[str]) -> bool:
@@ -126,7 +144,9 @@ def build_grid(
     ``grid`` keys): the same arguments always give the same indices (SLURM array tasks rely on it).
 
     Args:
-        tasks: task config files (a per-normalizer file is swapped for its sibling of each norm).
+        tasks: task base files (``configs/<task>/<base>.yaml``); each normalizer of ``norms`` is
+            composed after it (``configs/norms/<norm>.yaml``, then ``configs/<task>/norms/<norm>.yaml``
+            where there is one; ``--model.init_args.norm`` where there is no overlay).
         base: config files composed before each task file (default: the base trainer).
         norms, batch_sizes, seeds: the usual axes (None: the config's value, no axis).
         grid: ``KEY=V1,V2,...`` more axes over any config key (e.g. ``model.init_args.lr=0.1,0.2``).
@@ -145,8 +165,8 @@ def build_grid(
     for task_path, norm, bs, seed, *values in itertools.product(
         tasks, norms or [None], batch_sizes or [None], seeds or [None], *[vals for _, vals in axes]
     ):
-        config, label, norm_name, override = _task_config(task_path, norm)
-        configs = [*base, config]
+        task_configs, label, norm_name, override = _task_configs(task_path, norm)
+        configs = [*base, *task_configs]
         chosen = {k: v for (k, _), v in zip(axes, values)}
         suffix = "".join(f"-{_safe(k.split('.')[-1])}{_safe(v)}" for k, v in chosen.items())
         group = f"{label}-{norm_name}" + (f"-b{bs}" if bs is not None else "") + suffix
@@ -331,9 +351,9 @@ def sweep_main(argv: Sequence[str]) -> int:
         argv, extra = argv[:cut], argv[cut + 1 :]
     p = argparse.ArgumentParser(prog="ssn-bench sweep", description="Launch a grid of ssn-bench fit runs.",
                                 epilog="Arguments after `--` are passed to every run as they are.")
-    p.add_argument("--task", nargs="+", required=True, help="task config file(s), one grid axis")
+    p.add_argument("--task", nargs="+", required=True, help="task base config file(s), one grid axis")
     p.add_argument("--config", nargs="+", default=[DEFAULT_BASE], help="base config(s) before each task file")
-    p.add_argument("--norms", nargs="+", help="normalizers (per-norm sibling configs are used when present)")
+    p.add_argument("--norms", nargs="+", help="normalizers (each composed from configs/norms/<norm>.yaml and the task's own overlay)")
     p.add_argument("--batch-sizes", nargs="+", type=int, help="per-device batch sizes (lr scales linearly)")
     p.add_argument("--seeds", nargs="+", type=int, help="seed_everything values")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="more axes: any config key")

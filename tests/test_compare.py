@@ -19,18 +19,20 @@ from tasks.report import compare, load_records
 from tasks.sweep import build_grid, run_status
 
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST_SSN = "configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml"
-DIGITS = "configs/digits/resnet_small_ssn_digits-28.yaml"
+FMNIST = "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"
+DIGITS = "configs/digits/resnet_small_digits-28.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_grid_swaps_per_norm_configs_and_names_groups_and_tags(tmp_path):
-    runs = build_grid([FMNIST_SSN], norms=["bn", "gn", "ssn"], batch_sizes=[2, 8], seeds=[0, 1],
+def test_grid_composes_norm_overlays_and_names_groups_and_tags(tmp_path):
+    runs = build_grid([FMNIST], norms=["bn", "gn", "ssn"], batch_sizes=[2, 8], seeds=[0, 1],
                       grid=["model.init_args.lr=0.1,0.2"], sets=["trainer.max_epochs=1"], extra=["--export=false"],
                       out=tmp_path / "sw")
     assert len(runs) == 3 * 2 * 2 * 2 and [r.index for r in runs] == list(range(24))
     gn = next(r for r in runs if r.norm == "gn")
-    assert "configs/fashion_mnist/resnet_small_gn_fashionmnist-28.yaml" in gn.args  # carries GN's groups
+    overlays = ["--config", "configs/norms/gn.yaml", "--config", "configs/fashion_mnist/norms/gn.yaml"]
+    assert gn.args[1:7] == ["--config", "configs/base/trainer.yaml", "--config", FMNIST, *overlays[:2]]
+    assert gn.args[7:9] == overlays[2:]  # the task's own GN overlay (its groups) after the common one
     assert not any(a.startswith("--model.init_args.norm=") for a in gn.args)
     r = runs[0]
     assert r.name == "resnet_small_fashionmnist-28-bn-b2-lr0.1-s0" and r.group == "resnet_small_fashionmnist-28-bn-b2-lr0.1"
@@ -39,15 +41,21 @@ def test_grid_swaps_per_norm_configs_and_names_groups_and_tags(tmp_path):
     assert "--trainer.logger.init_args.tags=[sw, resnet_small_fashionmnist-28, bn, batch2]" in r.args
     assert r.args[-4:] == ["--data.init_args.batch_size=2", "--seed_everything=0", "--model.init_args.lr=0.1",
                            "--export=false"]
-    # no per-norm sibling file: the normalizer is overridden instead
+    # no task overlay for BN on digits: the common one alone
     d = build_grid([DIGITS], norms=["bn"], out=tmp_path / "d")[0]
-    assert "--model.init_args.norm=bn" in d.args and d.name == "resnet_small_digits-28-bn"
-    assert run_status(d.dir) == "new"
+    assert "configs/norms/bn.yaml" in d.args and "configs/digits/norms/bn.yaml" not in d.args
+    assert d.name == "resnet_small_digits-28-bn" and run_status(d.dir) == "new"
+    # no overlay for the normalizer at all: it is set on the command line
+    s = build_grid([DIGITS], norms=["syncssn"], out=tmp_path / "d")[0]
+    assert "--model.init_args.norm=syncssn" in s.args and not any("configs/norms/" in a for a in s.args)
+    # the task file alone (no --norms) runs with its own normalizer (here NormTask's default)
+    assert build_grid([DIGITS], out=tmp_path / "d")[0].args[1:5] == ["--config", "configs/base/trainer.yaml",
+                                                                    "--config", DIGITS]
 
 
 def test_sweep_writes_slurm_array_and_wandb_sweep_and_dry_runs(tmp_path, capsys):
     out, script, wsweep = tmp_path / "sw", tmp_path / "job.sh", tmp_path / "sweep.yaml"
-    args = ["sweep", "--task", FMNIST_SSN, "--norms", "bn", "sn", "ssn", "--batch-sizes", "2", "32", "--seeds", "0", "1",
+    args = ["sweep", "--task", FMNIST, "--norms", "bn", "sn", "ssn", "--batch-sizes", "2", "32", "--seeds", "0", "1",
             "--out", str(out), "--set", "trainer.max_epochs=1"]
     assert command([*args, "--slurm", str(script), "--slurm-option=--gres=gpu:1", "--wandb-sweep", str(wsweep),
                     "--jobs", "4", "--", "--export=false"]) == 0
@@ -302,7 +310,7 @@ def test_typos_in_metric_group_by_and_filter_name_the_valid_keys(tmp_path, capsy
 
 def test_sweep_checks_norms_and_keys_before_the_first_run(tmp_path, capsys):
     out = tmp_path / "sw"
-    base = ["sweep", "--task", FMNIST_SSN, "--out", str(out), "--dry-run"]
+    base = ["sweep", "--task", FMNIST, "--out", str(out), "--dry-run"]
     with pytest.raises(SystemExit):
         command([*base, "--norms", "bn", "ssm"])
     assert "--norms ssm: unknown normalizer; known: bn, syncbn, gn" in capsys.readouterr().err
