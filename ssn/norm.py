@@ -136,9 +136,9 @@ class SwitchNormBase(nn.Module):
         # NOTE: the mirror filled from the start, so a compiled forward reads constants; keyed on
         # the new buffers without reading them (their value is known: no device sync, and a layer
         # built on the meta device, as timm's factory keywords allow, has none to read).
-        ml, vl = self.mean_latch, self.var_latch
-        self._latch_key: tuple[int, ...] | None = (id(ml), ml._version, id(vl), vl._version)
+        self._latch_key: tuple[int, ...] | None = None
         self._latch_state: tuple[int, int] = (UNLATCHED, UNLATCHED)
+        self._mirror_latches(self._latch_state)
         self._fold: tuple[tuple[Any, ...], dict[Any, Any]] | None = None  # dense eval constants
 
     # ----------------------------------------------------------------------------- ratios
@@ -165,6 +165,12 @@ class SwitchNormBase(nn.Module):
         """Re-read the latch buffers into the host-side mirror."""
         self._latch_key = None
         self._latches()
+
+    def _mirror_latches(self, state: tuple[int, int]) -> None:
+        """Set the host-side mirror to the latch values the caller just wrote (no device read)."""
+        ml, vl = self.mean_latch, self.var_latch
+        self._latch_state = state
+        self._latch_key = (id(ml), ml._version, id(vl), vl._version)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # type: ignore[no-untyped-def]

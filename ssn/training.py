@@ -76,12 +76,13 @@ def update_latches(model: nn.Module) -> int:
     state = torch.cat([v.cpu() for v in verdicts]).tolist()  # one host read for every layer: (L, 4) hot_m, hot_v, which_m, which_v
     latched = 0
     for m, (hot_m, hot_v, which_m, which_v) in zip(layers, state):
-        current = m._latches()
+        new = list(m._latches())
         for i, (buf, hot, which) in enumerate(((m.mean_latch, hot_m, which_m), (m.var_latch, hot_v, which_v))):
-            if current[i] == UNLATCHED and hot:
+            if new[i] == UNLATCHED and hot:
                 buf.fill_(which)
+                new[i] = which
                 latched += 1
-        m._refresh_latches()
+        m._mirror_latches((new[0], new[1]))  # NOTE: the values just written: no read back per layer
     return latched
 
 

@@ -76,3 +76,27 @@ def test_update_latches_is_one_call_and_never_unlatches(monkeypatch):
     fresh = nn.Sequential(*[ssn.SparseSwitchNorm2d(4) for _ in range(5)])
     fresh.load_state_dict(sd)
     assert [m.latched for m in fresh] == [m.latched for m in layers]
+
+
+def test_update_latches_reads_the_device_once_per_call():
+    """One host read of all verdicts per call, whatever the number of layers (on a GPU each read is
+    a synchronisation): the layers' host mirrors are set from the verdicts, not read back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    net = nn.Sequential(*[ssn.SparseSwitchNorm2d(4) for _ in range(6)])
+    with torch.no_grad():
+        for i, m in enumerate(net):
+            m.mean_logits.copy_(torch.tensor([3.0, 0.0, 0.0]) if i % 2 else torch.zeros(3))
+            m.radius.fill_(0.8)
+    with CountReads():
+        latched = ssn.update_latches(net)
+    assert latched == 3 and CountReads.reads == 0  # on the CPU the one read is .tolist(), no scalar read
+    assert [m.latched[0] for m in net] == [None, "in"] * 3
