@@ -16,9 +16,8 @@ import torch
 from torch import Tensor, nn
 
 import ssn
-from ssn import SparseSwitchNormBase
+from ssn import SYNC_NAMES, SparseSwitchNormBase
 from ssn.checks import check_range
-from ssn.registry import SYNC_NAMES
 from ssn.transfer import TransferReport
 
 from .pretrained import Pretrained, freeze_backbone, split_backbone_groups

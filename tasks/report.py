@@ -20,8 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from ssn import STATS  # the statistics in ratio order: in, ln, bn
-from ssn.registry import NORM_ORDER  # the order rows and plot lines list the normalizers in
+from ssn import NORM_ORDER, STATS, selected_stat  # NORM_ORDER: how rows and lines are listed
 
 from .summary import MEASURED, SUMMARY_FILE, malformed
 
@@ -380,7 +379,7 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
         for j, r in enumerate(runs):
             for i, row in enumerate(r["selection"]):
                 values = [row[f"{kind}_{s}"] for s in STATS]
-                choice = STATS.index(row[f"{kind}_latch"]) if row[f"{kind}_latch"] else values.index(max(values))
+                choice = selected_stat(row[f"{kind}_latch"], values)
                 grid[i][j] = choice
                 if not row[f"{kind}_latch"]:
                     ax.text(j, i, "?", ha="center", va="center", fontsize=7, color="white")
@@ -409,7 +408,7 @@ def selection_summary(records: list[dict[str, Any]], group_by: Sequence[str]) ->
     runs.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in (*group_by, "seed")))
     for r in runs:
         sel = r["selection"]
-        pick = {k: [(row[f"{k}_latch"] or "(" + STATS[max(range(3), key=lambda i: row[f"{k}_{STATS[i]}"])] + ")")
+        pick = {k: [row[f"{k}_latch"] or f"({STATS[selected_stat(None, [row[f'{k}_{st}'] for st in STATS])]})"
                     for row in sel] for k in ("mean", "var")}
         counts = {k: ", ".join(f"{s.upper()} {sum(c == s for c in pick[k])}" for s in STATS) for k in pick}
         ident = " ".join(f"{k}={_fmt(r.get(k))}" for k in (*group_by, "seed") if r.get(k) is not None)
