@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO   := --config configs/base/trainer.yaml --config configs/fashion_mnist/resnet_small_fashionmnist-28.yaml \
           --config configs/norms/ssn.yaml --config configs/fashion_mnist/norms/ssn.yaml
 
-.PHONY: setup data demo test bench gpu-check study lock clean
+.PHONY: setup data demo check test bench gpu-check study lock clean
 
 $(STAMP): pyproject.toml requirements/lock.txt requirements/extras-seg.txt requirements/extras-video.txt
 	python3 -m venv $(VENV)
@@ -31,8 +31,16 @@ $(FMNIST):
 demo: setup data
 	$(VENV)/bin/ssn-bench fit $(DEMO) $(DEMO_ARGS)
 
-# pytest exits 5 when nothing was collected; that is a failure here, not a pass.
-test: setup data
+# Lint and import order (ruff check), formatting (ruff format --check) over the repo, types (mypy, ssn/);
+# configured in pyproject.toml. The same hooks run from .pre-commit-config.yaml.
+check: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# The checks first, then the tests. pytest exits 5 when nothing was collected; that is a failure here.
+# PYTEST_ARGS="-m 'not slow'" skips the tests that train through the CLI (a quick inner loop).
+test: setup data check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
