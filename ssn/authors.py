@@ -39,8 +39,17 @@ log = logging.getLogger(__name__)
 
 AUTHORS_MOMENTUM = 0.997  # weight of the old value in their running averages
 _PROJECTION_META = "ssn_projection"  # key in the metadata of the network's root module
-_NORM_KEYS = ("weight", "bias", "mean_weight", "var_weight", "running_mean", "running_var",
-              "mean_fixed", "var_fixed", "radius")
+_NORM_KEYS = (
+    "weight",
+    "bias",
+    "mean_weight",
+    "var_weight",
+    "running_mean",
+    "running_var",
+    "mean_fixed",
+    "var_fixed",
+    "radius",
+)
 
 
 def authors_resnet50(num_classes: int = 1000, *, projection: str = "exact") -> nn.Module:
@@ -59,7 +68,9 @@ def authors_resnet50(num_classes: int = 1000, *, projection: str = "exact") -> n
     from torchvision.models import resnet50
 
     def norm(c: int) -> nn.Module:
-        return SparseSwitchNorm2d(c, momentum=1 - AUTHORS_MOMENTUM, in_var_correction=1, projection=projection)
+        return SparseSwitchNorm2d(
+            c, momentum=1 - AUTHORS_MOMENTUM, in_var_correction=1, projection=projection
+        )
 
     model = resnet50(num_classes=num_classes, norm_layer=norm)
     model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
@@ -80,21 +91,32 @@ def _ssn_layers(model: nn.Module) -> list[SparseSwitchNorm2d]:
     return [m for m in model.modules() if isinstance(m, SparseSwitchNorm2d)]
 
 
-def _record_projection(model: nn.Module, state: dict[str, Any], prefix: str,
-                       metadata: dict[str, Any]) -> None:
+def _record_projection(
+    model: nn.Module, state: dict[str, Any], prefix: str, metadata: dict[str, Any]
+) -> None:
     projections = {m.projection for m in _ssn_layers(model)}
     if len(projections) == 1:  # NOTE: a network whose layers were changed one by one records nothing
         metadata[_PROJECTION_META] = projections.pop()
 
 
-def _restore_projection(model: nn.Module, state: dict[str, Any], prefix: str, metadata: dict[str, Any],
-                        strict: bool, missing: list[str], unexpected: list[str], errors: list[str]) -> None:
+def _restore_projection(
+    model: nn.Module,
+    state: dict[str, Any],
+    prefix: str,
+    metadata: dict[str, Any],
+    strict: bool,
+    missing: list[str],
+    unexpected: list[str],
+    errors: list[str],
+) -> None:
     projection = metadata.get(_PROJECTION_META)
     if projection is None:  # no record (e.g. copied into a plain dict): keep the built projection
         return
     if projection not in PROJECTIONS:
-        errors.append(f"the state_dict records projection {projection!r} (metadata {_PROJECTION_META!r}), "
-                      f"not one of {PROJECTIONS}")
+        errors.append(
+            f"the state_dict records projection {projection!r} (metadata {_PROJECTION_META!r}), "
+            f"not one of {PROJECTIONS}"
+        )
         return
     for m in _ssn_layers(model):
         m.projection = projection
@@ -108,7 +130,10 @@ def _our_norm_name(theirs: str) -> str:
 def _latch_of(flag: torch.Tensor, ratio: torch.Tensor, where: str) -> str | None:
     if not bool(flag.reshape(-1)[0]):
         return None
-    if not (torch.isclose(ratio.max(), ratio.new_tensor(1.0)) and torch.isclose(ratio.sum(), ratio.new_tensor(1.0))):
+    if not (
+        torch.isclose(ratio.max(), ratio.new_tensor(1.0))
+        and torch.isclose(ratio.sum(), ratio.new_tensor(1.0))
+    ):
         raise ValueError(f"{where}: marked fixed but its ratio {ratio.tolist()} is not one-hot")
     return STATS[int(ratio.argmax())]
 
@@ -121,7 +146,7 @@ def convert_authors_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]
     """
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError("not a state_dict: some values are not tensors")
     norms = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith(".mean_weight")})
@@ -144,7 +169,9 @@ def convert_authors_state_dict(state: dict[str, Any]) -> dict[str, torch.Tensor]
             out[f"{ours}.{k}"] = g[k].reshape(c).float()
         for k in ("mean_weight", "var_weight"):
             if g[k].shape != (3,):
-                raise ValueError(f"norm {name}: {k} must have 3 entries (IN, LN, BN), got {tuple(g[k].shape)}")
+                raise ValueError(
+                    f"norm {name}: {k} must have 3 entries (IN, LN, BN), got {tuple(g[k].shape)}"
+                )
         out[f"{ours}.mean_logits"] = g["mean_weight"].float()
         out[f"{ours}.var_logits"] = g["var_weight"].float()
         mean = _latch_of(g["mean_fixed"], g["mean_weight"], f"norm {name} mean")
@@ -202,11 +229,15 @@ def load_authors_checkpoint(
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path}: not the authors' ResNet-50: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{path}: not the authors' ResNet-50: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     bad = [k for k, v in ours.items() if v.shape != expected[k].shape]
     if bad:
-        raise ValueError(f"{path}: shape mismatch for {bad[:5]}, e.g. {bad[0]}: "
-                         f"{tuple(ours[bad[0]].shape)} vs {tuple(expected[bad[0]].shape)}")
+        raise ValueError(
+            f"{path}: shape mismatch for {bad[:5]}, e.g. {bad[0]}: "
+            f"{tuple(ours[bad[0]].shape)} vs {tuple(expected[bad[0]].shape)}"
+        )
     model.load_state_dict(ours)
     unfixed = unfixed_layers(model)
     if unfixed:
@@ -214,8 +245,12 @@ def load_authors_checkpoint(
         log.warning(
             "%s: %d SSN layers are not fixed yet (a mid-training checkpoint): %s. Their ratios depend on "
             "the projection (max difference between the exact and the authors' one: %.3g); loaded with "
-            "projection=%r%s.", path, len(unfixed), ", ".join(f"{n} (r={r:.3f})" for n, r, _ in unfixed),
-            worst, projection,
+            "projection=%r%s.",
+            path,
+            len(unfixed),
+            ", ".join(f"{n} (r={r:.3f})" for n, r, _ in unfixed),
+            worst,
+            projection,
             "" if projection == "authors" else ", pass projection='authors' to reproduce their network",
         )
     return model
@@ -224,20 +259,29 @@ def load_authors_checkpoint(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Convert an SSN authors' ResNet-50 checkpoint to ours.")
     ap.add_argument("src", help="their .pth file")
-    ap.add_argument("dst", help="where to write our state_dict: authors_resnet50().load_state_dict("
-                                "torch.load(dst)) rebuilds the network, projection included")
+    ap.add_argument(
+        "dst",
+        help="where to write our state_dict: authors_resnet50().load_state_dict("
+        "torch.load(dst)) rebuilds the network, projection included",
+    )
     ap.add_argument("--trusted", action="store_true", help="allow non-tensor objects in the file")
-    ap.add_argument("--projection", choices=PROJECTIONS, default="exact",
-                    help="SparsestMax of layers not yet fixed (mid-training checkpoints); recorded in the "
-                         "file and restored by load_state_dict")
+    ap.add_argument(
+        "--projection",
+        choices=PROJECTIONS,
+        default="exact",
+        help="SparsestMax of layers not yet fixed (mid-training checkpoints); recorded in the "
+        "file and restored by load_state_dict",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = load_authors_checkpoint(args.src, trusted=args.trusted, projection=args.projection)
     save_atomic(model.state_dict(), args.dst)
     latched = sum(all(m.latched) for m in model.modules() if isinstance(m, SparseSwitchNorm2d))
     total = sum(isinstance(m, SparseSwitchNorm2d) for m in model.modules())
-    print(f"wrote {args.dst}: ResNet-50, {model.fc.out_features} classes, {latched}/{total} SSN layers "
-          f"latched, projection={args.projection!r}")
+    print(
+        f"wrote {args.dst}: ResNet-50, {model.fc.out_features} classes, {latched}/{total} SSN layers "
+        f"latched, projection={args.projection!r}"
+    )
 
 
 if __name__ == "__main__":

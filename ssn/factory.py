@@ -47,7 +47,9 @@ def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Mod
         groups = spec.groups or kw.pop("groups", 32)
         if num_features % groups:
             raise ValueError(f"gn: {groups} groups do not divide {num_features} channels; pass groups=")
-        return nn.GroupNorm(groups, num_features, eps=kw.pop("eps", 1e-5), affine=kw.pop("affine", True), **kw)
+        return nn.GroupNorm(
+            groups, num_features, eps=kw.pop("eps", 1e-5), affine=kw.pop("affine", True), **kw
+        )
     # NOTE: the name's keywords: a user's ``affine`` wins over ``in``'s default, ``sync`` is the name's
     kw = {**spec.defaults, **kw, **({"sync": True} if spec.sync and spec.switch else {})}
     return spec.layers[dim](num_features, **kw)

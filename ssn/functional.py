@@ -129,8 +129,7 @@ def _as_radius(radius: float | Tensor, z: Tensor) -> Tensor:
         torch.broadcast_shapes(r.shape, z.shape[:-1])
     except RuntimeError as e:
         raise ValueError(
-            f"radius of shape {tuple(r.shape)} does not broadcast to the batch shape "
-            f"{tuple(z.shape[:-1])}"
+            f"radius of shape {tuple(r.shape)} does not broadcast to the batch shape {tuple(z.shape[:-1])}"
         ) from e
     return r.unsqueeze(-1)
 
@@ -218,7 +217,9 @@ def _sparsestmax_forward(z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, 
     return p, mask, coef, dz, dr
 
 
-def _sparsestmax_row(z: list[float], r: float) -> tuple[list[float], list[float], float, list[float], list[float]]:
+def _sparsestmax_row(
+    z: list[float], r: float
+) -> tuple[list[float], list[float], float, list[float], list[float]]:
     """The same algorithm as ``_sparsestmax_forward`` for one row, in float64 Python scalars.
 
     NOTE: a layer's ratios are two rows of three logits; on the CPU the ~70 tensor ops of the
@@ -502,5 +503,9 @@ def authors_sparsestmax(z: Tensor, radius: float | Tensor, dim: int = -1) -> Ten
     zt, bad = _finite_rows(z.movedim(dim, -1).to(_compute_dtype(z)))
     r = _as_radius(radius, zt).expand(zt.shape[:-1] + (1,)).reshape(-1).tolist()
     rows = zt.reshape(-1, zt.shape[-1])
-    out = torch.stack([_authors_row(row, rad) for row, rad in zip(rows.unbind(0), r)]) if rows.shape[0] else rows
+    out = (
+        torch.stack([_authors_row(row, rad) for row, rad in zip(rows.unbind(0), r)])
+        if rows.shape[0]
+        else rows
+    )
     return _nan_rows(out.reshape(zt.shape), bad).to(z.dtype).movedim(-1, dim)

@@ -48,9 +48,13 @@ _HEAD = re.compile(r"^fc\.(weight|bias)$")
 # The convolutions of a residual block, 2-D (torchvision) and 3-D (pytorchvideo): stage, block, conv.
 _BLOCK_2D = re.compile(r"^layer(\d+)\.(\d+)\.conv(\d)\.weight$")
 _BLOCK_3D = re.compile(r"(?:^|\.)blocks\.(\d+)\.res_blocks\.(\d+)\.branch2\.conv_([a-z])\.weight$")
-_TORCHVISION = {("BasicBlock", (2, 2, 2, 2)): "resnet18", ("BasicBlock", (3, 4, 6, 3)): "resnet34",
-                ("Bottleneck", (3, 4, 6, 3)): "resnet50", ("Bottleneck", (3, 4, 23, 3)): "resnet101",
-                ("Bottleneck", (3, 8, 36, 3)): "resnet152"}
+_TORCHVISION = {
+    ("BasicBlock", (2, 2, 2, 2)): "resnet18",
+    ("BasicBlock", (3, 4, 6, 3)): "resnet34",
+    ("Bottleneck", (3, 4, 6, 3)): "resnet50",
+    ("Bottleneck", (3, 4, 23, 3)): "resnet101",
+    ("Bottleneck", (3, 8, 36, 3)): "resnet152",
+}
 
 
 def _blocks(keys: Iterable[str], pattern: re.Pattern[str]) -> tuple[str | None, tuple[int, ...]]:
@@ -79,16 +83,22 @@ def _structures(state: Mapping[str, Tensor], want: Mapping[str, Tensor]) -> tupl
     src, dst = _blocks(state, _BLOCK_2D), _blocks(want, _BLOCK_3D)
     if src[0] is None or dst[0] is None:
         return "", src != dst
-    text = (f"the checkpoint is a 2-D ResNet of {src[0]} blocks with depths {src[1]} "
-            f"(torchvision {_torchvision_name(*src)}); the 3-D network has {dst[0]} blocks "
-            f"(branch2 conv_a, conv_b{', conv_c' if dst[0] == 'Bottleneck' else ''}) with depths {dst[1]}")
+    text = (
+        f"the checkpoint is a 2-D ResNet of {src[0]} blocks with depths {src[1]} "
+        f"(torchvision {_torchvision_name(*src)}); the 3-D network has {dst[0]} blocks "
+        f"(branch2 conv_a, conv_b{', conv_c' if dst[0] == 'Bottleneck' else ''}) with depths {dst[1]}"
+    )
     if src == dst:
         return text + ": blocks and depths agree, so the channel widths differ", False
-    text += (f". What fits: a 2-D checkpoint of {dst[0]} blocks with depths {dst[1]} "
-             f"(torchvision {_torchvision_name(*dst)})")
+    text += (
+        f". What fits: a 2-D checkpoint of {dst[0]} blocks with depths {dst[1]} "
+        f"(torchvision {_torchvision_name(*dst)})"
+    )
     if src[0] == "BasicBlock" and dst[0] == "Bottleneck":
-        text += ("; pytorchvideo's create_resnet builds Bottleneck blocks only, so a BasicBlock checkpoint "
-                 "(resnet18/34) fits none of its networks")
+        text += (
+            "; pytorchvideo's create_resnet builds Bottleneck blocks only, so a BasicBlock checkpoint "
+            "(resnet18/34) fits none of its networks"
+        )
     elif src[0] == dst[0]:
         text += f", or a 3-D network with depths {src[1]}"
     return text, True
@@ -133,7 +143,10 @@ def inflate_conv_weight(weight: Tensor, shape: torch.Size | tuple[int, ...]) -> 
 
 
 def inflate_resnet_state_dict(
-    state: Mapping[str, Tensor], target: nn.Module | Mapping[str, Tensor], *, head: str | None = None,
+    state: Mapping[str, Tensor],
+    target: nn.Module | Mapping[str, Tensor],
+    *,
+    head: str | None = None,
     strict: bool = True,
 ) -> dict[str, Tensor]:
     """Map a torchvision-layout ResNet state_dict onto a pytorchvideo ``create_resnet`` network.
@@ -185,6 +198,8 @@ def inflate_resnet_state_dict(
         out[new] = value
     if unexpected:
         why, differ = _structures(state, want)
-        raise KeyError(f"{len(unexpected)} keys have no place in the 3D network: {unexpected[:8]}"
-                       + (f"; {why}" if why and differ else ""))
+        raise KeyError(
+            f"{len(unexpected)} keys have no place in the 3D network: {unexpected[:8]}"
+            + (f"; {why}" if why and differ else "")
+        )
     return out

@@ -102,4 +102,6 @@ class LatchedNorm(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, mean={STATS[self.mean_stat]}, var={STATS[self.var_stat]}, eps={self.eps}"
+        return (
+            f"{self.num_features}, mean={STATS[self.mean_stat]}, var={STATS[self.var_stat]}, eps={self.eps}"
+        )

@@ -29,7 +29,15 @@ from . import traceable
 from .fused import _plane_affine, _plane_moments_eval, _SwitchNormFn
 from .latched import LatchedNorm  # noqa: F401  (re-exported: ssn.norm.LatchedNorm)
 from .stats import (  # noqa: F401  (BN, IN, LN re-exported: ssn.norm.BN)
-    BN, IN, LN, STATS, UNLATCHED, _batch_momentum, _check_input, _update_running, float32_at_least,
+    BN,
+    IN,
+    LN,
+    STATS,
+    UNLATCHED,
+    _batch_momentum,
+    _check_input,
+    _update_running,
+    float32_at_least,
 )
 
 __all__ = [
@@ -172,8 +180,9 @@ class SwitchNormBase(nn.Module):
         self._latch_state = state
         self._latch_key = (id(ml), ml._version, id(vl), vl._version)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[no-untyped-def]
         # NOTE: a NaN radius would make every ratio NaN; a latch outside the statistics would index
         # nothing. Both are refused here, with the key, rather than failing obscurely later.
         radius = state_dict.get(prefix + "radius")
@@ -183,10 +192,13 @@ class SwitchNormBase(nn.Module):
         for key in ("mean_latch", "var_latch"):
             latch = state_dict.get(prefix + key)
             if isinstance(latch, Tensor) and int(latch) not in (UNLATCHED, *range(len(STATS))):
-                error_msgs.append(f"{prefix}{key} must be -1 (unlatched) or 0-2 (IN, LN, BN), got {int(latch)}")
+                error_msgs.append(
+                    f"{prefix}{key} must be -1 (unlatched) or 0-2 (IN, LN, BN), got {int(latch)}"
+                )
                 return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._refresh_latches()
 
     @torch.no_grad()
@@ -206,8 +218,12 @@ class SwitchNormBase(nn.Module):
         if ml == vl == UNLATCHED:  # one call for both rows: the ratio maps are many tiny ops
             return self._map_logits(logits)
         eye = torch.eye(len(STATS), dtype=logits.dtype, device=logits.device)
-        return torch.stack([eye[latch] if latch != UNLATCHED else self._map_logits(row)
-                            for row, latch in zip(logits, (ml, vl))])
+        return torch.stack(
+            [
+                eye[latch] if latch != UNLATCHED else self._map_logits(row)
+                for row, latch in zip(logits, (ml, vl))
+            ]
+        )
 
     def ratios(self) -> tuple[Tensor, Tensor]:
         """The mean and variance importance ratios, probabilities in IN, LN, BN order."""
@@ -301,8 +317,14 @@ class SwitchNormBase(nn.Module):
             if self.training:
                 self.num_batches_tracked.add_(1)
             return F.batch_norm(
-                x, self.running_mean, self.running_var, weight, bias,
-                self.training, _batch_momentum(self) if self.training else 0.0, self.eps,
+                x,
+                self.running_mean,
+                self.running_var,
+                weight,
+                bias,
+                self.training,
+                _batch_momentum(self) if self.training else 0.0,
+                self.eps,
             )
         if stat == IN:
             return F.instance_norm(x, weight=weight, bias=bias, eps=self.eps)
@@ -316,13 +338,27 @@ class SwitchNormBase(nn.Module):
         if torch.compiler.is_compiling() and group is None:
             # NOTE: plain ops the compiler traces into one graph (the fused Function would break it)
             y, batch_mean, batch_var, count = traceable.mixture(
-                x, ratios[0], ratios[1], self.weight, self.bias, bn_mean, bn_var, self.eps,
+                x,
+                ratios[0],
+                ratios[1],
+                self.weight,
+                self.bias,
+                bn_mean,
+                bn_var,
+                self.eps,
                 self.in_var_correction,
             )
         else:
             y, batch_mean, batch_var, count = _SwitchNormFn.apply(
-                x, ratios, self.weight, self.bias, bn_mean, bn_var, self.eps,
-                self.in_var_correction, group,
+                x,
+                ratios,
+                self.weight,
+                self.bias,
+                bn_mean,
+                bn_var,
+                self.eps,
+                self.in_var_correction,
+                group,
             )
         if training:
             _update_running(self, batch_mean, batch_var, float(count))
@@ -330,8 +366,17 @@ class SwitchNormBase(nn.Module):
 
     # ------------------------------------------------------------------------- dense eval
     def _fold_key(self, dtype: torch.dtype) -> tuple[Any, ...]:
-        tensors = (self.mean_logits, self.var_logits, self.radius, self.running_mean, self.running_var,
-                   self.weight, self.bias, self.mean_latch, self.var_latch)
+        tensors = (
+            self.mean_logits,
+            self.var_logits,
+            self.radius,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.mean_latch,
+            self.var_latch,
+        )
         # NOTE: identity and version counter of every input of the fold: any in-place write
         # (optimizer step, load_state_dict, EMA copy_) or replacement (.to()) refolds.
         versions = tuple(None if t is None else (id(t), t._version) for t in tensors)
@@ -352,8 +397,11 @@ class SwitchNormBase(nn.Module):
             ones = torch.ones(self.num_features, dtype=dtype, device=self.running_mean.device)
             weight = ones if self.weight is None else self.weight.to(dtype)
             bias = torch.zeros_like(ones) if self.bias is None else self.bias.to(dtype)
-            fold[n] = (*torch.stack([weight, bias]).repeat(1, n), ones.new_zeros(n * ones.numel()),
-                       ones.repeat(n))
+            fold[n] = (
+                *torch.stack([weight, bias]).repeat(1, n),
+                ones.new_zeros(n * ones.numel()),
+                ones.repeat(n),
+            )
         return fold[n]
 
     @torch.no_grad()
@@ -381,7 +429,9 @@ class SwitchNormBase(nn.Module):
         var = torch.add(fold["bn"][1], var_ln, alpha=v_ln / ch).add_(var_in, alpha=v_in)
         if not xs.is_contiguous():  # e.g. channels_last: broadcast ops keep the layout
             scale = var.rsqrt_().mul_(weight.view_as(var))
-            return _plane_affine(xs, scale, torch.addcmul(bias.view_as(scale), mean, scale, value=-1)).to(x.dtype)
+            return _plane_affine(xs, scale, torch.addcmul(bias.view_as(scale), mean, scale, value=-1)).to(
+                x.dtype
+            )
         # NOTE: the native eval kernel normalises each plane by its own mixed mean and variance
         # (eps is already in it) and applies the per-plane weight and bias, in one pass.
         flat = xs.view(1, -1, math.prod(x.shape[2:]))

@@ -68,23 +68,41 @@ _SSN = _dims(SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d)
 _SYNC = MappingProxyType({"sync": True})
 
 # NOTE: the order is the one error messages list the names in (and tests parametrise over).
-NORMS: Mapping[str, NormSpec] = MappingProxyType({s.name: s for s in (
-    NormSpec("bn", _BN, local="bn", running_stats=True),
-    NormSpec("syncbn", _SYNC_BN, sync=True, local="bn", running_stats=True),
-    NormSpec("gn", local="gn"),
-    NormSpec("in", _IN, defaults=MappingProxyType({"affine": True}), local="in"),
-    NormSpec("ln", groups=1, local="ln"),
-    NormSpec("sn", _SN, local="sn", switch=True, running_stats=True, mm_name="SN"),
-    NormSpec("ssn", _SSN, local="ssn", switch=True, sparse=True, running_stats=True, mm_name="SSN"),
-    NormSpec("syncsn", _SN, defaults=_SYNC, sync=True, local="sn", switch=True, running_stats=True),
-    NormSpec("syncssn", _SSN, defaults=_SYNC, sync=True, local="ssn", switch=True, sparse=True, running_stats=True),
-)})
+NORMS: Mapping[str, NormSpec] = MappingProxyType(
+    {
+        s.name: s
+        for s in (
+            NormSpec("bn", _BN, local="bn", running_stats=True),
+            NormSpec("syncbn", _SYNC_BN, sync=True, local="bn", running_stats=True),
+            NormSpec("gn", local="gn"),
+            NormSpec("in", _IN, defaults=MappingProxyType({"affine": True}), local="in"),
+            NormSpec("ln", groups=1, local="ln"),
+            NormSpec("sn", _SN, local="sn", switch=True, running_stats=True, mm_name="SN"),
+            NormSpec("ssn", _SSN, local="ssn", switch=True, sparse=True, running_stats=True, mm_name="SSN"),
+            NormSpec("syncsn", _SN, defaults=_SYNC, sync=True, local="sn", switch=True, running_stats=True),
+            NormSpec(
+                "syncssn",
+                _SSN,
+                defaults=_SYNC,
+                sync=True,
+                local="ssn",
+                switch=True,
+                sparse=True,
+                running_stats=True,
+            ),
+        )
+    }
+)
 
 NORM_NAMES: tuple[str, ...] = tuple(NORMS)
 SYNC_NAMES: tuple[str, ...] = tuple(n for n, s in NORMS.items() if s.sync)
 # Reports sort by this: each per-device normalizer followed by its synchronised form.
-NORM_ORDER: tuple[str, ...] = tuple(n for local in NORM_NAMES if not NORMS[local].sync
-                                    for n in (local, *(s.name for s in NORMS.values() if s.sync and s.local == local)))
+NORM_ORDER: tuple[str, ...] = tuple(
+    n
+    for local in NORM_NAMES
+    if not NORMS[local].sync
+    for n in (local, *(s.name for s in NORMS.values() if s.sync and s.local == local))
+)
 
 
 def norm_spec(name: str) -> NormSpec:

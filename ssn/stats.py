@@ -129,7 +129,11 @@ def _mixture_coeffs(
     mix = torch.mul(planes, r[IN]).addcmul_(ln, r[LN]).addcmul_(bn, r[BN])
     rstd = mix[1].add_(eps).rsqrt()
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    shift = torch.mul(mix[0], scale).neg_() if bias is None else torch.addcmul(bias.to(scale.dtype), mix[0], scale, value=-1)
+    shift = (
+        torch.mul(mix[0], scale).neg_()
+        if bias is None
+        else torch.addcmul(bias.to(scale.dtype), mix[0], scale, value=-1)
+    )
     share = m / count if count else 0.0
     return _Coeffs(scale, shift, mix, rstd, planes, ln, bn, dev_ln, dev_bn, share, group), count
 
@@ -158,9 +162,14 @@ def _mixture_coeffs_backward(
     torch.mul(g_sc, c.scale, out=g_mix[1]).div_(ve).mul_(-0.5)
     g_n, g_c = g_mix.sum(2, keepdim=True), g_mix.sum(1, keepdim=True)  # what reaches LN and BN
     flat = lambda t: t.flatten(1)  # noqa: E731
-    g_ratios = torch.stack([torch.linalg.vecdot(flat(g_mix), flat(c.planes)),
-                            torch.linalg.vecdot(flat(g_n), flat(c.ln)),
-                            torch.linalg.vecdot(flat(g_c), flat(c.bn))], 1)
+    g_ratios = torch.stack(
+        [
+            torch.linalg.vecdot(flat(g_mix), flat(c.planes)),
+            torch.linalg.vecdot(flat(g_n), flat(c.ln)),
+            torch.linalg.vecdot(flat(g_c), flat(c.bn)),
+        ],
+        1,
+    )
     r = ratios.to(g_mix.dtype).t()[..., None, None]
     # LN statistics pool over channels: mu_ln = mean_c mu_in, var_ln = mean_c(var_in) + var_c(mu_in);
     # BN statistics likewise over the batch (and the processes)
@@ -211,7 +220,9 @@ def _check_input(module: nn.Module, x: Tensor, spatial_dims: int, layout: str) -
     name = type(module).__name__
     want = spatial_dims + 2
     if x.dim() != want:
-        raise ValueError(f"{name} expects a {want}-D input {layout}, got {x.dim()}-D of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} expects a {want}-D input {layout}, got {x.dim()}-D of shape {tuple(x.shape)}"
+        )
     if not x.is_floating_point():
         raise TypeError(f"{name} expects a floating-point input {layout}, got dtype {x.dtype}")
     if x.numel() == 0:

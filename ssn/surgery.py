@@ -72,7 +72,11 @@ def _convertible(m: nn.Module, qualname: str) -> str | None:
         not isinstance(m, (LatchedNorm, _InstanceNorm))
         and ("batchnorm" in t.__name__.lower() or isinstance(getattr(m, "running_var", None), torch.Tensor))
     ):
-        hint = " (unfreeze it first, e.g. timm.layers.unfreeze_batch_norm_2d)" if "frozen" in t.__name__.lower() else ""
+        hint = (
+            " (unfreeze it first, e.g. timm.layers.unfreeze_batch_norm_2d)"
+            if "frozen" in t.__name__.lower()
+            else ""
+        )
         raise ValueError(
             f"convert_norm: layer {qualname or '<root>'} is a {t.__module__}.{t.__qualname__}, a BatchNorm-like "
             f"layer it does not know{hint}; replacing it with a plain norm could change what the network "
@@ -94,23 +98,44 @@ def _with_act(new: nn.Module, src: nn.Module) -> nn.Module:
     twin: nn.Module | None = None
     if t in NORM_ACT:
         extra = {"projection": new.projection} if isinstance(new, SparseSwitchNormBase) else {}
-        twin = NORM_ACT[t](new.num_features, eps=new.eps, momentum=new.momentum, affine=new.affine,
-                           sync=new.sync, process_group=new.process_group, in_var_correction=new.in_var_correction,
-                           apply_act=False, **extra)
+        twin = NORM_ACT[t](
+            new.num_features,
+            eps=new.eps,
+            momentum=new.momentum,
+            affine=new.affine,
+            sync=new.sync,
+            process_group=new.process_group,
+            in_var_correction=new.in_var_correction,
+            apply_act=False,
+            **extra,
+        )
     elif t in (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm):
         from timm.layers import norm_act as na  # the source is timm's: timm is installed
 
         if t is nn.BatchNorm2d:
-            twin = na.BatchNormAct2d(new.num_features, eps=new.eps, momentum=new.momentum, affine=new.affine,
-                                     track_running_stats=new.track_running_stats, apply_act=False)
+            twin = na.BatchNormAct2d(
+                new.num_features,
+                eps=new.eps,
+                momentum=new.momentum,
+                affine=new.affine,
+                track_running_stats=new.track_running_stats,
+                apply_act=False,
+            )
         elif t is nn.SyncBatchNorm:
-            twin = na.SyncBatchNormAct(new.num_features, new.eps, new.momentum, new.affine,
-                                       new.track_running_stats, process_group=new.process_group)
+            twin = na.SyncBatchNormAct(
+                new.num_features,
+                new.eps,
+                new.momentum,
+                new.affine,
+                new.track_running_stats,
+                process_group=new.process_group,
+            )
         elif new.num_groups == 1:
             twin = na.GroupNorm1Act(new.num_channels, eps=new.eps, affine=new.affine, apply_act=False)
         else:
-            twin = na.GroupNormAct(new.num_channels, num_groups=new.num_groups, eps=new.eps, affine=new.affine,
-                                   apply_act=False)
+            twin = na.GroupNormAct(
+                new.num_channels, num_groups=new.num_groups, eps=new.eps, affine=new.affine, apply_act=False
+            )
     if twin is None:
         return nn.Sequential(OrderedDict(norm=new, drop=src.drop, act=src.act))
     twin.load_state_dict(new.state_dict())
@@ -138,7 +163,11 @@ def _convert_one(m: nn.Module, name: str, dim: int, kw: dict[str, Any]) -> nn.Mo
         for key in ("mean_logits", "var_logits", "radius", "mean_latch", "var_latch"):
             getattr(new, key).copy_(getattr(m, key))
         new._refresh_latches()
-    if isinstance(m, SparseSwitchNormBase) and isinstance(new, SparseSwitchNormBase) and "projection" not in kw:
+    if (
+        isinstance(m, SparseSwitchNormBase)
+        and isinstance(new, SparseSwitchNormBase)
+        and "projection" not in kw
+    ):
         new.projection = m.projection
     ref = next(t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
     return new.to(device=ref.device, dtype=ref.dtype).train(m.training)
@@ -212,8 +241,16 @@ def _export_one(m: SwitchNormBase, qualname: str, force: bool) -> nn.Module:
     elif native_ok and mean_stat == LN:
         new = nn.GroupNorm(1, c, eps=m.eps, affine=m.affine)
     else:
-        new = LatchedNorm(c, STATS[mean_stat], STATS[var_stat], spatial_dims=dim, eps=m.eps,
-                          momentum=m.momentum, affine=m.affine, in_var_correction=m.in_var_correction)
+        new = LatchedNorm(
+            c,
+            STATS[mean_stat],
+            STATS[var_stat],
+            spatial_dims=dim,
+            eps=m.eps,
+            momentum=m.momentum,
+            affine=m.affine,
+            in_var_correction=m.in_var_correction,
+        )
     if m.affine:
         new.weight.copy_(m.weight)
         new.bias.copy_(m.bias)

@@ -73,11 +73,15 @@ def update_latches(model: nn.Module) -> int:
         fixed = hot == 1 if projection == "exact" else hot - ratios.amin(-1) >= 1
         layers += ms
         verdicts.append(torch.cat([fixed.long(), which], dim=1))
-    state = torch.cat([v.cpu() for v in verdicts]).tolist()  # one host read for every layer: (L, 4) hot_m, hot_v, which_m, which_v
+    state = torch.cat(
+        [v.cpu() for v in verdicts]
+    ).tolist()  # one host read for every layer: (L, 4) hot_m, hot_v, which_m, which_v
     latched = 0
     for m, (hot_m, hot_v, which_m, which_v) in zip(layers, state):
         new = list(m._latches())
-        for i, (buf, hot, which) in enumerate(((m.mean_latch, hot_m, which_m), (m.var_latch, hot_v, which_v))):
+        for i, (buf, hot, which) in enumerate(
+            ((m.mean_latch, hot_m, which_m), (m.var_latch, hot_v, which_v))
+        ):
             if new[i] == UNLATCHED and hot:
                 buf.fill_(which)
                 new[i] = which
@@ -119,8 +123,12 @@ def param_groups(
                 rest.append(p)
     groups = [
         {"name": "params", "params": rest, "lr": lr, "weight_decay": weight_decay},
-        {"name": "norm", "params": norms, "lr": lr,
-         "weight_decay": weight_decay if norm_weight_decay is None else norm_weight_decay},
+        {
+            "name": "norm",
+            "params": norms,
+            "lr": lr,
+            "weight_decay": weight_decay if norm_weight_decay is None else norm_weight_decay,
+        },
         {"name": "ratios", "params": ratios, "lr": lr * ratio_lr_scale, "weight_decay": ratio_weight_decay},
     ]
     return [g for g in groups if g["params"]]
@@ -130,7 +138,10 @@ def _per_device(m: nn.Module) -> bool:
     """A layer that keeps running BN statistics of its own device's batches (not synchronised)."""
     if isinstance(m, nn.SyncBatchNorm) or getattr(m, "sync", False):
         return False
-    return isinstance(m, (_BatchNorm, SwitchNormBase, LatchedNorm)) and getattr(m, "running_mean", None) is not None
+    return (
+        isinstance(m, (_BatchNorm, SwitchNormBase, LatchedNorm))
+        and getattr(m, "running_mean", None) is not None
+    )
 
 
 @torch.no_grad()

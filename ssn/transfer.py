@@ -26,8 +26,16 @@ from torch import Tensor, nn
 
 from .norm import STATS, UNLATCHED, LatchedNorm, SparseSwitchNormBase, SwitchNormBase
 
-__all__ = ["RATIO_MODES", "TransferReport", "backbone_state", "load_backbone", "read_checkpoint", "record_norms",
-           "rekey_state", "with_metadata"]
+__all__ = [
+    "RATIO_MODES",
+    "TransferReport",
+    "backbone_state",
+    "load_backbone",
+    "read_checkpoint",
+    "record_norms",
+    "rekey_state",
+    "with_metadata",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +45,9 @@ STAT_KEYS = ("running_mean", "running_var", "num_batches_tracked")
 _META = "ssn_stats"  # state_dict metadata entry of a native export: the statistics a layer latched to
 
 
-def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False,
-                    allow_hint: str = "pretrained_trusted: true") -> dict[str, Any]:
+def read_checkpoint(
+    path: str | os.PathLike, *, trusted: bool = False, allow_hint: str = "pretrained_trusted: true"
+) -> dict[str, Any]:
     """``torch.load`` a checkpoint safely (``weights_only`` unless ``trusted``), with clear errors.
 
     ``allow_hint``: how the caller's user allows an untrusted file, for the refusal's message.
@@ -53,8 +62,10 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False,
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file, not a checkpoint")
     if _is_exported_program(path):
-        raise ValueError(f"{path} is a torch.export program (the native export, for inference), not weights to "
-                         f"load: pass the state_dict saved beside it, {path.with_suffix('.state_dict.pt')}")
+        raise ValueError(
+            f"{path} is a torch.export program (the native export, for inference), not weights to "
+            f"load: pass the state_dict saved beside it, {path.with_suffix('.state_dict.pt')}"
+        )
     try:
         # NOTE: torchvision's reference scripts save their argparse options beside the weights
         # (`{"model": ..., "args": Namespace(...)}`); a Namespace only holds plain values.
@@ -69,7 +80,9 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False,
             ) from e
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from e
     except Exception as e:  # noqa: BLE001 (random bytes raise anything from IndexError to TypeError)
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
     return obj
@@ -89,7 +102,9 @@ def _is_exported_program(path: Path) -> bool:
 def rekey_state(sd: dict[str, Any], rename: Callable[[str], str | None]) -> OrderedDict[str, Any]:
     """``sd`` with every key (and every module name of its state_dict metadata) passed through
     ``rename``; ``None`` drops it. The metadata carries a native export's recorded selection."""
-    out: OrderedDict[str, Any] = OrderedDict((new, v) for k, v in sd.items() if (new := rename(k)) is not None)
+    out: OrderedDict[str, Any] = OrderedDict(
+        (new, v) for k, v in sd.items() if (new := rename(k)) is not None
+    )
     meta = getattr(sd, "_metadata", None)
     if meta is not None:
         out._metadata = OrderedDict((new, v) for k, v in meta.items() if (new := rename(k)) is not None)  # type: ignore[attr-defined]
@@ -131,7 +146,9 @@ def backbone_state(obj: dict[str, Any], stem: str = "conv1.weight") -> tuple[dic
     if isinstance(obj.get("state_dict"), dict):
         sd = obj["state_dict"]
         kind = "lightning" if "pytorch-lightning_version" in obj else "state_dict"
-    elif isinstance(obj.get("model"), dict):  # torchvision's reference scripts: {"model": sd, "optimizer": ...}
+    elif isinstance(
+        obj.get("model"), dict
+    ):  # torchvision's reference scripts: {"model": sd, "optimizer": ...}
         sd, kind = obj["model"], "torchvision reference checkpoint"
     if _is_authors(sd):
         from .authors import convert_authors_state_dict
@@ -144,8 +161,9 @@ def backbone_state(obj: dict[str, Any], stem: str = "conv1.weight") -> tuple[dic
     sd = rekey_state(sd, lambda k: None if k.endswith("_extra_state") else k)
     # NOTE: the stem convolution is the shallowest of its name: the shortest prefix wins
     # (``net.`` over ``net.layer1.0.``), whatever the task's attribute path.
-    prefixes = sorted({k[: -len(stem)] for k in sd if (k == stem or k.endswith("." + stem)) and sd[k].dim() >= 4},
-                      key=len)
+    prefixes = sorted(
+        {k[: -len(stem)] for k in sd if (k == stem or k.endswith("." + stem)) and sd[k].dim() >= 4}, key=len
+    )
     if not prefixes:
         what = "ResNet backbone" if stem == "conv1.weight" else "backbone"
         blocks = " and blocks like 'layer1.0.conv1.weight'" if stem == "conv1.weight" else ""
@@ -154,7 +172,7 @@ def backbone_state(obj: dict[str, Any], stem: str = "conv1.weight") -> tuple[dic
             f"prefix); found e.g. {sorted(sd)[:6]}"
         )
     prefix = prefixes[0]
-    return rekey_state(sd, lambda k: k[len(prefix):] if k.startswith(prefix) else None), kind
+    return rekey_state(sd, lambda k: k[len(prefix) :] if k.startswith(prefix) else None), kind
 
 
 def record_norms(native: nn.Module, state: dict[str, Tensor], selection: dict[str, tuple[int, int]]) -> None:
@@ -190,8 +208,10 @@ class TransferReport:
         if self.dropped:
             parts.append(f"not used: {_brief(self.dropped)}")
         if self.converted:
-            parts.append(f"the normalizer differs from the checkpoint's in {len(self.converted)} layers, converted as "
-                         f"ssn.convert_norm does (affine and running statistics copied): {_brief(self.converted)}")
+            parts.append(
+                f"the normalizer differs from the checkpoint's in {len(self.converted)} layers, converted as "
+                f"ssn.convert_norm does (affine and running statistics copied): {_brief(self.converted)}"
+            )
         if self.adapted:
             parts.append(f"adapted: {', '.join(self.adapted)}")
         return "; ".join(parts)
@@ -229,8 +249,16 @@ class _Match:
     converted: set[str] = field(default_factory=set)
 
 
-def _match(own: dict[str, Tensor], state: dict[str, Tensor], norms: dict[str, nn.Module], report: TransferReport,
-           *, new_ok: tuple[str, ...], drop_ok: tuple[str, ...], stem: str) -> _Match:
+def _match(
+    own: dict[str, Tensor],
+    state: dict[str, Tensor],
+    norms: dict[str, nn.Module],
+    report: TransferReport,
+    *,
+    new_ok: tuple[str, ...],
+    drop_ok: tuple[str, ...],
+    stem: str,
+) -> _Match:
     """Pair every target key with its source tensor (the stem adapted to the input channels); a
     norm state one side lacks marks the norm as converted, a head key as new or dropped."""
     found = _Match()
@@ -246,9 +274,16 @@ def _match(own: dict[str, Tensor], state: dict[str, Tensor], norms: dict[str, nn
                 found.missing.append(key)
             continue
         if src.shape != dst.shape:
-            if key == stem and src.dim() == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
+            if (
+                key == stem
+                and src.dim() == 4
+                and src.shape[0] == dst.shape[0]
+                and src.shape[2:] == dst.shape[2:]
+            ):
                 src = _adapt_input_conv(src, dst.shape[1])
-                report.adapted.append(f"{stem[: -len('.weight')]} {tuple(state[key].shape)} -> {tuple(dst.shape)}")
+                report.adapted.append(
+                    f"{stem[: -len('.weight')]} {tuple(state[key].shape)} -> {tuple(dst.shape)}"
+                )
             elif key.startswith(new_ok):
                 report.new.append(key)
                 continue
@@ -269,8 +304,9 @@ def _match(own: dict[str, Tensor], state: dict[str, Tensor], norms: dict[str, nn
     return found
 
 
-def _recorded_selection(norms: dict[str, nn.Module], state: dict[str, Tensor], meta: dict[str, Any],
-                        name: str) -> str | None:
+def _recorded_selection(
+    norms: dict[str, nn.Module], state: dict[str, Tensor], meta: dict[str, Any], name: str
+) -> str | None:
     """The ``mean/var`` statistics a native export recorded for SN/SSN layer ``name`` (None when
     the source holds the layer's own latches, or records nothing)."""
     if not isinstance(norms[name], SwitchNormBase) or f"{name}.mean_latch" in state:
@@ -278,21 +314,32 @@ def _recorded_selection(norms: dict[str, nn.Module], state: dict[str, Tensor], m
     return (meta.get(name) or {}).get(_META)
 
 
-def _validate(found: _Match, norms: dict[str, nn.Module], state: dict[str, Tensor], meta: dict[str, Any],
-              ratios: str) -> None:
+def _validate(
+    found: _Match, norms: dict[str, nn.Module], state: dict[str, Tensor], meta: dict[str, Any], ratios: str
+) -> None:
     """Refuse, before anything is loaded: keys that do not fit, NaN/Inf tensors, and ``reopen``
     from a native export (which holds a selection, not ratios)."""
     if found.missing or found.unexpected or found.bad_shape:
         raise ValueError(
             "the pretrained backbone does not fit this network: "
-            + "; ".join(f"{what} ({len(keys)}): {_brief(keys)}" for what, keys in
-                        (("missing", found.missing), ("unexpected", found.unexpected),
-                         ("shape mismatch", found.bad_shape)) if keys)
+            + "; ".join(
+                f"{what} ({len(keys)}): {_brief(keys)}"
+                for what, keys in (
+                    ("missing", found.missing),
+                    ("unexpected", found.unexpected),
+                    ("shape mismatch", found.bad_shape),
+                )
+                if keys
+            )
         )
-    nonfinite = [k for k, v in found.values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    nonfinite = [
+        k for k, v in found.values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
     if nonfinite:
-        raise ValueError(f"the pretrained tensors hold NaN/Inf values in {len(nonfinite)} of them: {_brief(nonfinite)} "
-                         "(saved after the source diverged?); use an earlier checkpoint of the source")
+        raise ValueError(
+            f"the pretrained tensors hold NaN/Inf values in {len(nonfinite)} of them: {_brief(nonfinite)} "
+            "(saved after the source diverged?); use an earlier checkpoint of the source"
+        )
     recorded = [name for name in norms if _recorded_selection(norms, state, meta, name)]
     if recorded and ratios == "reopen":
         raise ValueError(
@@ -302,8 +349,14 @@ def _validate(found: _Match, norms: dict[str, nn.Module], state: dict[str, Tenso
         )
 
 
-def _apply_ratios(norms: dict[str, nn.Module], state: dict[str, Tensor], meta: dict[str, Any], ratios: str,
-                  found: _Match, report: TransferReport) -> None:
+def _apply_ratios(
+    norms: dict[str, nn.Module],
+    state: dict[str, Tensor],
+    meta: dict[str, Any],
+    ratios: str,
+    found: _Match,
+    report: TransferReport,
+) -> None:
     """Per SN/SSN layer after the tensors are in: restore a native export's recorded latches, then
     the ``ratios`` mode (``reopen``: latches cleared, radius 0; ``reset``: logits uniform too)."""
     for name, m in norms.items():
@@ -357,8 +410,11 @@ def load_backbone(
     if ratios not in RATIO_MODES:
         raise ValueError(f"pretrained_ratios must be one of {RATIO_MODES}, got {ratios!r}")
     report = TransferReport(kind=kind)
-    norms = {n: m for n, m in target.named_modules()
-             if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, SwitchNormBase, LatchedNorm))}
+    norms = {
+        n: m
+        for n, m in target.named_modules()
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, SwitchNormBase, LatchedNorm))
+    }
     own = target.state_dict()
     meta = getattr(state, "_metadata", None) or {}
     found = _match(own, state, norms, report, new_ok=tuple(new_ok), drop_ok=tuple(drop_ok), stem=stem)

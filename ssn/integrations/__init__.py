@@ -12,5 +12,12 @@ from .mmcv_lite import MMCV_INSTALL, MmcvOpUnavailable, bridge_mmcv_lite
 from .mmengine import MM_NAMES, mm_norm_cfg, register_mmengine
 from .pytorchvideo import bridge_pytorchvideo
 
-__all__ = ["MMCV_INSTALL", "MM_NAMES", "MmcvOpUnavailable", "bridge_mmcv_lite", "bridge_pytorchvideo", "mm_norm_cfg",
-           "register_mmengine"]
+__all__ = [
+    "MMCV_INSTALL",
+    "MM_NAMES",
+    "MmcvOpUnavailable",
+    "bridge_mmcv_lite",
+    "bridge_pytorchvideo",
+    "mm_norm_cfg",
+    "register_mmengine",
+]

@@ -68,6 +68,9 @@ def bridge_mmcv_lite() -> bool:
     # NOTE: a spec without a loader, so mmcv's check_ops_exist() still says "no compiled ops".
     ext.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", loader=None)
     sys.modules["mmcv._ext"] = ext
-    log.warning("mmcv-lite: compiled mmcv ops are unavailable (a stand-in mmcv._ext raises when one is "
-                "called); to use them, %s", MMCV_INSTALL)
+    log.warning(
+        "mmcv-lite: compiled mmcv ops are unavailable (a stand-in mmcv._ext raises when one is "
+        "called); to use them, %s",
+        MMCV_INSTALL,
+    )
     return True

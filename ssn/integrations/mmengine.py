@@ -14,7 +14,8 @@ __all__ = ["MM_NAMES", "mm_norm_cfg", "register_mmengine"]
 # ``norm_cfg=dict(type="SSN")`` is the 2-D layer; ``SSN1d``/``SSN2d``/``SSN3d`` name the rank.
 MM_NAMES: dict[str, type[nn.Module]] = {
     f"{spec.mm_name}{suffix}": spec.layers[dim]
-    for spec in NORMS.values() if spec.mm_name
+    for spec in NORMS.values()
+    if spec.mm_name
     for suffix, dim in (("", 2), ("1d", 1), ("2d", 2), ("3d", 3))
 }
 
@@ -50,8 +51,16 @@ def _factory_builder(name: str) -> type:
     def __new__(cls: type, num_features: int, **kw: Any) -> nn.Module:  # noqa: N807
         return create_norm(name, num_features, **kw)
 
-    return type(f"MMNorm_{name}", (), {"_abbr_": "bn", "norm_name": name, "__new__": __new__,
-                                       "__doc__": f"mmcv builder of ``ssn.create_norm({name!r}, C)``."})
+    return type(
+        f"MMNorm_{name}",
+        (),
+        {
+            "_abbr_": "bn",
+            "norm_name": name,
+            "__new__": __new__,
+            "__doc__": f"mmcv builder of ``ssn.create_norm({name!r}, C)``.",
+        },
+    )
 
 
 def mm_norm_cfg(name: str, **kwargs: Any) -> dict[str, Any]:
