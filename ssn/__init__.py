@@ -2,6 +2,8 @@
 
 from .factory import NORM_NAMES, create_norm, get_norm_layer
 from .functional import authors_sparsestmax, max_radius, sparsemax, sparsestmax
+from .inflate import inflate_resnet_state_dict
+from .integrations import bridge_pytorchvideo, register_mmengine
 from .norm import (
     STATS,
     LatchedNorm,
@@ -14,13 +16,11 @@ from .norm import (
     SwitchNorm3d,
     SwitchNormBase,
 )
-from .inflate import inflate_resnet_state_dict
-from .integrations import bridge_pytorchvideo, register_mmengine
-from .schedule import radius_at
-from .timm_norm import SparseSwitchNormAct2d, SwitchNormAct2d, register_timm
 from .registry import NORM_ORDER, NORMS, SYNC_NAMES, NormSpec
+from .schedule import radius_at
 from .stats import selected_stat
 from .surgery import convert_norm, export_norm, switch_norms
+from .timm_norm import SparseSwitchNormAct2d, SwitchNormAct2d, register_timm
 from .training import average_running_stats, param_groups, set_radius, update_latches
 
 __all__ = [

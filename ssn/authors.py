@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import save_atomic
 from .functional import PROJECTIONS, authors_sparsestmax, sparsestmax
+from .io import save_atomic
 from .norm import STATS, SparseSwitchNorm2d
 from .transfer import read_checkpoint
 

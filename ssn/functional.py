@@ -305,7 +305,7 @@ class _SparsestMaxScalar(torch.autograd.Function):
         kk = z.shape[-1]
         rmax = max_radius(kk)
         out, saved = [], []
-        for row, rad in zip(rows, radii):
+        for row, rad in zip(rows, radii, strict=True):
             if not all(math.isfinite(v) for v in row):
                 out.append([math.nan] * kk)
                 saved.append(None)  # a NaN row: zero gradient
@@ -326,17 +326,17 @@ class _SparsestMaxScalar(torch.autograd.Function):
         kk = grad.shape[-1]
         rows = grad.reshape(-1, kk).tolist()
         grad_z, grad_r = [], []
-        for g, saved in zip(rows, ctx.saved):
+        for g, saved in zip(rows, ctx.saved, strict=True):
             if saved is None:
                 grad_z.append([0.0] * kk)
                 grad_r.append(0.0)
                 continue
             mask, coef, dz, dr = saved
-            gm = [a * b for a, b in zip(g, mask)]
+            gm = [a * b for a, b in zip(g, mask, strict=True)]
             centre = sum(gm) / max(sum(mask), 1.0)
-            along = sum(a * b for a, b in zip(dz, gm))
-            grad_z.append([coef * (a - centre - d * along) * s for a, d, s in zip(gm, dz, mask)])
-            grad_r.append(sum(a * b for a, b in zip(dr, g)))
+            along = sum(a * b for a, b in zip(dz, gm, strict=True))
+            grad_z.append([coef * (a - centre - d * along) * s for a, d, s in zip(gm, dz, mask, strict=True)])
+            grad_r.append(sum(a * b for a, b in zip(dr, g, strict=True)))
         gz = torch.tensor(grad_z, dtype=grad.dtype).reshape(grad.shape)
         gr = None
         if ctx.needs_input_grad[1]:
@@ -504,7 +504,7 @@ def authors_sparsestmax(z: Tensor, radius: float | Tensor, dim: int = -1) -> Ten
     r = _as_radius(radius, zt).expand(zt.shape[:-1] + (1,)).reshape(-1).tolist()
     rows = zt.reshape(-1, zt.shape[-1])
     out = (
-        torch.stack([_authors_row(row, rad) for row, rad in zip(rows.unbind(0), r)])
+        torch.stack([_authors_row(row, rad) for row, rad in zip(rows.unbind(0), r, strict=True)])
         if rows.shape[0]
         else rows
     )

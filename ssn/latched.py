@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import traceable
-from .fused import _SwitchNormFn, _dof
+from .fused import _dof, _SwitchNormFn
 from .stats import BN, IN, STATS, _check_input, _update_running, float32_at_least
 
 __all__ = ["LatchedNorm"]

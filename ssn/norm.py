@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import PROJECTIONS, authors_sparsestmax, max_radius, sparsestmax
 from . import traceable
+from .functional import PROJECTIONS, authors_sparsestmax, max_radius, sparsestmax
 from .fused import _plane_affine, _plane_moments_eval, _SwitchNormFn
-from .latched import LatchedNorm  # noqa: F401  (re-exported: ssn.norm.LatchedNorm)
+from .latched import LatchedNorm
 from .stats import (  # noqa: F401  (BN, IN, LN re-exported: ssn.norm.BN)
     BN,
     IN,
@@ -221,7 +221,7 @@ class SwitchNormBase(nn.Module):
         return torch.stack(
             [
                 eye[latch] if latch != UNLATCHED else self._map_logits(row)
-                for row, latch in zip(logits, (ml, vl))
+                for row, latch in zip(logits, (ml, vl), strict=True)
             ]
         )
 
@@ -275,9 +275,9 @@ class SwitchNormBase(nn.Module):
         """Whether the native kernel computes exactly this layer on ``x``.
 
         InstanceNorm refuses a single spatial element, GroupNorm a single value in all and, in
-        training, BatchNorm a single value per channel (DeepLab's image pooling at batch 1); synchronised BN statistics and the
-        unbiased instance variance have no native kernel here. The mixture path covers all of
-        these (zero variance rather than NaN).
+        training, BatchNorm a single value per channel (DeepLab's image pooling at batch 1);
+        synchronised BN statistics and the unbiased instance variance have no native kernel here.
+        The mixture path covers all of these (zero variance rather than NaN).
         """
         if stat == BN and not self.training:
             return True

@@ -6,9 +6,10 @@ order reports sort by) is derived from :data:`NORMS`; a new normalizer is one ro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 

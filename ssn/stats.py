@@ -8,7 +8,8 @@ running averages of the BN statistics and the input checks common to every layer
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn

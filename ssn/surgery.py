@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,10 +79,10 @@ def _convertible(m: nn.Module, qualname: str) -> str | None:
             else ""
         )
         raise ValueError(
-            f"convert_norm: layer {qualname or '<root>'} is a {t.__module__}.{t.__qualname__}, a BatchNorm-like "
-            f"layer it does not know{hint}; replacing it with a plain norm could change what the network "
-            f"computes. Known: torch's BatchNorm1d/2d/3d and SyncBatchNorm, timm's BatchNormAct2d and "
-            f"SyncBatchNormAct, and ssn's layers"
+            f"convert_norm: layer {qualname or '<root>'} is a {t.__module__}.{t.__qualname__}, "
+            f"a BatchNorm-like layer it does not know{hint}; replacing it with a plain norm could change "
+            "what the network computes. Known: torch's BatchNorm1d/2d/3d and SyncBatchNorm, timm's "
+            "BatchNormAct2d and SyncBatchNormAct, and ssn's layers"
         )
     return None
 
@@ -228,7 +229,7 @@ def _export_one(m: SwitchNormBase, qualname: str, force: bool) -> nn.Module:
                 f"{[r.tolist() for r in m.ratios()]}); train until every ratio is one-hot, or "
                 f"pass force=True to export the argmax of its ratios"
             )
-        latches = [selected_stat(latch, r) for latch, r in zip(latches, m.ratios())]
+        latches = [selected_stat(latch, r) for latch, r in zip(latches, m.ratios(), strict=True)]
     mean_stat, var_stat = latches
     dim, c = m.spatial_dims, m.num_features
     # NOTE: with the authors' unbiased instance variance, IN and LN have no native equivalent;

@@ -13,7 +13,8 @@ so ``ssn`` still needs nothing but torch.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 

@@ -73,11 +73,10 @@ def update_latches(model: nn.Module) -> int:
         fixed = hot == 1 if projection == "exact" else hot - ratios.amin(-1) >= 1
         layers += ms
         verdicts.append(torch.cat([fixed.long(), which], dim=1))
-    state = torch.cat(
-        [v.cpu() for v in verdicts]
-    ).tolist()  # one host read for every layer: (L, 4) hot_m, hot_v, which_m, which_v
+    # one host read for every layer: (L, 4) hot_m, hot_v, which_m, which_v
+    state = torch.cat([v.cpu() for v in verdicts]).tolist()
     latched = 0
-    for m, (hot_m, hot_v, which_m, which_v) in zip(layers, state):
+    for m, (hot_m, hot_v, which_m, which_v) in zip(layers, state, strict=True):
         new = list(m._latches())
         for i, (buf, hot, which) in enumerate(
             ((m.mean_latch, hot_m, which_m), (m.var_latch, hot_v, which_v))

@@ -11,15 +11,16 @@ Pure functions, testable without any task.
 
 from __future__ import annotations
 
-import logging
 import argparse
+import logging
 import os
 import pickle
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +80,7 @@ def read_checkpoint(
                 f"({allow_hint})"
             ) from e
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from e
-    except Exception as e:  # noqa: BLE001 (random bytes raise anything from IndexError to TypeError)
+    except Exception as e:
         raise ValueError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})"
         ) from e
@@ -343,9 +344,10 @@ def _validate(
     recorded = [name for name in norms if _recorded_selection(norms, state, meta, name)]
     if recorded and ratios == "reopen":
         raise ValueError(
-            f"pretrained_ratios 'reopen' starts from the source's ratios, but this native export holds only the "
-            f"selection of its {len(recorded)} layers (e.g. {recorded[0]}), not ratios: use 'keep' (the recorded "
-            "latches), 'reset', or 'reopen' from the Lightning checkpoint (last.ckpt) the export was made from"
+            "pretrained_ratios 'reopen' starts from the source's ratios, but this native export holds "
+            f"only the selection of its {len(recorded)} layers (e.g. {recorded[0]}), not ratios: use "
+            "'keep' (the recorded latches), 'reset', or 'reopen' from the Lightning checkpoint "
+            "(last.ckpt) the export was made from"
         )
 
 

@@ -7,7 +7,8 @@ import importlib.util
 import logging
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["MMCV_INSTALL", "MmcvOpUnavailable", "bridge_mmcv_lite"]
 

@@ -48,7 +48,7 @@ def _factory_builder(name: str) -> type:
     ``downsample.1``) whichever normalizer it uses.
     """
 
-    def __new__(cls: type, num_features: int, **kw: Any) -> nn.Module:  # noqa: N807
+    def __new__(cls: type, num_features: int, **kw: Any) -> nn.Module:
         return create_norm(name, num_features, **kw)
 
     return type(
