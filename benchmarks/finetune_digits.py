@@ -19,11 +19,15 @@ from typing import Any
 from tasks.callbacks import selection_table
 from tasks.cli import run as run_cli
 from tasks.report import aggregate, load_records, markdown_table
+from tasks.sweep import norm_overlays
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("test/acc1", "fit_seconds")
 GROUP_BY = ("data.train_size", "pretrained_ratios", "pretrained")
-CONFIG = ROOT / "configs/digits/resnet_small_ssn_digits-28.yaml"
+TASK = ROOT / "configs/digits/resnet_small_digits-28.yaml"
+# NOTE: the task and the SSN overlays alone, without configs/base/trainer.yaml, as these figures were
+# measured (Lightning's default trainer; logger and progress bar off below)
+CONFIGS = [a for f in (TASK, *norm_overlays(TASK, "ssn")) for a in ("--config", str(f))]
 MODES = {"keep": ["--model.init_args.pretrained_ratios=keep"],
          "reopen": ["--model.init_args.pretrained_ratios=reopen"],
          "scratch": ["--model.init_args.pretrained=null"]}
@@ -35,7 +39,7 @@ def run_dir(mode: str, train_size: int, seed: int, args: argparse.Namespace) -> 
 
 def run(mode: str, train_size: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One fine-tuning (or scratch) run through the CLI; returns its ``summary.json``."""
-    cli_args = ["fit", "--config", str(CONFIG), *MODES[mode],
+    cli_args = ["fit", *CONFIGS, *MODES[mode],
                 f"--seed_everything={seed}", f"--trainer.max_epochs={args.epochs}", f"--data.init_args.train_size={train_size}",
                 "--data.init_args.batch_size=" + str(min(64, train_size // 2)),
                 f"--trainer.default_root_dir={run_dir(mode, train_size, seed, args)}", "--trainer.logger=false",

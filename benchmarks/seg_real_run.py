@@ -12,7 +12,7 @@ fine-tuned from our own Fashion-MNIST classification checkpoints, one row per no
    same normalizer through ``tasks.cli.run`` (the arguments are printed; reused when its
    ``last.ckpt`` exists), passed as ``--model.init_args.pretrained`` (the task's shared loading:
    backbone without ``fc``, ratios and latches kept).
-3. Segmentation: ``configs/nuclei/deeplabv3_r18_{norm}_nuclei-128x128.yaml`` through
+3. Segmentation: ``configs/nuclei/deeplabv3_r18_nuclei-128x128.yaml`` with the normalizer's overlays through
    ``tasks.cli.run`` (fit, validated on the held-out part at the last step). Each run's
    ``summary.json`` gives the table (the report's writer: mIoU / mAcc / aAcc, fit seconds) against
    the best all-one-class prediction, and the per-layer selection of backbone and heads for SN/SSN;
@@ -33,6 +33,7 @@ import torch
 from tasks.callbacks import selection_table
 from tasks.cli import run as run_cli
 from tasks.report import aggregate, load_records, markdown_table
+from tasks.sweep import config_args
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("val/mIoU", "val/mAcc", "val/aAcc", "fit_seconds")
@@ -66,11 +67,10 @@ def pretrain(norm: str, root: Path, epochs: float) -> Path:
     ckpt = root / norm / "checkpoints" / "last.ckpt"
     if ckpt.exists():
         return ckpt
-    args = ["fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
-            "--config", str(ROOT / f"configs/fashion_mnist/resnet_small_{norm}_fashionmnist-28.yaml"),
+    args = ["fit", *config_args(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml", norm),
             "--model.init_args.arch", "resnet18", "--trainer.max_epochs", str(max(1, round(epochs))),
             "--trainer.default_root_dir", str(root / norm), "--trainer.logger.init_args.save_dir", str(root / norm),
-            "--trainer.enable_progress_bar", "false", "--export", "false"]
+            "--export", "false"]
     print("pretraining: ssn-bench", " ".join(args), flush=True)
     run_cli(args)
     return ckpt
@@ -92,10 +92,9 @@ def one_class_baseline(label: np.ndarray) -> float:
 def run(norm: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
     """Fit ``norm``'s segmenter through the CLI; returns its ``summary.json``."""
     out = args.out / norm
-    config = ROOT / f"configs/nuclei/deeplabv3_r18_{norm}_nuclei-128x128.yaml"
+    configs = config_args(ROOT / "configs/nuclei/deeplabv3_r18_nuclei-128x128.yaml", norm)
     overrides = [f"--data.init_args.root={data}", f"--trainer.default_root_dir={out}",
-                 f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false",
-                 "--trainer.enable_model_summary=false", "--export=false"]
+                 f"--trainer.logger.init_args.save_dir={out}", "--export=false"]
     if args.steps:
         overrides += [f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={args.steps}"]
     if args.crop:
@@ -105,7 +104,7 @@ def run(norm: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
         overrides += [f"--data.init_args.batch_size={args.batch}"]
     if not args.scratch:
         overrides += [f"--model.init_args.pretrained={pretrain(norm, args.pretrained_root, args.pretrain_epochs)}"]
-    return run_cli(["fit", "--config", str(ROOT / "configs/base/trainer.yaml"), "--config", str(config), *overrides])
+    return run_cli(["fit", *configs, *overrides])
 
 
 def part_selections(summary: dict[str, Any]) -> dict[str, str]:

@@ -22,7 +22,7 @@ JOBS=${JOBS:-2}
 SEEDS=${*:-0 1 2}
 for seed in $SEEDS; do  # seed-major: a whole seed before the next one
   ssn-bench sweep --out "$OUT" --jobs "$JOBS" --threads 1 \
-    --task configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml --norms bn gn sn ssn \
+    --task configs/fashion_mnist/resnet_small_fashionmnist-28.yaml --norms bn gn sn ssn \
     --batch-sizes $BATCHES --seeds "$seed" \
     --set trainer.max_epochs="$EPOCHS" --set trainer.limit_train_batches="$FRACTION" \
     --set model.init_args.lr="$LR" --set data.init_args.val_size=10000 --set data.init_args.eval_batch_size=500 \

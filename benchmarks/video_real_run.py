@@ -13,7 +13,7 @@
    torchvision keys, 1 input channel) trained on real Fashion-MNIST for ``--steps-2d`` steps, once
    per normalizer (SSN: sparsemax for 20% of the steps, then the radius ramps until every layer is
    one-hot and latched).
-3. Video: ``configs/clips/slow_r14_{norm}_clips-64.yaml`` through ``tasks.cli.main`` (fit, then
+3. Video: ``configs/clips/slow_r14_clips-64.yaml`` with the normalizer's overlays through ``tasks.cli.main`` (fit, then
    the CLI's test: 2 clips x 3 crops; metrics from the run's ``summary.json``); the 2D state_dict is
    the task's ``pretrained`` file, inflated into the 3D network by ``VideoClassifier.map_pretrained``
    (``ssn/inflate.py``; the grey conv1 spread over RGB), ratios and latches kept.
@@ -167,12 +167,11 @@ def finetune(norm: str, clips: Path, out: Path, pretrained: Path | None) -> dict
     from tasks.callbacks import selection_table
     from tasks.cli import main as cli_main
     from tasks.summary import layer_ratios, read_summary
+    from tasks.sweep import config_args
 
     run = out / f"video_{norm}_{'inflated' if pretrained else 'scratch'}"
-    args = ["fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
-            "--config", str(ROOT / f"configs/clips/slow_r14_{norm}_clips-64.yaml"),
+    args = ["fit", *config_args(ROOT / "configs/clips/slow_r14_clips-64.yaml", norm),
             f"--data.init_args.root={clips}", f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             f"--model.init_args.pretrained={pretrained}" if pretrained else "--model.init_args.pretrained=null"]
     # NOTE: main, not tasks.cli.run: the trained model is needed below for the clip accuracies
     cli = cli_main(args)

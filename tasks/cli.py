@@ -1,6 +1,7 @@
 """``ssn-bench``: the LightningCLI of the benchmark.
 
-    ssn-bench fit --config configs/base/trainer.yaml --config configs/fashion_mnist/resnet_small_ssn_fashionmnist-28.yaml
+    ssn-bench fit --config configs/base/trainer.yaml --config configs/fashion_mnist/resnet_small_fashionmnist-28.yaml \
+        --config configs/norms/ssn.yaml --config configs/fashion_mnist/norms/ssn.yaml
     ssn-bench fit ... --ckpt_path last          # resume exactly where the run stopped
     ssn-bench validate|test ... --ckpt_path PATH
 

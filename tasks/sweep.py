@@ -74,15 +74,28 @@ def _get(cfg: dict[str, Any], dotted: str) -> Any:
     return cfg
 
 
-def _norm_overlays(task: Path, norm: str) -> list[str]:
+def norm_overlays(task: str | Path, norm: str) -> list[str]:
     """The overlays that make ``task`` (``configs/<task>/<base>.yaml``) train with ``norm``:
     ``configs/norms/<norm>.yaml``, then ``configs/<task>/norms/<norm>.yaml`` where the normalizer's
     recipe differs for the task. Empty when there is no ``configs/norms/<norm>.yaml``."""
+    task = Path(task)
     common = task.parent.parent / "norms" / f"{norm}.yaml"
     if not common.is_file():
         return []
     own = task.parent / "norms" / f"{norm}.yaml"
     return [str(common), *([str(own)] if own.is_file() else [])]
+
+
+def config_args(task: str | Path, norm: str, *, quiet: bool = True) -> list[str]:
+    """The CLI arguments that compose ``task`` (a task base file, ``configs/<task>/<base>.yaml``)
+    with ``norm``: the base trainer, the task, the normalizer's overlays (or
+    ``--model.init_args.norm`` where it has none) and, with ``quiet``, ``configs/base/quiet.yaml``."""
+    task = Path(task)
+    base = task.parent.parent / "base"
+    overlays = norm_overlays(task, norm)
+    files = [base / "trainer.yaml", task, *overlays, *([base / "quiet.yaml"] if quiet else [])]
+    args = [a for f in files for a in ("--config", str(f))]
+    return args if overlays else [*args, f"--model.init_args.norm={norm}"]
 
 
 def _task_configs(path: str, norm: str | None) -> tuple[list[str], str, str, bool]:
@@ -96,7 +109,7 @@ def _task_configs(path: str, norm: str | None) -> tuple[list[str], str, str, boo
     label = p.stem.replace(token, "_", 1) if token and token in p.stem else p.stem
     if norm is None or norm == own:
         return [path], label, own or _default_norm(), False
-    overlays = _norm_overlays(p, norm)
+    overlays = norm_overlays(p, norm)
     return [path, *overlays], label, norm, not overlays
 
 
