@@ -278,8 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     save_atomic(model.state_dict(), args.dst)
     latched = sum(all(m.latched) for m in model.modules() if isinstance(m, SparseSwitchNorm2d))
     total = sum(isinstance(m, SparseSwitchNorm2d) for m in model.modules())
+    fc = model.get_submodule("fc")
+    assert isinstance(fc, nn.Linear)  # torchvision's classifier
     print(
-        f"wrote {args.dst}: ResNet-50, {model.fc.out_features} classes, {latched}/{total} SSN layers "
+        f"wrote {args.dst}: ResNet-50, {fc.out_features} classes, {latched}/{total} SSN layers "
         f"latched, projection={args.projection!r}"
     )
 

@@ -19,14 +19,12 @@ def check_range(name: str, value: object, interval: str) -> None:
     if value is None:
         return
     lo, hi = (float(s) for s in interval[1:-1].split(","))
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     inside = (
-        number
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
         and not math.isnan(value)
-        and (  # type: ignore[arg-type] (a number here)
-            (lo <= value if interval[0] == "[" else lo < value)
-            and (value <= hi if interval[-1] == "]" else value < hi)
-        )
+        and (lo <= value if interval[0] == "[" else lo < value)
+        and (value <= hi if interval[-1] == "]" else value < hi)
     )
     if not inside:
         raise ValueError(f"{name} must be in {interval}, got {value!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,14 +77,14 @@ def _sparsemax_threshold(z: Tensor) -> tuple[Tensor, Tensor]:
 
 class _Sparsemax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor) -> Tensor:
         tau, _ = _sparsemax_threshold(z)
         p = torch.clamp(z - tau, min=0)
         ctx.save_for_backward(p)
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         # Jacobian of a Euclidean projection onto the simplex: on the support S it is
         # I - 1 1^T / |S|, zero elsewhere (entmax's sparsemax backward).
         (p,) = ctx.saved_tensors
@@ -300,11 +301,12 @@ class _SparsestMaxScalar(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, r: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, r: Tensor) -> Tensor:
         rows, radii = _scalar_rows(z, r)
         kk = z.shape[-1]
         rmax = max_radius(kk)
-        out, saved = [], []
+        out: list[list[float]] = []
+        saved: list[tuple[list[float], float, list[float], list[float]] | None] = []
         for row, rad in zip(rows, radii, strict=True):
             if not all(math.isfinite(v) for v in row):
                 out.append([math.nan] * kk)
@@ -322,7 +324,7 @@ class _SparsestMaxScalar(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None]:
         kk = grad.shape[-1]
         rows = grad.reshape(-1, kk).tolist()
         grad_z, grad_r = [], []
@@ -346,14 +348,14 @@ class _SparsestMaxScalar(torch.autograd.Function):
 
 class _SparsestMax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, r: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, r: Tensor) -> Tensor:
         p, mask, coef, dz, dr = _sparsestmax_forward(z, r)
         ctx.save_for_backward(mask, coef, dz, dr)
         ctx.r_shape = r.shape
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None]:
         # On the support S: sparsemax's Jacobian is I - 11^T/|S|; the sphere point's is
         # (r_k/||w||)(I - 11^T/|S| - d d^T) with d the unit direction (symmetric, so J^T = J).
         mask, coef, dz, dr = ctx.saved_tensors

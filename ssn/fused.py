@@ -7,12 +7,16 @@ an (N, M, C) view of a channels-last one.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .stats import _Coeffs, _mixture_coeffs, _mixture_coeffs_backward, float32_at_least
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 # NOTE: the blocked loops' temporaries: 256 KB in float32, so a block and its temporary stay in
 # a core's L2 instead of spilling to L3 and evicting what the next convolution reads (ResNet-50
@@ -231,8 +235,8 @@ class _SwitchNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         x: Tensor,
         ratios: Tensor,
         weight: Tensor | None,
@@ -241,7 +245,7 @@ class _SwitchNormFn(torch.autograd.Function):
         bn_var: Tensor | None,
         eps: float,
         correction: int,
-        group: object,
+        group: ProcessGroup | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(y, batch_mean, batch_var, count)``; ``ratios`` is ``(2, 3)``: mean and variance
         ratios over IN, LN, BN. The batch statistics (biased, over ``count`` elements per channel,
@@ -259,17 +263,16 @@ class _SwitchNormFn(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.dof = _dof(m, correction)
         if c.dev_bn is None:
-            empty = planes.new_empty(0)
-            batch = (empty, empty)
+            batch_mean = batch_var = planes.new_empty(0)
         else:
-            batch = (c.bn[0, 0], c.bn[1, 0])
-        batch += (torch.tensor(count),)
-        ctx.mark_non_differentiable(*batch)
-        return y.to(x.dtype), *batch
+            batch_mean, batch_var = c.bn[0, 0], c.bn[1, 0]
+        n = torch.tensor(count)
+        ctx.mark_non_differentiable(batch_mean, batch_var, n)
+        return y.to(x.dtype), batch_mean, batch_var, n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y: Tensor, *_: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         x, ratios, weight = ctx.saved_tensors
         xs = float32_at_least(x)
         c: _Coeffs = ctx.coeffs

@@ -48,7 +48,7 @@ _HEAD = re.compile(r"^fc\.(weight|bias)$")
 # The convolutions of a residual block, 2-D (torchvision) and 3-D (pytorchvideo): stage, block, conv.
 _BLOCK_2D = re.compile(r"^layer(\d+)\.(\d+)\.conv(\d)\.weight$")
 _BLOCK_3D = re.compile(r"(?:^|\.)blocks\.(\d+)\.res_blocks\.(\d+)\.branch2\.conv_([a-z])\.weight$")
-_TORCHVISION = {
+_TORCHVISION: dict[tuple[str, tuple[int, ...]], str] = {
     ("BasicBlock", (2, 2, 2, 2)): "resnet18",
     ("BasicBlock", (3, 4, 6, 3)): "resnet34",
     ("Bottleneck", (3, 4, 6, 3)): "resnet50",
@@ -81,18 +81,19 @@ def _structures(state: Mapping[str, Tensor], want: Mapping[str, Tensor]) -> tupl
     checkpoint for a bottleneck network), which the user can only act on when told so.
     """
     src, dst = _blocks(state, _BLOCK_2D), _blocks(want, _BLOCK_3D)
-    if src[0] is None or dst[0] is None:
+    (src_kind, src_depths), (dst_kind, dst_depths) = src, dst
+    if src_kind is None or dst_kind is None:
         return "", src != dst
     text = (
         f"the checkpoint is a 2-D ResNet of {src[0]} blocks with depths {src[1]} "
-        f"(torchvision {_torchvision_name(*src)}); the 3-D network has {dst[0]} blocks "
+        f"(torchvision {_torchvision_name(src_kind, src_depths)}); the 3-D network has {dst[0]} blocks "
         f"(branch2 conv_a, conv_b{', conv_c' if dst[0] == 'Bottleneck' else ''}) with depths {dst[1]}"
     )
     if src == dst:
         return text + ": blocks and depths agree, so the channel widths differ", False
     text += (
         f". What fits: a 2-D checkpoint of {dst[0]} blocks with depths {dst[1]} "
-        f"(torchvision {_torchvision_name(*dst)})"
+        f"(torchvision {_torchvision_name(dst_kind, dst_depths)})"
     )
     if src[0] == "BasicBlock" and dst[0] == "Bottleneck":
         text += (

@@ -13,7 +13,7 @@ import torch
 __all__ = ["atomic_write", "save_atomic", "write_text_atomic"]
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, binary: bool = True) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], *, binary: bool = True) -> None:
     """Call ``write`` on a temporary file in ``path``'s folder, fsync, then rename over ``path``.
 
     A crash leaves either the old file or the new one, never a truncated one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,10 @@ class LatchedNorm(nn.Module):
         self.num_features, self.spatial_dims = num_features, spatial_dims
         self.eps, self.momentum, self.affine = eps, momentum, affine
         self.in_var_correction = in_var_correction
-        dd = {"device": device, "dtype": dtype}  # PyTorch's factory keywords, as nn.BatchNorm2d
+        dd: dict[str, Any] = {
+            "device": device,
+            "dtype": dtype,
+        }  # PyTorch's factory keywords, as nn.BatchNorm2d
         self.weight = nn.Parameter(torch.ones(num_features, **dd)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features, **dd)) if affine else None
         self.register_buffer("running_mean", torch.zeros(num_features, **dd))
@@ -73,6 +77,7 @@ class LatchedNorm(nn.Module):
             y, batch_mean, batch_var, count = traceable.mixture(x, ratios[0], ratios[1], *rest)
         else:
             y, batch_mean, batch_var, count = _SwitchNormFn.apply(x, ratios, *rest, None)
+        assert batch_mean is not None and batch_var is not None  # training: the batch's statistics
         _update_running(self, batch_mean, batch_var, float(count))
         return y
 
@@ -97,7 +102,7 @@ class LatchedNorm(nn.Module):
         else:  # LN pooled from the planes, as the layer defines it
             var = var_in.mean(1, keepdim=True) + mu_in.var(1, correction=0, keepdim=True)
         y = (xs - mean) * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:  # affine: both or neither
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ from .stats import (  # noqa: F401  (BN, IN, LN re-exported: ssn.norm.BN)
     _update_running,
     float32_at_least,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "STATS",
@@ -80,7 +83,7 @@ class SwitchNormBase(nn.Module):
         affine: bool = True,
         radius: float = 0.0,
         sync: bool = False,
-        process_group: object = None,
+        process_group: ProcessGroup | None = None,
         in_var_correction: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -181,8 +184,15 @@ class SwitchNormBase(nn.Module):
         self._latch_key = (id(ml), ml._version, id(vl), vl._version)
 
     def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # type: ignore[no-untyped-def]
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         # NOTE: a NaN radius would make every ratio NaN; a latch outside the statistics would index
         # nothing. Both are refused here, with the key, rather than failing obscurely later.
         radius = state_dict.get(prefix + "radius")
@@ -260,7 +270,7 @@ class SwitchNormBase(nn.Module):
             ratios = ratios + tie
         return self._mixture(x, ratios)
 
-    def _sync_group(self) -> object:
+    def _sync_group(self) -> ProcessGroup | None:
         """The process group to synchronise BN statistics over, or None (no sync this call)."""
         if not (self.sync and self.training):
             return None
@@ -307,7 +317,8 @@ class SwitchNormBase(nn.Module):
 
     def _native(self, x: Tensor, stat: int) -> Tensor:
         """Fully latched: the native kernel of the selected normaliser."""
-        weight, tie = self.weight, self._tie_unused()
+        weight: Tensor | None = self.weight
+        tie = self._tie_unused()
         if tie is not None:
             weight = (weight if weight is not None else x.new_ones(self.num_features)) + tie.to(x.dtype)
         bias = self.bias
@@ -361,6 +372,7 @@ class SwitchNormBase(nn.Module):
                 group,
             )
         if training:
+            assert batch_mean is not None and batch_var is not None  # training: the batch's statistics
             _update_running(self, batch_mean, batch_var, float(count))
         return y
 
@@ -417,8 +429,8 @@ class SwitchNormBase(nn.Module):
             self._fold = (key, self._make_fold(xs.dtype))
         fold = self._fold[1]
         (m_in, m_ln), (v_in, v_ln) = fold["ratios"]
-        weight, bias, *unit = self._folded_affine(fold, x.shape[0], xs.dtype)
-        mu_in, var_in = _plane_moments_eval(xs, self.in_var_correction, unit)
+        weight, bias, zeros, ones = self._folded_affine(fold, x.shape[0], xs.dtype)
+        mu_in, var_in = _plane_moments_eval(xs, self.in_var_correction, (zeros, ones))
         # LN pooled from the planes as in training (``stats._moments``: the mean of the variances
         # plus the variance of the means, from the deviations), with the 1/C folded into the ratios
         ch = x.shape[1]

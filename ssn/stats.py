@@ -9,10 +9,13 @@ running averages of the BN statistics and the input checks common to every layer
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 STATS = ("in", "ln", "bn")
 IN, LN, BN = range(3)
@@ -68,7 +71,7 @@ class _Coeffs(NamedTuple):
     dev_ln: Tensor  # mu_in - mu_ln
     dev_bn: Tensor | None  # mu_in - mu_bn (batch statistics only)
     bn_share: float  # d mu_bn / d mu_in[n, c]: this plane's share of the pooled BN statistics (0: running)
-    group: object  # process group the BN statistics are synchronised over, or None
+    group: ProcessGroup | None  # process group the BN statistics are synchronised over, or None
 
 
 def _pool(planes: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -78,7 +81,7 @@ def _pool(planes: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return torch.stack([mu, var]), dev
 
 
-def _batch_pool(planes: Tensor, m: int, group: object) -> tuple[Tensor, Tensor, float]:
+def _batch_pool(planes: Tensor, m: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor, float]:
     """BN statistics ``(2, 1, C)`` from the planes, their deviations and the element count;
     all-reduced over ``group`` (SyncBatchNorm-style) when one is given.
 
@@ -111,7 +114,7 @@ def _mixture_coeffs(
     bn_var: Tensor | None,
     eps: float,
     m: int,
-    group: object,
+    group: ProcessGroup | None,
 ) -> tuple[_Coeffs, float]:
     """The per-plane affine map of the mixture, and the BN element count (0 with running stats).
 
@@ -189,7 +192,17 @@ def _mixture_coeffs_backward(
     return g_planes, g_ratios, g_weight, g_shift.sum(0)
 
 
-def _batch_momentum(module: nn.Module) -> float:
+class _RunningStats(Protocol):
+    """What the running-statistics updates read and write: an SN/SSN layer, a LatchedNorm."""
+
+    momentum: float | None
+    in_var_correction: int
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
+
+def _batch_momentum(module: _RunningStats) -> float:
     """Weight of the current batch in the running averages (PyTorch's convention)."""
     if module.momentum is None:  # cumulative moving average, as in nn.BatchNorm
         return 1.0 / float(module.num_batches_tracked)
@@ -197,7 +210,7 @@ def _batch_momentum(module: nn.Module) -> float:
 
 
 @torch.no_grad()
-def _update_running(module: nn.Module, mean: Tensor, var: Tensor, count: float) -> None:
+def _update_running(module: _RunningStats, mean: Tensor, var: Tensor, count: float) -> None:
     """Running BN statistics after a training batch with biased pooled ``var`` over ``count``.
 
     NOTE: like BatchNorm, the running variance is the unbiased one; a single value per channel

@@ -97,8 +97,10 @@ def _with_act(new: nn.Module, src: nn.Module) -> nn.Module:
     """
     t = type(new)
     twin: nn.Module | None = None
-    if t in NORM_ACT:
-        extra = {"projection": new.projection} if isinstance(new, SparseSwitchNormBase) else {}
+    if isinstance(new, SwitchNormBase) and t in NORM_ACT:
+        extra: dict[str, Any] = (
+            {"projection": new.projection} if isinstance(new, SparseSwitchNormBase) else {}
+        )
         twin = NORM_ACT[t](
             new.num_features,
             eps=new.eps,
@@ -113,16 +115,16 @@ def _with_act(new: nn.Module, src: nn.Module) -> nn.Module:
     elif t in (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm):
         from timm.layers import norm_act as na  # the source is timm's: timm is installed
 
-        if t is nn.BatchNorm2d:
+        if isinstance(new, nn.BatchNorm2d):
             twin = na.BatchNormAct2d(
                 new.num_features,
                 eps=new.eps,
-                momentum=new.momentum,
+                momentum=new.momentum,  # type: ignore[arg-type]  # None (a cumulative average) goes to BatchNorm2d
                 affine=new.affine,
                 track_running_stats=new.track_running_stats,
                 apply_act=False,
             )
-        elif t is nn.SyncBatchNorm:
+        elif isinstance(new, nn.SyncBatchNorm):
             twin = na.SyncBatchNormAct(
                 new.num_features,
                 new.eps,
@@ -131,22 +133,23 @@ def _with_act(new: nn.Module, src: nn.Module) -> nn.Module:
                 new.track_running_stats,
                 process_group=new.process_group,
             )
-        elif new.num_groups == 1:
+        elif isinstance(new, nn.GroupNorm) and new.num_groups == 1:
             twin = na.GroupNorm1Act(new.num_channels, eps=new.eps, affine=new.affine, apply_act=False)
-        else:
+        elif isinstance(new, nn.GroupNorm):
             twin = na.GroupNormAct(
                 new.num_channels, num_groups=new.num_groups, eps=new.eps, affine=new.affine, apply_act=False
             )
+    drop, act = src.get_submodule("drop"), src.get_submodule("act")
     if twin is None:
-        return nn.Sequential(OrderedDict(norm=new, drop=src.drop, act=src.act))
+        return nn.Sequential(OrderedDict(norm=new, drop=drop, act=act))
     twin.load_state_dict(new.state_dict())
-    twin.drop, twin.act = src.drop, src.act
+    twin.drop, twin.act = drop, act
     ref = next(t for t in (*new.parameters(), *new.buffers()) if t.is_floating_point())
     return twin.to(device=ref.device, dtype=ref.dtype).train(new.training)
 
 
 @torch.no_grad()
-def _convert_one(m: nn.Module, name: str, dim: int, kw: dict[str, Any]) -> nn.Module:
+def _convert_one(m: _BatchNorm | SwitchNormBase, name: str, dim: int, kw: dict[str, Any]) -> nn.Module:
     sync = isinstance(m, nn.SyncBatchNorm) or getattr(m, "sync", False)
     target = sync_name(name) if sync else name.lower()  # a synchronised model stays synchronised
     args: dict[str, Any] = {"eps": m.eps, "momentum": m.momentum, "affine": m.affine, **kw}
@@ -154,12 +157,9 @@ def _convert_one(m: nn.Module, name: str, dim: int, kw: dict[str, Any]) -> nn.Mo
         args.setdefault("track_running_stats", False)  # batch statistics in eval too, as the source
     new = create_norm(target, m.num_features, dim=_source_dim(m, dim), **args)
     if m.affine and getattr(new, "weight", None) is not None:
-        new.weight.copy_(m.weight)
-        new.bias.copy_(m.bias)
+        _copy_tensors(new, m, ("weight", "bias"))
     if getattr(m, "running_mean", None) is not None and getattr(new, "running_mean", None) is not None:
-        new.running_mean.copy_(m.running_mean)
-        new.running_var.copy_(m.running_var)
-        new.num_batches_tracked.copy_(m.num_batches_tracked)
+        _copy_tensors(new, m, ("running_mean", "running_var", "num_batches_tracked"))
     if isinstance(m, SwitchNormBase) and isinstance(new, SwitchNormBase):
         for key in ("mean_logits", "var_logits", "radius", "mean_latch", "var_latch"):
             getattr(new, key).copy_(getattr(m, key))
@@ -205,6 +205,7 @@ def convert_norm(model: nn.Module, name: str, *, dim: int = 2, **kw: Any) -> nn.
     def walk(module: nn.Module, prefix: str) -> nn.Module:
         kind = _convertible(module, prefix)
         if kind is not None:
+            assert isinstance(module, (_BatchNorm, SwitchNormBase))  # what _convertible accepts
             new = _convert_one(module, name, dim, kw)
             return _with_act(new, module) if kind == "act" else new
         for child_name, child in module.named_children():
@@ -217,6 +218,12 @@ def convert_norm(model: nn.Module, name: str, *, dim: int = 2, **kw: Any) -> nn.
 
 
 _NATIVE = {BN: NORMS["bn"].layers, IN: NORMS["in"].layers}
+
+
+def _copy_tensors(dst: nn.Module, src: nn.Module, names: tuple[str, ...]) -> None:
+    """Copy ``src``'s parameters or buffers ``names`` into ``dst``'s, in place."""
+    for name in names:
+        getattr(dst, name).copy_(getattr(src, name))
 
 
 @torch.no_grad()
@@ -253,12 +260,9 @@ def _export_one(m: SwitchNormBase, qualname: str, force: bool) -> nn.Module:
             in_var_correction=m.in_var_correction,
         )
     if m.affine:
-        new.weight.copy_(m.weight)
-        new.bias.copy_(m.bias)
+        _copy_tensors(new, m, ("weight", "bias"))
     if getattr(new, "running_mean", None) is not None:
-        new.running_mean.copy_(m.running_mean)
-        new.running_var.copy_(m.running_var)
-        new.num_batches_tracked.copy_(m.num_batches_tracked)
+        _copy_tensors(new, m, ("running_mean", "running_var", "num_batches_tracked"))
     new = new.to(device=m.running_mean.device, dtype=m.running_mean.dtype).train(m.training)
     # NOTE: a norm+act layer exports to timm's own (BatchNormAct2d, GroupNorm1Act), so a timm model
     # latched to BN exports to the plain timm model

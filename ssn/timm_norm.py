@@ -51,7 +51,7 @@ class _NormAct(nn.Module):
             apply_act, act_layer, act_kwargs, inplace, drop_layer: as timm's ``BatchNormAct2d``
                 (``act_layer`` a class, a timm name such as ``"silu"``, or None for no activation).
         """
-        super().__init__(num_features, **kwargs)  # type: ignore[call-arg]  # the norm's __init__ (MRO)
+        super().__init__(num_features, **kwargs)  # the norm's __init__ (MRO)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         act = None
         if apply_act and act_layer is not None:

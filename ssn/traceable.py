@@ -59,6 +59,6 @@ def mixture(
     if bias is not None:
         shift = shift + bias.to(xs.dtype).view((1, -1) + (1,) * len(spatial))
     y = (xs * scale + shift).to(x.dtype)
-    if batch_mean is None:
+    if batch_mean is None or batch_var is None:
         return y, None, None, 0
     return y, batch_mean.reshape(-1).detach(), batch_var.reshape(-1).detach(), x.shape[0] * m

@@ -6,7 +6,7 @@ the layers only, never the module tree.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -133,7 +133,7 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def _per_device(m: nn.Module) -> bool:
+def _per_device(m: nn.Module) -> TypeGuard[_BatchNorm | SwitchNormBase | LatchedNorm]:
     """A layer that keeps running BN statistics of its own device's batches (not synchronised)."""
     if isinstance(m, nn.SyncBatchNorm) or getattr(m, "sync", False):
         return False
@@ -158,7 +158,7 @@ def average_running_stats(model: nn.Module, group: Any = None) -> int:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
         return 0
     layers = [m for m in model.modules() if _per_device(m)]
-    tensors = [t for m in layers for t in (m.running_mean, m.running_var)]
+    tensors = [t for m in layers for t in (m.running_mean, m.running_var) if t is not None]
     if not tensors:
         return 0
     flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])

@@ -412,7 +412,7 @@ def load_backbone(
     if ratios not in RATIO_MODES:
         raise ValueError(f"pretrained_ratios must be one of {RATIO_MODES}, got {ratios!r}")
     report = TransferReport(kind=kind)
-    norms = {
+    norms: dict[str, nn.Module] = {
         n: m
         for n, m in target.named_modules()
         if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, SwitchNormBase, LatchedNorm))
