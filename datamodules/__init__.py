@@ -14,5 +14,12 @@ from .imagenet import ImageNetDataModule
 from .kinetics import KineticsDataModule
 from .segmentation import SegFolderDataModule
 
-__all__ = ["ADE20KDataModule", "CityscapesDataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageNetDataModule",
-           "KineticsDataModule", "SegFolderDataModule"]
+__all__ = [
+    "ADE20KDataModule",
+    "CityscapesDataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageNetDataModule",
+    "KineticsDataModule",
+    "SegFolderDataModule",
+]

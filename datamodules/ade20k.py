@@ -45,8 +45,16 @@ class ADE20KDataModule(SegDataModule):
         cat_max_ratio: float = 0.75,
         val_batch_size: int = 1,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, val_batch_size, crop_size=crop_size, scale=scale,
-                         ratio_range=ratio_range, cat_max_ratio=cat_max_ratio)
+        super().__init__(
+            root,
+            batch_size,
+            num_workers,
+            val_batch_size,
+            crop_size=crop_size,
+            scale=scale,
+            ratio_range=ratio_range,
+            cat_max_ratio=cat_max_ratio,
+        )
 
     def _check_layout(self) -> None:
         for sub in ("images", "annotations"):
@@ -54,12 +62,18 @@ class ADE20KDataModule(SegDataModule):
                 folder = self.root / sub / split
                 pattern = "*.jpg" if sub == "images" else "*.png"
                 if not folder.is_dir() or not any(folder.glob(pattern)):
-                    raise FileNotFoundError(f"no ADE20K {sub} ({pattern}) in {folder}; " + LAYOUT.format(root=self.root))
+                    raise FileNotFoundError(
+                        f"no ADE20K {sub} ({pattern}) in {folder}; " + LAYOUT.format(root=self.root)
+                    )
 
     def _dataset(self, split: str) -> Any:
         from mmseg.datasets import ADE20KDataset
 
         train = split == "train"
         name = _SPLITS[split]
-        return ADE20KDataset(data_root=str(self.root), pipeline=self._pipeline(train), test_mode=not train,
-                             data_prefix=dict(img_path=f"images/{name}", seg_map_path=f"annotations/{name}"))
+        return ADE20KDataset(
+            data_root=str(self.root),
+            pipeline=self._pipeline(train),
+            test_mode=not train,
+            data_prefix=dict(img_path=f"images/{name}", seg_map_path=f"annotations/{name}"),
+        )

@@ -34,8 +34,13 @@ class SplitDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         cls = ResumableLoader if train else eval_loader
-        return cls(self.data[split], batch_size=self._batch_size(train), shuffle=train, drop_last=train,
-                   **self._loader_options(train))
+        return cls(
+            self.data[split],
+            batch_size=self._batch_size(train),
+            shuffle=train,
+            drop_last=train,
+            **self._loader_options(train),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

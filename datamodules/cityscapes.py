@@ -23,8 +23,27 @@ LAYOUT = """expected the Cityscapes layout (leftImg8bit_trainvaltest.zip + gtFin
   {root}/gtFine/{{train,val}}/<city>/*_gtFine_labelTrainIds.png   (19 train ids, 255 = ignore)"""
 
 # Cityscapes label id -> train id (cityscapesscripts/helpers/labels.py; 255: not evaluated).
-LABEL_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+LABEL_TO_TRAIN_ID = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 
 
 def convert_label_ids(root: str | Path) -> int:
@@ -74,8 +93,16 @@ class CityscapesDataModule(SegDataModule):
         cat_max_ratio: float = 0.75,
         val_batch_size: int = 1,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, val_batch_size, crop_size=crop_size, scale=scale,
-                         ratio_range=ratio_range, cat_max_ratio=cat_max_ratio)
+        super().__init__(
+            root,
+            batch_size,
+            num_workers,
+            val_batch_size,
+            crop_size=crop_size,
+            scale=scale,
+            ratio_range=ratio_range,
+            cat_max_ratio=cat_max_ratio,
+        )
 
     def _check_layout(self) -> None:
         layout = LAYOUT.format(root=self.root)
@@ -96,12 +123,18 @@ class CityscapesDataModule(SegDataModule):
         from mmseg.datasets import CityscapesDataset
 
         train = split == "train"
-        return CityscapesDataset(data_root=str(self.root), pipeline=self._pipeline(train), test_mode=not train,
-                                 data_prefix=dict(img_path=f"leftImg8bit/{split}", seg_map_path=f"gtFine/{split}"))
+        return CityscapesDataset(
+            data_root=str(self.root),
+            pipeline=self._pipeline(train),
+            test_mode=not train,
+            data_prefix=dict(img_path=f"leftImg8bit/{split}", seg_map_path=f"gtFine/{split}"),
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="write Cityscapes *_gtFine_labelTrainIds.png from *_labelIds.png")
+    parser = argparse.ArgumentParser(
+        description="write Cityscapes *_gtFine_labelTrainIds.png from *_labelIds.png"
+    )
     parser.add_argument("root", help="the Cityscapes folder (holding gtFine/)")
     n = convert_label_ids(parser.parse_args(argv).root)
     print(f"wrote {n} *_gtFine_labelTrainIds.png files")

@@ -34,11 +34,22 @@ class DigitsDataModule(SplitDataModule):
     num_classes = 10
     in_channels = 1
 
-    def __init__(self, batch_size: int = 64, val_size: int = 297, test_size: int = 500,
-                 train_size: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_size: int = 297,
+        test_size: int = 500,
+        train_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("val_size", val_size), ("test_size", test_size),
-                            ("train_size", train_size)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("val_size", val_size),
+            ("test_size", test_size),
+            ("train_size", train_size),
+        ):
             check_range(name, value, "[1, inf)")
         check_range("num_workers", num_workers, "[0, inf)")
         self.save_hyperparameters()
@@ -51,7 +62,9 @@ class DigitsDataModule(SplitDataModule):
         try:
             from sklearn.datasets import load_digits
         except ImportError as e:
-            raise ImportError("DigitsDataModule needs scikit-learn (pip install scikit-learn; make setup has it)") from e
+            raise ImportError(
+                "DigitsDataModule needs scikit-learn (pip install scikit-learn; make setup has it)"
+            ) from e
         digits = load_digits()
         x = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0
         x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
@@ -63,9 +76,15 @@ class DigitsDataModule(SplitDataModule):
         x, y = self.load()
         hp = self.hparams
         if hp.val_size + hp.test_size >= len(y):
-            raise ValueError(f"val_size + test_size = {hp.val_size + hp.test_size} leaves no training image of {len(y)}")
+            raise ValueError(
+                f"val_size + test_size = {hp.val_size + hp.test_size} leaves no training image of {len(y)}"
+            )
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(hp.seed))
-        test, val, train = order[: hp.test_size], order[hp.test_size : hp.test_size + hp.val_size], order[hp.test_size + hp.val_size :]
+        test, val, train = (
+            order[: hp.test_size],
+            order[hp.test_size : hp.test_size + hp.val_size],
+            order[hp.test_size + hp.val_size :],
+        )
         if hp.train_size is not None:
             train = train[: hp.train_size]
         mean, std = x[train].mean(), x[train].std()

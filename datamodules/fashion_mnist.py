@@ -47,11 +47,15 @@ def read_idx(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: unsupported idx element type 0x{dtype:02x}")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{path}: truncated idx header ({len(data)} bytes, expected {header} for {ndim} dimensions)")
+        raise ValueError(
+            f"{path}: truncated idx header ({len(data)} bytes, expected {header} for {ndim} dimensions)"
+        )
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = header + int(np.prod(dims))
     if len(data) != expected:
-        raise ValueError(f"{path}: corrupt or truncated: {len(data)} bytes, expected {expected} for shape {dims}")
+        raise ValueError(
+            f"{path}: corrupt or truncated: {len(data)} bytes, expected {expected} for shape {dims}"
+        )
     return np.frombuffer(data, dtype=_IDX_TYPES[dtype], offset=header).reshape(dims)
 
 
@@ -112,8 +116,9 @@ class FashionMNISTDataModule(SplitDataModule):
         partial = [n for pair in FILES.values() for n in pair if _find(root, n)] if self.hparams.root else []
         if partial:
             missing = [n for pair in FILES.values() for n in pair if not _find(root, n)]
-            raise FileNotFoundError(f"Fashion-MNIST root {root} holds {partial} but not {missing}: all four idx "
-                                    "files are needed")
+            raise FileNotFoundError(
+                f"Fashion-MNIST root {root} holds {partial} but not {missing}: all four idx files are needed"
+            )
         looked = ", ".join(str(f) for f in self._folders())
         raise FileNotFoundError(
             f"Fashion-MNIST not found (looked in {looked}). Get it with `apt-get install "
@@ -137,20 +142,29 @@ class FashionMNISTDataModule(SplitDataModule):
         folder = self.locate()
         images, labels = (read_idx(_find(folder, n)) for n in FILES[split])  # type: ignore[arg-type]
         if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-            raise ValueError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
+            raise ValueError(
+                f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match"
+            )
         if labels.max() >= self.num_classes:
-            raise ValueError(f"{folder}: {split} labels go up to {labels.max()}, expected < {self.num_classes}")
+            raise ValueError(
+                f"{folder}: {split} labels go up to {labels.max()}, expected < {self.num_classes}"
+            )
         return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and "train" not in self.data:
             x, y = self._load("train")
             if not 0 <= self.hparams.val_size < len(y):
-                raise ValueError(f"val_size {self.hparams.val_size} must be in [0, {len(y)}): the training file "
-                                 f"holds {len(y)} images and at least one must remain for training")
+                raise ValueError(
+                    f"val_size {self.hparams.val_size} must be in [0, {len(y)}): the training file "
+                    f"holds {len(y)} images and at least one must remain for training"
+                )
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.hparams.seed))
             val, train = order[: self.hparams.val_size], order[self.hparams.val_size :]
-            self.data["train"], self.data["val"] = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+            self.data["train"], self.data["val"] = (
+                TensorDataset(x[train], y[train]),
+                TensorDataset(x[val], y[val]),
+            )
         # NOTE: fit reads the test files too, so a corrupt one fails now, not after the whole fit
         if stage in (None, "fit", "test", "predict") and "test" not in self.data:
             self.data["test"] = TensorDataset(*self._load("test"))
@@ -161,7 +175,9 @@ class FashionMNISTDataModule(SplitDataModule):
     def _loader_options(self, train: bool) -> dict[str, Any]:
         return {"num_workers": self.hparams.num_workers, "persistent_workers": self.hparams.num_workers > 0}
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+    def on_after_batch_transfer(
+        self, batch: tuple[Tensor, Tensor], dataloader_idx: int
+    ) -> tuple[Tensor, Tensor]:
         x, y = batch
         x = (x.float() / 255 - MEAN) / STD
         if self.hparams.augment and self.trainer is not None and self.trainer.training:

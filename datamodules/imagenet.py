@@ -36,16 +36,23 @@ class SkippingImageFolder(ImageFolder):
     bad validation image seen every epoch counts once), and each is logged once with its path.
     """
 
-    def __init__(self, root: str, transform: Callable | None, classes: list[str] | None = None,
-                 every_class: bool = True) -> None:
+    def __init__(
+        self,
+        root: str,
+        transform: Callable | None,
+        classes: list[str] | None = None,
+        every_class: bool = True,
+    ) -> None:
         self._classes = classes
         super().__init__(root, transform=transform, allow_empty=True)
         if every_class:  # a (training) class without images is an error that names its folder
             present = {target for _, target in self.samples}
             empty = [c for c, i in self.class_to_idx.items() if i not in present]
             if empty:
-                raise FileNotFoundError(f"{Path(root) / empty[0]}: class folder without images (looked for "
-                                        f"{', '.join(IMG_EXTENSIONS)}); {len(empty)} such: {empty[:5]}")
+                raise FileNotFoundError(
+                    f"{Path(root) / empty[0]}: class folder without images (looked for "
+                    f"{', '.join(IMG_EXTENSIONS)}); {len(empty)} such: {empty[:5]}"
+                )
         self._bad = mp.Array("b", max(1, len(self.samples)), lock=False)
 
     @property
@@ -80,7 +87,9 @@ class Lighting:
     ``ColorAugmentation`` (utils/imagenet_dataset.py): ``std`` 0.1, ImageNet's RGB eigenvectors."""
 
     EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
-    EIGVEC = torch.tensor([[0.4009, 0.7192, -0.5675], [-0.8140, -0.0045, -0.5808], [0.4203, -0.6948, -0.5836]])
+    EIGVEC = torch.tensor(
+        [[0.4009, 0.7192, -0.5675], [-0.8140, -0.0045, -0.5808], [0.4203, -0.6948, -0.5836]]
+    )
 
     def __init__(self, std: float) -> None:
         self.std = std
@@ -143,8 +152,9 @@ class ImageNetDataModule(SplitDataModule):
     def _check_root(self) -> list[str]:
         train, val = self.root / "train", self.root / "val"
         if not train.is_dir() and not val.is_dir():
-            raise FileNotFoundError(f"no ImageNet at {self.root}: {train} and {val} are missing; "
-                                    + LAYOUT.format(root=self.root))
+            raise FileNotFoundError(
+                f"no ImageNet at {self.root}: {train} and {val} are missing; " + LAYOUT.format(root=self.root)
+            )
         # NOTE: the class list is train's; without train/ (evaluation only) it is val's folders.
         folder = train if train.is_dir() else val
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -176,7 +186,11 @@ class ImageNetDataModule(SplitDataModule):
 
     def _transform(self, train: bool) -> Callable:
         hp = self.hparams
-        normalize = [T.ToTensor(), *([Lighting(hp.lighting)] if train and hp.lighting else []), T.Normalize(MEAN, STD)]
+        normalize = [
+            T.ToTensor(),
+            *([Lighting(hp.lighting)] if train and hp.lighting else []),
+            T.Normalize(MEAN, STD),
+        ]
         if not train:
             return T.Compose([T.Resize(hp.resize_size), T.CenterCrop(hp.crop_size), *normalize])
         j = hp.color_jitter
@@ -189,19 +203,33 @@ class ImageNetDataModule(SplitDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         classes = self.classes
-        splits = [("val", False)] if stage in ("validate", "test", "predict") else [("train", True), ("val", False)]
+        splits = (
+            [("val", False)]
+            if stage in ("validate", "test", "predict")
+            else [("train", True), ("val", False)]
+        )
         for split, train in splits:
             if split not in self.data:
                 if not (self.root / split).is_dir():
-                    raise FileNotFoundError(f"{self.root / split} is missing (needed to {stage}); "
-                                            + LAYOUT.format(root=self.root))
+                    raise FileNotFoundError(
+                        f"{self.root / split} is missing (needed to {stage}); "
+                        + LAYOUT.format(root=self.root)
+                    )
                 # NOTE: a val split lacking a class is legal; a training class folder without images is not
-                ds = SkippingImageFolder(str(self.root / split), self._transform(train), classes, every_class=train)
+                ds = SkippingImageFolder(
+                    str(self.root / split), self._transform(train), classes, every_class=train
+                )
                 if len(ds) == 0:
-                    raise FileNotFoundError(f"{self.root / split} holds no images; " + LAYOUT.format(root=self.root))
+                    raise FileNotFoundError(
+                        f"{self.root / split} holds no images; " + LAYOUT.format(root=self.root)
+                    )
                 self.data[split] = ds
 
     def _loader_options(self, train: bool) -> dict[str, Any]:
         w = self.hparams.num_workers
-        return {"num_workers": w, "pin_memory": torch.cuda.is_available(), "persistent_workers": w > 0,
-                "collate_fn": collate_skipping}
+        return {
+            "num_workers": w,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": w > 0,
+            "collate_fn": collate_skipping,
+        }

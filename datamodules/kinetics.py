@@ -109,7 +109,9 @@ class ClipStream(IterableDataset):
         num_workers: the DataLoader workers that will read this stream (for the epoch length).
     """
 
-    def __init__(self, dataset: Any, *, samples_per_video: int, views: int, batch_size: int, num_workers: int) -> None:
+    def __init__(
+        self, dataset: Any, *, samples_per_video: int, views: int, batch_size: int, num_workers: int
+    ) -> None:
         self.dataset = dataset
         self.samples_per_video, self.views = samples_per_video, views
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -211,7 +213,9 @@ def _read_list(path: Path) -> list[tuple[int, int]]:
         try:
             rows.append((number, int(fields[1])))
         except (IndexError, ValueError):
-            raise ValueError(f"{path} line {number}: expected `<path> <label index>`, got {line[:120]!r}") from None
+            raise ValueError(
+                f"{path} line {number}: expected `<path> <label index>`, got {line[:120]!r}"
+            ) from None
     return rows
 
 
@@ -263,10 +267,18 @@ class KineticsDataModule(SplitDataModule):
         super().__init__()
         if test_crops not in (1, 3):
             raise ValueError(f"test_crops must be 1 (centre) or 3 (left, centre, right), got {test_crops}")
-        for name, value in (("batch_size", batch_size), ("frames", frames), ("sampling_rate", sampling_rate),
-                            ("crop_size", crop_size), ("val_short_side", val_short_side), ("val_clips", val_clips),
-                            ("test_clips", test_clips), ("test_crop_size", test_crop_size), ("num_classes", num_classes),
-                            *(("train_short_side (each)", v) for v in train_short_side)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("frames", frames),
+            ("sampling_rate", sampling_rate),
+            ("crop_size", crop_size),
+            ("val_short_side", val_short_side),
+            ("val_clips", val_clips),
+            ("test_clips", test_clips),
+            ("test_crop_size", test_crop_size),
+            ("num_classes", num_classes),
+            *(("train_short_side (each)", v) for v in train_short_side),
+        ):
             check_range(name, value, "[1, inf)")
         check_range("num_workers", num_workers, "[0, inf)")
         check_range("fps", fps, "(0, inf)")
@@ -292,7 +304,9 @@ class KineticsDataModule(SplitDataModule):
         train, val = self._source("train"), self._source("val")
         if not self.root.is_dir() or train is None or val is None:
             missing = "train" if train is None else "val"
-            raise FileNotFoundError(f"no videos at {self.root}: no {missing}.csv or {missing}/; " + LAYOUT.format(root=self.root))
+            raise FileNotFoundError(
+                f"no videos at {self.root}: no {missing}.csv or {missing}/; " + LAYOUT.format(root=self.root)
+            )
         given = self._num_classes
         if train.is_dir():
             classes = sorted(p.name for p in train.iterdir() if p.is_dir())
@@ -300,17 +314,26 @@ class KineticsDataModule(SplitDataModule):
                 raise FileNotFoundError(f"{train} has no class folders; " + LAYOUT.format(root=self.root))
             for split in ("val", "test"):
                 other = self._source(split)
-                found = sorted(p.name for p in other.iterdir() if p.is_dir()) if other and other.is_dir() else classes
+                found = (
+                    sorted(p.name for p in other.iterdir() if p.is_dir())
+                    if other and other.is_dir()
+                    else classes
+                )
                 if found != classes:
                     # NOTE: pytorchvideo indexes each split's own sorted folders: different folders
                     # would silently shift the labels.
-                    raise ValueError(f"{other}: class folders differ from train's: "
-                                     f"{sorted(set(found) ^ set(classes))[:5]}; " + LAYOUT.format(root=self.root))
+                    raise ValueError(
+                        f"{other}: class folders differ from train's: "
+                        f"{sorted(set(found) ^ set(classes))[:5]}; " + LAYOUT.format(root=self.root)
+                    )
             if given is not None and given != len(classes):
                 raise ValueError(f"num_classes is {given} but {train} has {len(classes)} class folders")
             return len(classes)
-        lists = {split: _read_list(src) for split in ("train", "val", "test")
-                 if (src := self._source(split)) is not None and src.is_file()}
+        lists = {
+            split: _read_list(src)
+            for split in ("train", "val", "test")
+            if (src := self._source(split)) is not None and src.is_file()
+        }
         if not lists["train"]:
             raise ValueError(f"{train} holds no `<path> <label>` lines; " + LAYOUT.format(root=self.root))
         count = given if given is not None else max(label for _, label in lists["train"]) + 1
@@ -318,8 +341,10 @@ class KineticsDataModule(SplitDataModule):
             bad = [(line, label) for line, label in rows if not 0 <= label < count]
             if bad:
                 where = ", ".join(f"line {line}: {label}" for line, label in bad[:5])
-                raise ValueError(f"{self._source(split)}: labels outside 0..{count - 1} ({count} classes"
-                                 f"{'' if given is not None else ', from train.csv'}): {where}")
+                raise ValueError(
+                    f"{self._source(split)}: labels outside 0..{count - 1} ({count} classes"
+                    f"{'' if given is not None else ', from train.csv'}): {where}"
+                )
         return count
 
     @property
@@ -347,7 +372,12 @@ class KineticsDataModule(SplitDataModule):
         pixels = [V.UniformTemporalSubsample(hp.frames), V.Div255(), V.Normalize(MEAN, STD)]
         if split == "train":
             lo, hi = hp.train_short_side
-            video = [*pixels, V.RandomShortSideScale(lo, hi), T.RandomCrop(hp.crop_size), T.RandomHorizontalFlip()]
+            video = [
+                *pixels,
+                V.RandomShortSideScale(lo, hi),
+                T.RandomCrop(hp.crop_size),
+                T.RandomHorizontalFlip(),
+            ]
         elif split == "val":
             video = [*pixels, V.ShortSideScale(hp.val_short_side), T.CenterCrop(hp.crop_size)]
         else:
@@ -374,24 +404,42 @@ class KineticsDataModule(SplitDataModule):
         if source is None and split == "test":
             source = self._source("val")  # NOTE: Kinetics' test labels are not public: test on val
         if source is None:
-            raise FileNotFoundError(f"no {split}.csv or {split}/ under {self.root}; " + LAYOUT.format(root=self.root))
+            raise FileNotFoundError(
+                f"no {split}.csv or {split}/ under {self.root}; " + LAYOUT.format(root=self.root)
+            )
         duration = hp.frames * hp.sampling_rate / hp.fps
         if split == "train":
             sampler, per_video, views = make_clip_sampler("random", duration), 1, 1
         elif split == "val":
-            sampler, per_video, views = make_clip_sampler("constant_clips_per_video", duration, hp.val_clips), hp.val_clips, 1
+            sampler, per_video, views = (
+                make_clip_sampler("constant_clips_per_video", duration, hp.val_clips),
+                hp.val_clips,
+                1,
+            )
         else:
             views = hp.test_clips * hp.test_crops
             sampler = make_clip_sampler("constant_clips_per_video", duration, hp.test_clips, hp.test_crops)
             per_video = 1
         world, rank = self._rank()
-        video_sampler = functools.partial(DistributedSampler, num_replicas=world, rank=rank,
-                                          shuffle=split == "train", seed=hp.seed)
-        ds = Kinetics(data_path=str(source), clip_sampler=sampler, video_sampler=video_sampler,
-                      transform=self._transform(split), video_path_prefix=str(self.root) if source.is_file() else "",
-                      decode_audio=False, decoder="pyav")
-        return ClipStream(ds, samples_per_video=per_video, views=views, batch_size=self.batch_size,
-                          num_workers=hp.num_workers)
+        video_sampler = functools.partial(
+            DistributedSampler, num_replicas=world, rank=rank, shuffle=split == "train", seed=hp.seed
+        )
+        ds = Kinetics(
+            data_path=str(source),
+            clip_sampler=sampler,
+            video_sampler=video_sampler,
+            transform=self._transform(split),
+            video_path_prefix=str(self.root) if source.is_file() else "",
+            decode_audio=False,
+            decoder="pyav",
+        )
+        return ClipStream(
+            ds,
+            samples_per_video=per_video,
+            views=views,
+            batch_size=self.batch_size,
+            num_workers=hp.num_workers,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         self.num_classes  # noqa: B018 (a bad root fails here, with the layout)
@@ -405,7 +453,13 @@ class KineticsDataModule(SplitDataModule):
         if split == "train" and self.trainer is not None:
             stream.set_epoch(self.trainer.current_epoch)  # a resumed run continues the order
         w = self.hparams.num_workers
-        loader = DataLoader(stream, batch_size=1, num_workers=w, collate_fn=_first,
-                            pin_memory=torch.cuda.is_available(), persistent_workers=w > 0)
+        loader = DataLoader(
+            stream,
+            batch_size=1,
+            num_workers=w,
+            collate_fn=_first,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=w > 0,
+        )
         loader.batch_sampler.sampler = _EpochSampler(stream)
         return loader

@@ -36,8 +36,11 @@ def rng_states() -> dict[str, Any]:
     """The process's global random states (torch CPU and CUDA, numpy, python), in types that
     ``torch.load(weights_only=True)`` reads back (Lightning loads checkpoints that way)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
-    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-              "python": random.getstate()}
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -69,7 +72,9 @@ class _ResumableSampler(DistributedSampler):
     def __init__(self, dataset: Dataset, shuffle: bool, seed: int, drop_last: bool) -> None:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        super().__init__(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         self.skip = 0
         self.skip_epoch = -1
 
@@ -118,15 +123,29 @@ class ResumableLoader(DataLoader):
         **kwargs: any other ``DataLoader`` argument except ``sampler``/``batch_sampler``/``generator``.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool = True, drop_last: bool = True,
-                 seed: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         seed = run_seed() if seed is None else seed
         sampler = _ResumableSampler(dataset, shuffle, seed, drop_last)
         # NOTE: a private generator: creating an iterator draws the workers' base seed from it
         # instead of from the global stream the checkpoint restores.
         generator = torch.Generator().manual_seed(seed)
-        super().__init__(_SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler,
-                         drop_last=drop_last, generator=generator, **kwargs)
+        super().__init__(
+            _SeededSamples(dataset, seed),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            generator=generator,
+            **kwargs,
+        )
         self._batches = 0  # batches yielded in the current pass
         self._restore: dict[str, Any] | None = None
 
@@ -147,14 +166,15 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         sampler: _ResumableSampler = self.sampler  # type: ignore[assignment]
-        return {"epoch": sampler.epoch, "batches": self._batches, "seed": sampler.seed,
-                "rng": rng_states()}
+        return {"epoch": sampler.epoch, "batches": self._batches, "seed": sampler.seed, "rng": rng_states()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         sampler: _ResumableSampler = self.sampler  # type: ignore[assignment]
         if state.get("seed", sampler.seed) != sampler.seed:
-            raise ValueError(f"the checkpoint's data order was seeded with {state['seed']}, this run with "
-                             f"{sampler.seed}: resume with the same seed_everything")
+            raise ValueError(
+                f"the checkpoint's data order was seeded with {state['seed']}, this run with "
+                f"{sampler.seed}: resume with the same seed_everything"
+            )
         if state["batches"] < len(self):  # mid-epoch: skip what the saved run had trained on
             sampler.skip, sampler.skip_epoch = state["batches"] * self.batch_size, state["epoch"]  # type: ignore[operator]
             self._batches = state["batches"]

@@ -22,8 +22,14 @@ from ssn.checks import check_range
 
 from .base import SplitDataModule
 
-__all__ = ["CheckLabel", "SegDataModule", "SegFolderDataModule", "SkippingSegDataset", "collate_skipping",
-           "readable"]
+__all__ = [
+    "CheckLabel",
+    "SegDataModule",
+    "SegFolderDataModule",
+    "SkippingSegDataset",
+    "collate_skipping",
+    "readable",
+]
 
 log = logging.getLogger(__name__)
 _IMAGE, _LABEL = 1, 2  # flags of a sample's unreadable files
@@ -55,12 +61,16 @@ class CheckLabel:
     def __call__(self, results: dict[str, Any]) -> dict[str, Any]:
         label, path = results["gt_seg_map"], results["seg_map_path"]
         if label.ndim != 2:
-            raise ValueError(f"label {path} has shape {label.shape}: expected one channel of class indices "
-                             "(a single-channel PNG), not a colour image")
+            raise ValueError(
+                f"label {path} has shape {label.shape}: expected one channel of class indices "
+                "(a single-channel PNG), not a colour image"
+            )
         if tuple(label.shape) != tuple(results["ori_shape"][:2]):
             (h, w), (ih, iw) = label.shape, results["ori_shape"][:2]
-            raise ValueError(f"label {path} is {w}x{h} (w x h) but its image {results['img_path']} is {iw}x{ih}: "
-                             "a label must have its image's size")
+            raise ValueError(
+                f"label {path} is {w}x{h} (w x h) but its image {results['img_path']} is {iw}x{ih}: "
+                "a label must have its image's size"
+            )
         values = np.unique(label)
         bad = values[(values >= self.num_classes) & (values != self.ignore_index)]
         if bad.size:
@@ -101,11 +111,18 @@ def train_pipeline(
     return [*steps, dict(type="PackSegInputs")]
 
 
-def test_pipeline(scale: tuple[int, int] | None, check: CheckLabel, *, color_type: str = "color") -> list[Any]:
+def test_pipeline(
+    scale: tuple[int, int] | None, check: CheckLabel, *, color_type: str = "color"
+) -> list[Any]:
     """mmseg's evaluation pipeline: resize the image (keep ratio), the label stays at full size."""
     resize = [dict(type="Resize", scale=tuple(scale), keep_ratio=True)] if scale else []
-    return [dict(type="LoadImageFromFile", color_type=color_type), *resize, dict(type="LoadAnnotations"),
-            check, dict(type="PackSegInputs")]
+    return [
+        dict(type="LoadImageFromFile", color_type=color_type),
+        *resize,
+        dict(type="LoadAnnotations"),
+        check,
+        dict(type="PackSegInputs"),
+    ]
 
 
 class SkippingSegDataset(Dataset):
@@ -138,7 +155,9 @@ class SkippingSegDataset(Dataset):
         try:
             return self.dataset.pipeline(info)
         except Exception:
-            flags = (_IMAGE * (not readable(info["img_path"]))) | (_LABEL * (not readable(info["seg_map_path"])))
+            flags = (_IMAGE * (not readable(info["img_path"]))) | (
+                _LABEL * (not readable(info["seg_map_path"]))
+            )
             if not flags:
                 raise  # both files decode: a real error, not a corrupt file
             with self._bad.get_lock():
@@ -146,7 +165,9 @@ class SkippingSegDataset(Dataset):
                 self._bad[index] |= flags
             for flag, key in ((_IMAGE, "img_path"), (_LABEL, "seg_map_path")):
                 if new & flag:
-                    log.warning("skipping unreadable %s %s", "image" if flag == _IMAGE else "label", info[key])
+                    log.warning(
+                        "skipping unreadable %s %s", "image" if flag == _IMAGE else "label", info[key]
+                    )
             return None
 
 
@@ -154,11 +175,15 @@ def _check_labels_exist(dataset: Any, split: str) -> None:
     """Every image of ``split`` has its label file: one that is missing is a layout error (a
     misnamed or uncopied file), not a corrupt sample to skip."""
     infos = (dataset.get_data_info(i) for i in range(len(dataset)))
-    missing = [(info["img_path"], info["seg_map_path"]) for info in infos if not Path(info["seg_map_path"]).is_file()]
+    missing = [
+        (info["img_path"], info["seg_map_path"]) for info in infos if not Path(info["seg_map_path"]).is_file()
+    ]
     if missing:
         image, label = missing[0]
-        raise FileNotFoundError(f"{len(missing)} {split} image(s) have no label file, e.g. {image}: no {label}; "
-                                "every image needs its label (a missing one is a layout error, not a corrupt file)")
+        raise FileNotFoundError(
+            f"{len(missing)} {split} image(s) have no label file, e.g. {image}: no {label}; "
+            "every image needs its label (a missing one is a layout error, not a corrupt file)"
+        )
 
 
 def collate_skipping(batch: list[Any]) -> dict[str, list[Any]] | None:
@@ -198,13 +223,20 @@ class SegDataModule(SplitDataModule):
         cat_max_ratio: float = 0.75,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size), ("repeat", repeat),
-                            *(("crop_size (each side)", v) for v in crop_size), *(("scale (each side)", v) for v in scale)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("val_batch_size", val_batch_size),
+            ("repeat", repeat),
+            *(("crop_size (each side)", v) for v in crop_size),
+            *(("scale (each side)", v) for v in scale),
+        ):
             check_range(name, value, "[1, inf)")
         check_range("num_workers", num_workers, "[0, inf)")
         check_range("cat_max_ratio", cat_max_ratio, "(0, 1]")
         if not 0 < ratio_range[0] <= ratio_range[1] < math.inf:
-            raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {tuple(ratio_range)}")
+            raise ValueError(
+                f"ratio_range must be (low, high) with 0 < low <= high, got {tuple(ratio_range)}"
+            )
         self.crop_size, self.scale = tuple(crop_size), tuple(scale)
         self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
         self.root = Path(root).expanduser()
@@ -226,9 +258,15 @@ class SegDataModule(SplitDataModule):
         """mmseg's standard training or evaluation pipeline with this module's parameters."""
         check = CheckLabel(self.num_classes, self.ignore_index)
         if train:
-            return train_pipeline(self.scale, self.crop_size, check, ratio_range=self.ratio_range,
-                                  cat_max_ratio=self.cat_max_ratio, photometric=self.photometric,
-                                  color_type=self.color_type)
+            return train_pipeline(
+                self.scale,
+                self.crop_size,
+                check,
+                ratio_range=self.ratio_range,
+                cat_max_ratio=self.cat_max_ratio,
+                photometric=self.photometric,
+                color_type=self.color_type,
+            )
         return test_pipeline(self.scale, check, color_type=self.color_type)
 
     @property
@@ -254,8 +292,12 @@ class SegDataModule(SplitDataModule):
 
     def _loader_options(self, train: bool) -> dict[str, Any]:
         w = self.num_workers
-        return {"num_workers": w, "persistent_workers": w > 0, "pin_memory": torch.cuda.is_available(),
-                "collate_fn": collate_skipping}
+        return {
+            "num_workers": w,
+            "persistent_workers": w > 0,
+            "pin_memory": torch.cuda.is_available(),
+            "collate_fn": collate_skipping,
+        }
 
 
 FOLDER_LAYOUT = """expected mmseg's custom-dataset layout:
@@ -304,11 +346,22 @@ class SegFolderDataModule(SegDataModule):
         self.color_type = "grayscale" if grayscale else "color"
         self.photometric = photometric and not grayscale
         self.suffixes = (img_suffix, seg_map_suffix)
-        super().__init__(root, batch_size, num_workers, val_batch_size, repeat, crop_size=crop_size, scale=scale,
-                         ratio_range=ratio_range, cat_max_ratio=cat_max_ratio)
+        super().__init__(
+            root,
+            batch_size,
+            num_workers,
+            val_batch_size,
+            repeat,
+            crop_size=crop_size,
+            scale=scale,
+            ratio_range=ratio_range,
+            cat_max_ratio=cat_max_ratio,
+        )
 
     def _check_layout(self) -> None:
-        layout = FOLDER_LAYOUT.format(root=self.root, img_suffix=self.suffixes[0], seg_map_suffix=self.suffixes[1])
+        layout = FOLDER_LAYOUT.format(
+            root=self.root, img_suffix=self.suffixes[0], seg_map_suffix=self.suffixes[1]
+        )
         for sub, suffix in zip(("img_dir", "ann_dir"), self.suffixes):
             for split in ("train", "val"):
                 folder = self.root / sub / split
@@ -319,7 +372,12 @@ class SegFolderDataModule(SegDataModule):
         from mmseg.datasets import BaseSegDataset
 
         train = split == "train"
-        return BaseSegDataset(data_root=str(self.root), pipeline=self._pipeline(train), test_mode=not train,
-                              metainfo=dict(classes=tuple(self.classes)), img_suffix=self.suffixes[0],
-                              seg_map_suffix=self.suffixes[1],
-                              data_prefix=dict(img_path=f"img_dir/{split}", seg_map_path=f"ann_dir/{split}"))
+        return BaseSegDataset(
+            data_root=str(self.root),
+            pipeline=self._pipeline(train),
+            test_mode=not train,
+            metainfo=dict(classes=tuple(self.classes)),
+            img_suffix=self.suffixes[0],
+            seg_map_suffix=self.suffixes[1],
+            data_prefix=dict(img_path=f"img_dir/{split}", seg_map_path=f"ann_dir/{split}"),
+        )
