@@ -18,8 +18,9 @@ import itertools
 import logging
 import math
 import multiprocessing as mp
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -76,9 +76,10 @@ class CheckLabel:
         if bad.size:
             # NOTE: ADE20K's labels are reduced (0 -> ignore, k -> k - 1) when read: name the file's values
             shift = 1 if results.get("reduce_zero_label") else 0
+            reduced = ", read with 0 as ignore" if shift else ""
             raise ValueError(
-                f"label {path} holds values {(bad + shift).tolist()[:10]} outside the {self.num_classes} classes "
-                f"(0..{self.num_classes - 1 + shift}{', read with 0 as ignore' if shift else ''}) and the "
+                f"label {path} holds values {(bad + shift).tolist()[:10]} outside the "
+                f"{self.num_classes} classes (0..{self.num_classes - 1 + shift}{reduced}) and the "
                 f"ignore index {self.ignore_index}"
             )
         return results
@@ -362,7 +363,7 @@ class SegFolderDataModule(SegDataModule):
         layout = FOLDER_LAYOUT.format(
             root=self.root, img_suffix=self.suffixes[0], seg_map_suffix=self.suffixes[1]
         )
-        for sub, suffix in zip(("img_dir", "ann_dir"), self.suffixes):
+        for sub, suffix in zip(("img_dir", "ann_dir"), self.suffixes, strict=True):
             for split in ("train", "val"):
                 folder = self.root / sub / split
                 if not folder.is_dir() or not any(folder.glob(f"*{suffix}")):
