@@ -55,7 +55,9 @@ class _Seg(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.model.extract_feat(x)
-        return self.model.decode_head(feats).mean((2, 3)) + 0.4 * self.model.auxiliary_head(feats).mean((2, 3))
+        return self.model.decode_head(feats).mean((2, 3)) + 0.4 * self.model.auxiliary_head(feats).mean(
+            (2, 3)
+        )
 
 
 def build(name: str, quick: bool) -> tuple[nn.Module, torch.Tensor, int]:
@@ -74,7 +76,9 @@ def build(name: str, quick: bool) -> tuple[nn.Module, torch.Tensor, int]:
         from tasks.video import build_slow_resnet
 
         batch, frames, size = (1, 4, 64) if quick else (2, 8, 96)
-        net = build_slow_resnet("slow_r50", 400, 3, nn.BatchNorm3d, frames=frames, crop_size=size, dropout=0.0)
+        net = build_slow_resnet(
+            "slow_r50", 400, 3, nn.BatchNorm3d, frames=frames, crop_size=size, dropout=0.0
+        )
         return net, torch.randn(batch, 3, frames, size, size), 400
     if name == "deeplabv3":
         from ssn.integrations import bridge_mmcv_lite
@@ -100,7 +104,9 @@ def variants(native: nn.Module, names: list[str]) -> dict[str, nn.Module]:
         if name == "BN":
             out[name] = copy.deepcopy(native)
         elif name == "GN":  # 32 groups (ResNets), 8 for the small ResNet's 16 channels (its config)
-            widths = [m.num_features for m in native.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            widths = [
+                m.num_features for m in native.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ]
             groups = min(32, min(widths) // 2)
             out[name] = ssn.convert_norm(copy.deepcopy(native), "gn", groups=groups)
         elif name in ("SN", "IN", "LN"):  # (IN and LN: on request, --eager IN LN)
@@ -161,8 +167,11 @@ def peak_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast
     model.zero_grad(set_to_none=True)
     # NOTE: on a GPU the profiler also records the host's allocations; only the input's device counts
     device = x.device.type.upper()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type().name == device)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type().name == device
+    )
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -178,7 +187,10 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
         x = x[: args.batch]
     native, x = native.to(device), x.to(device)
     target = torch.randint(0, classes, (x.shape[0],), device=device)
-    eager = {n: net.to(device) for n, net in variants(native, ["BN"] + [n for n in args.eager if n != "BN"]).items()}
+    eager = {
+        n: net.to(device)
+        for n, net in variants(native, ["BN"] + [n for n in args.eager if n != "BN"]).items()
+    }
     nets: dict[str, nn.Module] = dict(eager)
     compiled_names = [] if args.no_compile or name not in args.compile_models else args.compiled
     for cname in compiled_names:
@@ -188,7 +200,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         for n in list(eager):
             nets[f"{n} channels_last"] = copy.deepcopy(eager[n])._apply(
-                lambda t: t.contiguous(memory_format=fmt) if t.dim() == x.dim() else t)
+                lambda t: t.contiguous(memory_format=fmt) if t.dim() == x.dim() else t
+            )
             inputs[f"{n} channels_last"] = x.contiguous(memory_format=fmt)
     rows = {n: {"model": name, "candidate": n} for n in nets}
     for mode in ("train", "eval"):
@@ -215,33 +228,53 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, object]]:
                 base = peak if n == "BN" else base
                 rows[n][f"mem_{precision}_mb"] = peak / 2**20
                 rows[n][f"mem_{precision}_ratio"] = peak / base
-                print(f"  {name} peak memory {precision}: {n} {peak / 2**20:.0f} MiB ({peak / base:.2f}x)", flush=True)
+                print(
+                    f"  {name} peak memory {precision}: {n} {peak / 2**20:.0f} MiB ({peak / base:.2f}x)",
+                    flush=True,
+                )
     return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet50"], choices=["resnet50", "video", "deeplabv3", "resnet_small"])
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["resnet50"],
+        choices=["resnet50", "video", "deeplabv3", "resnet_small"],
+    )
     ap.add_argument("--compile-models", nargs="+", default=["resnet50"], help="models also timed compiled")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--compiled", nargs="*", default=COMPILED, help=f"compiled candidates (default: {COMPILED})")
-    ap.add_argument("--eager", nargs="*", default=EAGER, help=f"eager candidates besides BN (default: {EAGER})")
+    ap.add_argument(
+        "--compiled", nargs="*", default=COMPILED, help=f"compiled candidates (default: {COMPILED})"
+    )
+    ap.add_argument(
+        "--eager", nargs="*", default=EAGER, help=f"eager candidates besides BN (default: {EAGER})"
+    )
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--channels-last", action="store_true", help="also time channels-last copies of the eager candidates")
+    ap.add_argument(
+        "--channels-last", action="store_true", help="also time channels-last copies of the eager candidates"
+    )
     ap.add_argument("--quick", action="store_true", help="small inputs, 3 rounds")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 3)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="device of the networks (cpu, cuda)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="time each model this many times (fresh networks each time); the table gives the "
-                         "median ratio over the repeats and their range")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time each model this many times (fresh networks each time); the table gives the "
+        "median ratio over the repeats and their range",
+    )
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 7)
     if args.threads:
         torch.set_num_threads(args.threads)
     steady_allocator()
     cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {args.rounds} alternating rounds")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {args.rounds} alternating rounds"
+    )
     rows = []
     for name in args.models:
         runs = [run_model(name, args) for _ in range(args.repeat)]
@@ -267,8 +300,12 @@ def combine(runs: list[list[dict[str, object]]]) -> list[dict[str, object]]:
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    cols = [("train_ratio", "train step"), ("eval_ratio", "eval step"), ("mem_fp32_ratio", "peak mem fp32"),
-            ("mem_bf16_ratio", "peak mem bf16")]
+    cols = [
+        ("train_ratio", "train step"),
+        ("eval_ratio", "eval step"),
+        ("mem_fp32_ratio", "peak mem fp32"),
+        ("mem_bf16_ratio", "peak mem bf16"),
+    ]
     print(f"\n| {rows[0]['model']} | " + " | ".join(c for _, c in cols) + " | train ms | eval ms |")
     print("|---|" + "---:|" * (len(cols) + 2))
     for r in rows:

@@ -167,8 +167,13 @@ def measure_roof(
     # NOTE: _alternate_rounds repeats every run as often as the fastest needs; a lone copy (a few
     # microseconds) would multiply the layers' repeats by 100s. The copy run repeats itself to last
     # about as long as the fastest layer instead, and its time is divided back.
-    reps = max(1, round(_once(min(runs.values(), key=lambda r: _once(r, sync)), sync)
-                        / _once(lambda: dst.copy_(src), sync, 5)))
+    reps = max(
+        1,
+        round(
+            _once(min(runs.values(), key=lambda r: _once(r, sync)), sync)
+            / _once(lambda: dst.copy_(src), sync, 5)
+        ),
+    )
 
     def copies() -> None:
         for _ in range(reps):
@@ -177,7 +182,9 @@ def measure_roof(
     runs[COPY] = copies
     times = _alternate_rounds(runs, rounds, sync=sync)
     ratios = {ref: round_ratios(times, ref) for _, ref in cands.values()}  # once per reference
-    rows = [(name, statistics.median(times[name]), ratios[ref][name], ref) for name, (_, ref) in cands.items()]
+    rows = [
+        (name, statistics.median(times[name]), ratios[ref][name], ref) for name, (_, ref) in cands.items()
+    ]
     return rows, statistics.median(times[COPY]) / reps
 
 
@@ -208,8 +215,12 @@ def model_candidates() -> dict[str, nn.Module]:
     for _, m in ssn.switch_norms(latched):
         m.latch("bn", "bn")
     exported = ssn.export_norm(copy.deepcopy(latched))
-    return {"native ResNet-50": native, "SSN dense": dense, "SSN latched (BN)": latched,
-            "SSN exported": exported}
+    return {
+        "native ResNet-50": native,
+        "SSN dense": dense,
+        "SSN latched (BN)": latched,
+        "SSN exported": exported,
+    }
 
 
 def measure_models(rounds: int, batch: int, size: int) -> list[tuple[str, str, float, float]]:
@@ -260,13 +271,17 @@ def steady_allocator() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def _alternate(runs: dict[str, Callable[[], None]], rounds: int, min_sample: float = 0.02) -> dict[str, float]:
+def _alternate(
+    runs: dict[str, Callable[[], None]], rounds: int, min_sample: float = 0.02
+) -> dict[str, float]:
     """Median time of each run, candidates interleaved in a shuffled order every round."""
     return {name: statistics.median(ts) for name, ts in _alternate_rounds(runs, rounds, min_sample).items()}
 
 
 def _alternate_rounds(
-    runs: dict[str, Callable[[], None]], rounds: int, min_sample: float = 0.02,
+    runs: dict[str, Callable[[], None]],
+    rounds: int,
+    min_sample: float = 0.02,
     sync: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
     """Each run's time in every round, candidates interleaved in a shuffled order every round.
@@ -317,11 +332,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table of the ratios")
     ap.add_argument("--no-models", action="store_true", help="skip the whole-ResNet-50 comparison")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--compiled", action="store_true",
-                    help="compiled (inductor, fullgraph) SN / SSN dense / SSN latched against eager BatchNorm, "
-                         "training and eval")
-    ap.add_argument("--shapes", nargs="+", default=None, help="shapes to run, e.g. 16x64x56x56 (default: all)")
-    ap.add_argument("--device", default="cpu", help="device of the layers (cpu, cuda); the ResNet-50s stay on the CPU")
+    ap.add_argument(
+        "--compiled",
+        action="store_true",
+        help="compiled (inductor, fullgraph) SN / SSN dense / SSN latched against eager BatchNorm, "
+        "training and eval",
+    )
+    ap.add_argument(
+        "--shapes", nargs="+", default=None, help="shapes to run, e.g. 16x64x56x56 (default: all)"
+    )
+    ap.add_argument(
+        "--device", default="cpu", help="device of the layers (cpu, cuda); the ResNet-50s stay on the CPU"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -333,10 +355,14 @@ def main(argv: list[str] | None = None) -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     torch.manual_seed(0)
     steady = steady_allocator()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} alternating rounds, median"
-          f"{', steady glibc allocator' if steady else ''}")
-    print("bw/copy: the layer's minimum traffic over its time, as a fraction of a copy of the same tensor "
-          "(eval 2, train 5 x numel x itemsize; see the docstring)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} alternating rounds, median"
+        f"{', steady glibc allocator' if steady else ''}"
+    )
+    print(
+        "bw/copy: the layer's minimum traffic over its time, as a fraction of a copy of the same tensor "
+        "(eval 2, train 5 x numel x itemsize; see the docstring)"
+    )
     print(f"{'shape':<22} {'mode':<6} {'layer':<16} {'ms':>8} {'ratio':>7} {'bw/copy':>7}  vs")
     table: dict[tuple[str, str, str], float] = {}  # (layer, mode, shape) -> ratio
     roof: dict[tuple[str, str, str], float] = {}  # (layer, mode, shape) -> bandwidth / copy bandwidth
@@ -349,8 +375,10 @@ def main(argv: list[str] | None = None) -> None:
                 roof[(name, mode, key)] = roof_fraction(t, copy_s, train)
                 if name == ref:
                     continue
-                print(f"{str(shape):<22} {mode:<6} {name:<16} {t * 1e3:8.2f} {ratio:6.2f}x "
-                      f"{roof[(name, mode, key)]:7.3f}  {ref}")
+                print(
+                    f"{str(shape):<22} {mode:<6} {name:<16} {t * 1e3:8.2f} {ratio:6.2f}x "
+                    f"{roof[(name, mode, key)]:7.3f}  {ref}"
+                )
                 table[(name, mode, key)] = ratio
             copy_gbs = 2 * math.prod(shape) * 4 / copy_s / 1e9
             natives = ", ".join(f"{n} {roof[(n, mode, key)]:.3f}" for n, _, _, r in rows if n == r)
@@ -360,8 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\nworst ratio over shapes:")
     for name, mode in rows:
         lowest = min(roof[(name, mode, c)] for c in cols)
-        print(f"  {name:<16} {mode:<6} {max(table[(name, mode, c)] for c in cols):5.2f}x"
-              f"   (lowest bw/copy {lowest:.2f})")
+        print(
+            f"  {name:<16} {mode:<6} {max(table[(name, mode, c)] for c in cols):5.2f}x"
+            f"   (lowest bw/copy {lowest:.2f})"
+        )
     if not args.no_models:
         batch, size = (2, 64) if args.quick else (8, 112)
         model_rows = measure_models(rounds, batch, size)
@@ -379,7 +409,9 @@ def main(argv: list[str] | None = None) -> None:
         print("\n| layer: bw / copy bw | mode | " + " | ".join(cols) + " |")
         print("|---|---|" + "---:|" * len(cols))
         for name, mode in sorted({(n, m) for n, m, _ in roof}, key=lambda r: (r[1] != "train", r[0])):
-            cells = " | ".join(f"{roof[(name, mode, c)]:.2f}" if (name, mode, c) in roof else "-" for c in cols)
+            cells = " | ".join(
+                f"{roof[(name, mode, c)]:.2f}" if (name, mode, c) in roof else "-" for c in cols
+            )
             print(f"| {name} | {mode} | {cells} |")
         if not args.no_models:
             print(f"\n| ResNet-50 (batch {batch}, {size}px) | train step | eval |\n|---|---:|---:|")

@@ -32,6 +32,8 @@ class NaNInputAt(pl.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, *args: object) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, *args: object
+    ) -> None:
         if trainer.global_step == self.step:
             batch[0].view(-1)[0] = float("nan")  # type: ignore[index]

@@ -28,9 +28,11 @@ TASK = ROOT / "configs/digits/resnet_small_digits-28.yaml"
 # NOTE: the task and the SSN overlays alone, without configs/base/trainer.yaml, as these figures were
 # measured (Lightning's default trainer; logger and progress bar off below)
 CONFIGS = [a for f in (TASK, *norm_overlays(TASK, "ssn")) for a in ("--config", str(f))]
-MODES = {"keep": ["--model.init_args.pretrained_ratios=keep"],
-         "reopen": ["--model.init_args.pretrained_ratios=reopen"],
-         "scratch": ["--model.init_args.pretrained=null"]}
+MODES = {
+    "keep": ["--model.init_args.pretrained_ratios=keep"],
+    "reopen": ["--model.init_args.pretrained_ratios=reopen"],
+    "scratch": ["--model.init_args.pretrained=null"],
+}
 
 
 def run_dir(mode: str, train_size: int, seed: int, args: argparse.Namespace) -> Path:
@@ -39,11 +41,19 @@ def run_dir(mode: str, train_size: int, seed: int, args: argparse.Namespace) -> 
 
 def run(mode: str, train_size: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One fine-tuning (or scratch) run through the CLI; returns its ``summary.json``."""
-    cli_args = ["fit", *CONFIGS, *MODES[mode],
-                f"--seed_everything={seed}", f"--trainer.max_epochs={args.epochs}", f"--data.init_args.train_size={train_size}",
-                "--data.init_args.batch_size=" + str(min(64, train_size // 2)),
-                f"--trainer.default_root_dir={run_dir(mode, train_size, seed, args)}", "--trainer.logger=false",
-                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    cli_args = [
+        "fit",
+        *CONFIGS,
+        *MODES[mode],
+        f"--seed_everything={seed}",
+        f"--trainer.max_epochs={args.epochs}",
+        f"--data.init_args.train_size={train_size}",
+        "--data.init_args.batch_size=" + str(min(64, train_size // 2)),
+        f"--trainer.default_root_dir={run_dir(mode, train_size, seed, args)}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
     if mode != "scratch":
         cli_args.append(f"--model.init_args.pretrained={args.pretrained}")
     return run_cli(cli_args)
@@ -62,14 +72,18 @@ def main() -> None:
     before = Path(args.pretrained).parent.parent / "ssn" / "selection.txt"
     runs = {(m, n, s): run(m, n, s, args) for n in args.train_sizes for m in MODES for s in args.seeds}
     records = load_records([run_dir(*key, args) / "summary.json" for key in runs])
-    print(f"\nFine-tuning on scikit-learn digits, {args.epochs} epochs, seeds {args.seeds} "
-          f"(test accuracy on 500 held-out digits; pretrained — is the run from scratch)\n")
+    print(
+        f"\nFine-tuning on scikit-learn digits, {args.epochs} epochs, seeds {args.seeds} "
+        f"(test accuracy on 500 held-out digits; pretrained — is the run from scratch)\n"
+    )
     print(markdown_table(aggregate(records, GROUP_BY, METRICS), GROUP_BY, METRICS))
     if before.is_file():
         print("\nSelection of the pretrained (Fashion-MNIST) network:\n```\n" + before.read_text() + "```")
     for m in ("keep", "reopen", "scratch"):
         (mode, n, _), summary = next((k, v) for k, v in runs.items() if k[0] == m)
-        print(f"\nSelection after fine-tuning ({mode}, {n} images):\n```\n{selection_table(summary['selection'])}\n```")
+        print(
+            f"\nSelection after fine-tuning ({mode}, {n} images):\n```\n{selection_table(summary['selection'])}\n```"
+        )
 
 
 if __name__ == "__main__":

@@ -62,14 +62,20 @@ def section(name: str) -> None:
 
 def environment(device: torch.device) -> None:
     section("environment")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"torch {torch.__version__}, python {platform.python_version()}, {torch.get_num_threads()} CPU threads"
+    )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
-              f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+        print(
+            f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
+            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+        )
     else:
-        print(f"device: cpu ({platform.processor() or platform.machine()}); CUDA available: "
-              f"{torch.cuda.is_available()}")
+        print(
+            f"device: cpu ({platform.processor() or platform.machine()}); CUDA available: "
+            f"{torch.cuda.is_available()}"
+        )
 
 
 def cuda_tests(timeout: float) -> int:
@@ -90,8 +96,10 @@ def cuda_tests(timeout: float) -> int:
 
 def layers(device: torch.device, shapes: list[tuple[int, ...]], rounds: int) -> None:
     section(f"layers (bench_norm, {device.type}, {rounds} rounds)")
-    print("ratio: time over the native reference's in the same round; bw/device: minimum traffic "
-          "(eval 2, train 5 x numel x 4 bytes) over time, as a fraction of the copy's bandwidth")
+    print(
+        "ratio: time over the native reference's in the same round; bw/device: minimum traffic "
+        "(eval 2, train 5 x numel x 4 bytes) over time, as a fraction of the copy's bandwidth"
+    )
     print(f"{'shape':<22} {'mode':<6} {'layer':<16} {'ms':>8} {'ratio':>7} {'bw/device':>9}  vs")
     for shape in shapes:
         for train in (True, False):
@@ -99,10 +107,14 @@ def layers(device: torch.device, shapes: list[tuple[int, ...]], rounds: int) -> 
             rows, copy_s = measure_roof(shape, train, rounds, device=str(device))
             for name, t, ratio, ref in rows:
                 frac = roof_fraction(t, copy_s, train)
-                print(f"{str(shape):<22} {mode:<6} {name:<16} {t * 1e3:8.3f} {ratio:6.2f}x {frac:9.3f}  {ref}")
+                print(
+                    f"{str(shape):<22} {mode:<6} {name:<16} {t * 1e3:8.3f} {ratio:6.2f}x {frac:9.3f}  {ref}"
+                )
             gbs = 2 * math.prod(shape) * 4 / copy_s / 1e9
-            print(f"{str(shape):<22} {mode:<6} {'device copy':<16} {copy_s * 1e3:8.3f} {'':>7} {gbs:7.1f} GB/s",
-                  flush=True)
+            print(
+                f"{str(shape):<22} {mode:<6} {'device copy':<16} {copy_s * 1e3:8.3f} {'':>7} {gbs:7.1f} GB/s",
+                flush=True,
+            )
 
 
 def networks(device: torch.device, quick: bool, rounds: int) -> None:
@@ -111,22 +123,33 @@ def networks(device: torch.device, quick: bool, rounds: int) -> None:
     for name in models:
         args = argparse.Namespace(
             quick=quick,  # else bench_e2e's full sizes: resnet_small at the main job's batch 128, resnet50 8x112px
-            batch=8 if quick else None, device=str(device), rounds=rounds,
-            eager=QUICK_EAGER if quick else bench_e2e.EAGER, compiled=[], no_compile=True, compile_models=[],
-            channels_last=False, no_memory=False,
+            batch=8 if quick else None,
+            device=str(device),
+            rounds=rounds,
+            eager=QUICK_EAGER if quick else bench_e2e.EAGER,
+            compiled=[],
+            no_compile=True,
+            compile_models=[],
+            channels_last=False,
+            no_memory=False,
         )
         rows = bench_e2e.run_model(name, args)
         bench_e2e.print_table(rows)
         print("peak memory of a training step (MiB, ratio to BN):")
         for r in rows:
-            print(f"  {name} {r['candidate']:<14} fp32 {r['mem_fp32_mb']:8.1f} ({r['mem_fp32_ratio']:.2f}x)  "
-                  f"bf16 {r['mem_bf16_mb']:8.1f} ({r['mem_bf16_ratio']:.2f}x)", flush=True)
+            print(
+                f"  {name} {r['candidate']:<14} fp32 {r['mem_fp32_mb']:8.1f} ({r['mem_fp32_ratio']:.2f}x)  "
+                f"bf16 {r['mem_bf16_mb']:8.1f} ({r['mem_bf16_ratio']:.2f}x)",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--quick", action="store_true", help="one small shape, 2 rounds, small batch (a smoke run)")
+    ap.add_argument(
+        "--quick", action="store_true", help="one small shape, 2 rounds, small batch (a smoke run)"
+    )
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, quick 2)")
     ap.add_argument("--no-tests", action="store_true", help="skip the CUDA tests")
     ap.add_argument("--test-timeout", type=float, default=240.0, help="seconds for the CUDA tests")
@@ -143,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     layers(device, QUICK_SHAPES if args.quick else SHAPES, rounds)
     networks(device, args.quick, rounds)
     section("done")
-    verdict = "skipped" if args.no_tests else ("passed or skipped" if rc == 0 else f"FAILED (pytest exit {rc})")
+    verdict = (
+        "skipped" if args.no_tests else ("passed or skipped" if rc == 0 else f"FAILED (pytest exit {rc})")
+    )
     print(f"{time.perf_counter() - start:.0f} s; cuda tests: {verdict}")
     return rc
 

@@ -92,7 +92,14 @@ def _error(m: nn.Module, x: torch.Tensor, train: bool, f=None) -> float:
 
 def errors() -> None:
     print("max |y_float32 - y_float64|, input randn(4, 8, 28, 28) + shift, mixed ratios")
-    cols = ("SSN eval", "SN eval", "SSN eval raw moments", "SSN train", "IN-latched unbiased eval", "native IN")
+    cols = (
+        "SSN eval",
+        "SN eval",
+        "SSN eval raw moments",
+        "SSN train",
+        "IN-latched unbiased eval",
+        "native IN",
+    )
     print(f"{'shift':>7}  " + "  ".join(f"{c:>24}" for c in cols))
     for shift in SHIFTS:
         x = torch.randn(4, 8, 28, 28, generator=torch.Generator().manual_seed(1)) + shift
@@ -101,14 +108,25 @@ def errors() -> None:
         latched.latch("in", "in")
         native = nn.InstanceNorm2d(8, affine=True)
         native.load_state_dict({"weight": ssn_l.weight, "bias": ssn_l.bias})
-        row = (_error(ssn_l, x, False), _error(sn_l, x, False), _error(ssn_l, x, False, raw_moments_eval),
-               _error(ssn_l, x, True), _error(latched, x, False), _error(native, x, True))
+        row = (
+            _error(ssn_l, x, False),
+            _error(sn_l, x, False),
+            _error(ssn_l, x, False, raw_moments_eval),
+            _error(ssn_l, x, True),
+            _error(latched, x, False),
+            _error(native, x, True),
+        )
         print(f"{shift:>7g}  " + "  ".join(f"{e:>24.1e}" for e in row))
 
 
 def cost(shapes: list[tuple[int, ...]], rounds: int) -> None:
     print("\ndense SSN eval time / raw-moments eval time, same rounds (median over rounds, and range)")
-    for shift, layout in ((0.0, "contiguous"), (10.0, "contiguous"), (0.0, "channels-last"), (10.0, "channels-last")):
+    for shift, layout in (
+        (0.0, "contiguous"),
+        (10.0, "contiguous"),
+        (0.0, "channels-last"),
+        (10.0, "channels-last"),
+    ):
         for shape in shapes:
             x = torch.randn(shape) + shift
             if layout == "channels-last":
@@ -119,8 +137,10 @@ def cost(shapes: list[tuple[int, ...]], rounds: int) -> None:
                 times = _alternate_rounds(runs, rounds)
             ratios = sorted(t / r for t, r in zip(times["exact"], times["raw"]))
             shape_s = "x".join(map(str, shape))
-            print(f"  shift {shift:>4g}  {layout:>13}  {shape_s:>16}  {statistics.median(ratios):.3f}  "
-                  f"({ratios[0]:.2f}-{ratios[-1]:.2f})  raw {statistics.median(times['raw']) * 1e3:.2f} ms")
+            print(
+                f"  shift {shift:>4g}  {layout:>13}  {shape_s:>16}  {statistics.median(ratios):.3f}  "
+                f"({ratios[0]:.2f}-{ratios[-1]:.2f})  raw {statistics.median(times['raw']) * 1e3:.2f} ms"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

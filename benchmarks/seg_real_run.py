@@ -47,7 +47,9 @@ def prepare_nuclei(out: Path, split_col: int = 384) -> tuple[np.ndarray, np.ndar
 
     spec = importlib.util.find_spec("stardist")  # NOTE: locates the wheel without importing it
     if spec is None or spec.origin is None:
-        raise SystemExit("needs the stardist wheel's data: pip install --no-deps stardist==0.9.2 (see requirements/extras-seg.txt)")
+        raise SystemExit(
+            "needs the stardist wheel's data: pip install --no-deps stardist==0.9.2 (see requirements/extras-seg.txt)"
+        )
     images = Path(spec.origin).parent / "data" / "images"
     img, mask = tifffile.imread(images / "img2d.tif"), tifffile.imread(images / "mask2d.tif")
     if img.shape != mask.shape or img.max() > 255:
@@ -67,10 +69,20 @@ def pretrain(norm: str, root: Path, epochs: float) -> Path:
     ckpt = root / norm / "checkpoints" / "last.ckpt"
     if ckpt.exists():
         return ckpt
-    args = ["fit", *config_args(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml", norm),
-            "--model.init_args.arch", "resnet18", "--trainer.max_epochs", str(max(1, round(epochs))),
-            "--trainer.default_root_dir", str(root / norm), "--trainer.logger.init_args.save_dir", str(root / norm),
-            "--export", "false"]
+    args = [
+        "fit",
+        *config_args(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml", norm),
+        "--model.init_args.arch",
+        "resnet18",
+        "--trainer.max_epochs",
+        str(max(1, round(epochs))),
+        "--trainer.default_root_dir",
+        str(root / norm),
+        "--trainer.logger.init_args.save_dir",
+        str(root / norm),
+        "--export",
+        "false",
+    ]
     print("pretraining: ssn-bench", " ".join(args), flush=True)
     run_cli(args)
     return ckpt
@@ -93,8 +105,12 @@ def run(norm: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
     """Fit ``norm``'s segmenter through the CLI; returns its ``summary.json``."""
     out = args.out / norm
     configs = config_args(ROOT / "configs/nuclei/deeplabv3_r18_nuclei-128x128.yaml", norm)
-    overrides = [f"--data.init_args.root={data}", f"--trainer.default_root_dir={out}",
-                 f"--trainer.logger.init_args.save_dir={out}", "--export=false"]
+    overrides = [
+        f"--data.init_args.root={data}",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--export=false",
+    ]
     if args.steps:
         overrides += [f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={args.steps}"]
     if args.crop:
@@ -103,7 +119,9 @@ def run(norm: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
     if args.batch:
         overrides += [f"--data.init_args.batch_size={args.batch}"]
     if not args.scratch:
-        overrides += [f"--model.init_args.pretrained={pretrain(norm, args.pretrained_root, args.pretrain_epochs)}"]
+        overrides += [
+            f"--model.init_args.pretrained={pretrain(norm, args.pretrained_root, args.pretrain_epochs)}"
+        ]
     return run_cli(["fit", *configs, *overrides])
 
 
@@ -112,15 +130,20 @@ def part_selections(summary: dict[str, Any]) -> dict[str, str]:
     tables = {}
     for part in PARTS:
         prefix = f"model.{part}."
-        rows = [{**r, "layer": r["layer"][len(prefix):]} for r in summary.get("selection") or []
-                if r["layer"].startswith(prefix)]
+        rows = [
+            {**r, "layer": r["layer"][len(prefix) :]}
+            for r in summary.get("selection") or []
+            if r["layer"].startswith(prefix)
+        ]
         if rows:
             tables[part] = selection_table(rows)
     return tables
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--norms", nargs="+", default=["ssn", "bn", "gn"])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--crop", type=int, default=None, help="training crop side (default: the config's)")
@@ -138,9 +161,12 @@ def main() -> None:
     summaries = {norm: run(norm, args, data) for norm in args.norms}
     records = load_records([args.out / norm / "summary.json" for norm in args.norms])
     group_by = ["norm", "pretrained", "global_step"]
-    lines = [f"held-out part: {val_label.shape[1]}x{val_label.shape[0]} px, nucleus fraction "
-             f"{val_label.mean():.3f}; best all-one-class mIoU {baseline:.4f}", "",
-             markdown_table(aggregate(records, group_by, METRICS), group_by, METRICS)]
+    lines = [
+        f"held-out part: {val_label.shape[1]}x{val_label.shape[0]} px, nucleus fraction "
+        f"{val_label.mean():.3f}; best all-one-class mIoU {baseline:.4f}",
+        "",
+        markdown_table(aggregate(records, group_by, METRICS), group_by, METRICS),
+    ]
     for norm, summary in summaries.items():
         for part, table in part_selections(summary).items():
             lines += ["", f"{norm} {part}:", "```", table, "```"]
@@ -148,14 +174,27 @@ def main() -> None:
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
-    rows = [{"norm": norm, "pretrained": s.get("pretrained"), "steps": s.get("global_step"), **s.get("metrics", {})}
-            for norm, s in summaries.items()]
+    rows = [
+        {
+            "norm": norm,
+            "pretrained": s.get("pretrained"),
+            "steps": s.get("global_step"),
+            **s.get("metrics", {}),
+        }
+        for norm, s in summaries.items()
+    ]
     (args.out / "results.json").write_text(json.dumps({"baseline_mIoU": baseline, "rows": rows}, indent=1))
     # NOTE: the run asserts learning: SSN from a classification checkpoint must clearly beat the
     # best all-one-class prediction on the held-out part.
-    ssn_pre = [r["val/mIoU"] for r in rows if r["norm"] == "ssn" and not args.scratch and r.get("val/mIoU") is not None]
+    ssn_pre = [
+        r["val/mIoU"]
+        for r in rows
+        if r["norm"] == "ssn" and not args.scratch and r.get("val/mIoU") is not None
+    ]
     if ssn_pre and max(ssn_pre) < baseline + 0.05:
-        raise SystemExit(f"SSN did not learn: mIoU {max(ssn_pre):.4f} against the one-class baseline {baseline:.4f}")
+        raise SystemExit(
+            f"SSN did not learn: mIoU {max(ssn_pre):.4f} against the one-class baseline {baseline:.4f}"
+        )
 
 
 if __name__ == "__main__":

