@@ -4,10 +4,11 @@
 to wandb.
 
     ssn-bench compare outputs/sweeps/small-batch --out outputs/sweeps/small-batch/report \\
-        [--metric test/acc1] [--filter norm=bn,ssn] [--group-by task norm batch_size]
+        [--metric test/acc1] [--filter norm=bn,ssn] [--group-by task norm batch_size] [--workspace]
 
 Reading (:func:`load_records`), grouping (:func:`group_keys`, :func:`aggregate`), writing
-(:func:`markdown_table`, :func:`write_csv`, the plots) and the whole report (:func:`compare`).
+(:func:`markdown_table`, :func:`write_csv`, the plots) and the whole report (:func:`compare`);
+``--workspace``: the same comparison as a wandb workspace (:mod:`tasks.workspace`).
 """
 
 from __future__ import annotations
@@ -501,13 +502,16 @@ def compare(
             "implied": implied, "grouping": grouping, "skipped": skipped}
 
 
-def log_to_wandb(result: dict[str, Any], *, project: str, mode: str, name: str | None) -> None:
-    """The report as a wandb table and images (``mode``: ``online`` or ``offline``)."""
+def log_to_wandb(result: dict[str, Any], *, project: str, mode: str, name: str | None,
+                 entity: str | None = None) -> dict[str, Any]:
+    """The report as a wandb table and images (``mode``: ``online`` or ``offline``), in a run of
+    job type ``compare``; returns its entity, project and name (a workspace keeps it in view)."""
     import wandb
 
     rows = result["rows"]
     cols = [k for k in rows[0] if k != "runs"]
-    run = wandb.init(project=project, job_type="compare", name=name, mode=mode)
+    run = wandb.init(project=project, entity=entity, job_type="compare", name=name, mode=mode)
+    logged = {"entity": run.entity, "project": run.project, "name": run.name}
     data = [[json.dumps(r[c]) if isinstance(r[c], list) else r[c] for c in cols] for r in rows]
     payload: dict[str, Any] = {"compare/table": wandb.Table(columns=cols, data=data)}
     for key in ("metric_vs_batch", "selection"):
@@ -515,6 +519,7 @@ def log_to_wandb(result: dict[str, Any], *, project: str, mode: str, name: str |
             payload[f"compare/{key}"] = wandb.Image(str(result["files"][key]))
     run.log(payload)
     run.finish()
+    return logged
 
 
 def compare_main(argv: Sequence[str]) -> int:
@@ -534,6 +539,10 @@ def compare_main(argv: Sequence[str]) -> int:
     p.add_argument("--wandb", choices=["off", "offline", "online"], default="off",
                    help="also log the report to wandb")
     p.add_argument("--wandb-project", default="ssn-bench")
+    p.add_argument("--wandb-entity", default=None, help="wandb entity (default: your default entity)")
+    p.add_argument("--workspace", action="store_true",
+                   help="also build the comparison as a wandb workspace (tasks.workspace): its definition is "
+                        "written to the report folder (workspace.json); saved to wandb with --wandb online only")
     ns = p.parse_args(list(argv))
     try:
         result = compare(ns.runs, ns.out, metrics=ns.metric, group_by=ns.group_by, filters=ns.filter,
@@ -545,6 +554,24 @@ def compare_main(argv: Sequence[str]) -> int:
         print(f"left out: {path}: {why}")
     print(markdown_table(result["rows"], result["group_by"], ns.metric))
     print("\n" + "\n".join(f"{k}: {v}" for k, v in result["files"].items()))
+    logged: dict[str, Any] = {}
     if ns.wandb != "off":
-        log_to_wandb(result, project=ns.wandb_project, mode=ns.wandb, name=ns.title or None)
+        # NOTE: a workspace finds the report's run by its name: give it one
+        name = ns.title or (f"compare {result['files']['markdown'].parent.name}" if ns.workspace else None)
+        logged = log_to_wandb(result, project=ns.wandb_project, mode=ns.wandb, name=name, entity=ns.wandb_entity)
+    if ns.workspace:
+        from .workspace import build_workspace, save_workspace, write_workspace
+
+        workspace, grouping = build_workspace(result, ns.metric[0], project=ns.wandb_project,
+                                              entity=ns.wandb_entity or logged.get("entity") or "", title=ns.title,
+                                              compare_run=logged.get("name"))
+        path = write_workspace(workspace, grouping, result["files"]["markdown"].parent)
+        print(f"workspace: {path}")
+        if ns.wandb == "online":
+            print(f"workspace saved: {save_workspace(workspace)}")
+        else:  # offline: nothing is sent
+            entity = f" --entity {ns.wandb_entity}" if ns.wandb_entity else ""
+            print(f"workspace not saved (--wandb {ns.wandb}); save it online later with: "
+                  f"python -m tasks.workspace {path}{entity}"
+                  + (" (after `wandb sync` of the report's offline run)" if ns.wandb == "offline" else ""))
     return 0
