@@ -343,7 +343,7 @@ def write_workspace(workspace: Any, grouping: dict[str, Any], out: str | Path) -
         "grouping": grouping,
         "view": workspace._to_model().model_dump(mode="json", by_alias=True, exclude_none=True),
     }
-    write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     return path
 
 
