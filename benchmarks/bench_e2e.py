@@ -18,7 +18,8 @@ on CPU and GPU. ``--device cuda`` runs the networks on a GPU (timings synchronis
     python benchmarks/bench_e2e.py                          # ResNet-50, eager and compiled
     python benchmarks/bench_e2e.py --models resnet50 video deeplabv3 --no-compile
     python benchmarks/bench_e2e.py --quick                  # small inputs, few rounds
-    python benchmarks/bench_e2e.py --models resnet_small --no-compile --channels-last   # + channels-last copies
+    # + channels-last copies:
+    python benchmarks/bench_e2e.py --models resnet_small --no-compile --channels-last
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -38,8 +39,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ssn  # noqa: E402
-from bench_norm import _alternate_rounds, device_sync, round_ratios, steady_allocator  # noqa: E402
+from bench_norm import _alternate_rounds, device_sync, round_ratios, steady_allocator
+
+import ssn
 
 EAGER = ["BN", "GN", "SN", "SSN dense", "SSN latched", "SSN exported"]
 COMPILED = ["BN", "SSN dense", "SSN latched"]
@@ -273,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     steady_allocator()
     cpu = platform.processor() or platform.machine()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {args.rounds} alternating rounds"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
+        f"{args.rounds} alternating rounds"
     )
     rows = []
     for name in args.models:
@@ -287,7 +290,7 @@ def combine(runs: list[list[dict[str, object]]]) -> list[dict[str, object]]:
     if len(runs) == 1:
         return runs[0]
     out = []
-    for cands in zip(*runs):
+    for cands in zip(*runs, strict=True):
         row = dict(cands[0])
         for key in list(row):
             values = [c[key] for c in cands]

@@ -39,7 +39,7 @@ import math
 import random
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -322,7 +322,10 @@ def round_ratios(times: dict[str, list[float]], ref: str) -> dict[str, float]:
     NOTE: a shared VM's speed drifts by several percent within a run; a ratio taken inside each
     round, where the candidates ran back to back, cancels the drift that separate medians keep.
     """
-    return {name: statistics.median(t / r for t, r in zip(ts, times[ref])) for name, ts in times.items()}
+    return {
+        name: statistics.median(t / r for t, r in zip(ts, times[ref], strict=True))
+        for name, ts in times.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 survived. Every trial runs the real CLI in its own process (killed with SIGKILL where it says so).
 
     python benchmarks/fault_injection.py            # every trial (~5-10 min on 2 cores)
-    python benchmarks/fault_injection.py --short    # kill-save and corrupt-idx (what CI runs: tests/test_faults.py)
+    python benchmarks/fault_injection.py --short    # kill-save and corrupt-idx (CI: tests/test_faults.py)
 
 Trials:
   kill-train    SIGKILL mid-epoch, resume with --ckpt_path last: final weights vs the uninterrupted run
@@ -48,7 +48,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"
-EVERY_STEP = "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args: {save_last: true, every_n_train_steps: 1}\n"
+EVERY_STEP = (
+    "trainer:\n"
+    "  callbacks:\n"
+    "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+    "      init_args: {save_last: true, every_n_train_steps: 1}\n"
+)
 
 
 def compose(base: str, norm: str) -> list[str]:
@@ -152,7 +157,7 @@ def trial_kill_save(tmp: Path) -> tuple[bool, str]:
         return False, f"the child ended with {child.returncode} before it was killed mid-save"
     try:
         kept = torch.load(path, weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return False, f"last.ckpt unreadable after the kill: {e}"
     partial = len(list(path.parent.glob(".last.ckpt.*.tmp")))
     from tasks.checkpointing import AtomicCheckpointIO
@@ -270,7 +275,8 @@ def trial_diverge(tmp: Path) -> tuple[bool, str]:
         and finite
     )
     return ok, (
-        f"lr 1e4, weight decay 1e38: exit {nan_lr.returncode}, {len(saved)} checkpoints: {last_error(nan_lr)}; "
+        f"lr 1e4, weight decay 1e38: exit {nan_lr.returncode}, {len(saved)} checkpoints: "
+        f"{last_error(nan_lr)}; "
         f"NaN loss with nonfinite=skip: exit {skip.returncode}, final weights finite: {finite}"
     )
 

@@ -82,7 +82,8 @@ def main() -> None:
     for m in ("keep", "reopen", "scratch"):
         (mode, n, _), summary = next((k, v) for k, v in runs.items() if k[0] == m)
         print(
-            f"\nSelection after fine-tuning ({mode}, {n} images):\n```\n{selection_table(summary['selection'])}\n```"
+            f"\nSelection after fine-tuning ({mode}, {n} images):\n"
+            f"```\n{selection_table(summary['selection'])}\n```"
         )
 
 

