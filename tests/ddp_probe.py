@@ -51,9 +51,15 @@ class ScheduleProbe(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         grads = [p.grad for p in pl_module.ratio_parameters() if p.grad is not None]
         layers = [m for _, m in ssn.switch_norms(pl_module)]
-        self.rows.append({
-            "epoch": trainer.current_epoch, "lr": self._lr, "radius": float(layers[0].radius),
-            "pre": self._pre, "post": float(sum(g.square().sum() for g in grads) ** 0.5) if grads else 0.0,
-            "latched": sum(all(m.latched) for m in layers), "layers": len(layers),
-            "final_crop": bool(trainer.datamodule._final.value),
-        })
+        self.rows.append(
+            {
+                "epoch": trainer.current_epoch,
+                "lr": self._lr,
+                "radius": float(layers[0].radius),
+                "pre": self._pre,
+                "post": float(sum(g.square().sum() for g in grads) ** 0.5) if grads else 0.0,
+                "latched": sum(all(m.latched) for m in layers),
+                "layers": len(layers),
+                "final_crop": bool(trainer.datamodule._final.value),
+            }
+        )

@@ -86,7 +86,10 @@ def _their_state_dict(model: nn.Module) -> dict:
 def test_imported_model_reproduces_their_network(tmp_path):
     theirs = _their_model(num_classes=10)
     ckpt = _their_state_dict(theirs)
-    assert "module.sn1.mean_fixed" in ckpt["state_dict"] and "module.layer1.0.downsample.1.radius" in ckpt["state_dict"]
+    assert (
+        "module.sn1.mean_fixed" in ckpt["state_dict"]
+        and "module.layer1.0.downsample.1.radius" in ckpt["state_dict"]
+    )
     path = tmp_path / "ssn_resnet50.pth"
     torch.save(ckpt, path)
     ours = load_authors_checkpoint(path).eval()

@@ -101,8 +101,12 @@ def test_layer_option_batched_and_validated():
     layer = ssn.create_norm("ssn", 4, projection="authors", radius=0.4)
     with torch.no_grad():
         layer.mean_logits.copy_(torch.tensor([0.55, 0.45, 0.0]))
-    torch.testing.assert_close(layer.ratios()[0].double(), their_sparsestmax(layer.mean_logits.detach().double(), 0.4),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        layer.ratios()[0].double(),
+        their_sparsestmax(layer.mean_logits.detach().double(), 0.4),
+        atol=1e-6,
+        rtol=0,
+    )
     converted = ssn.convert_norm(torch.nn.Sequential(layer), "ssn")
     assert converted[0].projection == "authors"
     with pytest.raises(ValueError, match="projection must be one of"):
@@ -215,7 +219,7 @@ def test_authors_layers_latch_exactly_where_their_layers_fix_the_ratio():
         wants = [their_sparsestmax(z, r) for z in cases]
         fixed = [_their_fixed(w) for w in wants]
         assert any(fixed) and not all(fixed)
-        assert sum(fixed[1:1 + len(near)]) not in (0, len(near))  # the rounding decides both ways
+        assert sum(fixed[1 : 1 + len(near)]) not in (0, len(near))  # the rounding decides both ways
         for m, z, want, fix in zip(layers, cases, wants, fixed):
             assert (m.latched[0] is not None) == fix, f"z={z.tolist()} r={r}: theirs {fix}, ours {m.latched}"
             assert m.latched[1] is None

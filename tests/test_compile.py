@@ -61,10 +61,19 @@ def _compare(kind: str, training: bool, backend: str) -> None:
             torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind,training", [
-    ("ssn", True), ("ssn", False), ("sn", True), ("latched", True), ("latched", False), ("mixed", True),
-    ("mixed", False), ("exported", True),
-])
+@pytest.mark.parametrize(
+    "kind,training",
+    [
+        ("ssn", True),
+        ("ssn", False),
+        ("sn", True),
+        ("latched", True),
+        ("latched", False),
+        ("mixed", True),
+        ("mixed", False),
+        ("exported", True),
+    ],
+)
 def test_fullgraph_compile_matches_eager(kind, training):
     torch._dynamo.reset()
     _compare(kind, training, "aot_eager")

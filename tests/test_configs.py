@@ -61,7 +61,9 @@ def resolve(configs: list[str]) -> dict[str, Any]:
     args = ["fit"]
     for c in configs:
         args += ["--config", str(ROOT / c)]
-    cli = _ParseOnly(NormTask, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args)
+    cli = _ParseOnly(
+        NormTask, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args
+    )
     cfg = cli.config["fit"].clone()
     del cfg["config"]
     parser = cli.parser._subcommands_action._name_parser_map["fit"]
@@ -79,7 +81,9 @@ def unread_keys(norm: str, norm_kwargs: dict[str, Any] | None) -> set[str]:
     return {f"model.init_args.{k}" for k in unread}
 
 
-DEFAULTS = {f"model.init_args.{k}": p.default for k, p in inspect.signature(NormTask.__init__).parameters.items()}
+DEFAULTS = {
+    f"model.init_args.{k}": p.default for k, p in inspect.signature(NormTask.__init__).parameters.items()
+}
 
 
 @pytest.mark.parametrize("old", sorted(EXPECTED))
@@ -92,7 +96,9 @@ def test_composition_reproduces_the_old_file(old: str) -> None:
     norm = want["model.init_args.norm"]
     assert new["model.init_args.norm"] == norm
     unread = unread_keys(norm, want.get("model.init_args.norm_kwargs"))
-    assert {k: v for k, v in new.items() if k not in unread} == {k: v for k, v in want.items() if k not in unread}
+    assert {k: v for k, v in new.items() if k not in unread} == {
+        k: v for k, v in want.items() if k not in unread
+    }
     for k in unread:  # what a normalizer never reads is not set by its composition either
         assert new.get(k, DEFAULTS[k]) == DEFAULTS[k], k
 
@@ -112,7 +118,11 @@ def test_compositions_are_base_norm_and_task_overlay() -> None:
         norm = entry["resolved"]["model.init_args.norm"]
         task = Path(old).parent
         overlay = task / "norms" / f"{norm}.yaml"
-        base = [str(p.relative_to(ROOT)) for p in (ROOT / task).glob("*.yaml") if str(p.relative_to(ROOT)) not in EXPECTED]
+        base = [
+            str(p.relative_to(ROOT))
+            for p in (ROOT / task).glob("*.yaml")
+            if str(p.relative_to(ROOT)) not in EXPECTED
+        ]
         want = ["configs/base/trainer.yaml", *base, f"configs/norms/{norm}.yaml"]
         want += [str(overlay)] if (ROOT / overlay).is_file() else []
         assert entry["compose"] == want, old

@@ -79,8 +79,12 @@ LAYERS: dict[tuple[str, int], type[torch.nn.Module]] = {
     ("ssn", 2): ssn.SparseSwitchNorm2d,
     ("ssn", 3): ssn.SparseSwitchNorm3d,
 }
-TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16_autocast": torch.bfloat16,
-                "fp16_autocast": torch.float16}
+TORCH_DTYPES = {
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+    "bf16_autocast": torch.bfloat16,
+    "fp16_autocast": torch.float16,
+}
 FP16_MAX_INPUT = 3e4  # fp16 inputs are kept below this (fp16 max: 65504)
 
 
@@ -113,9 +117,11 @@ class Case:
 
 def _spatial(dim: int) -> st.SearchStrategy[tuple[int, ...]]:
     """Spatial sizes, with 1x1 maps (a single element per plane) drawn often on their own."""
-    sizes = {1: st.tuples(st.integers(1, 12)),
-             2: st.tuples(st.integers(1, 6), st.integers(1, 6)),
-             3: st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 4))}[dim]
+    sizes = {
+        1: st.tuples(st.integers(1, 12)),
+        2: st.tuples(st.integers(1, 6), st.integers(1, 6)),
+        3: st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 4)),
+    }[dim]
     return st.one_of(st.just((1,) * dim), sizes)
 
 
@@ -136,7 +142,7 @@ def cases(draw: st.DrawFn, latch_state: str) -> Case:
     dtype = draw(st.sampled_from(DTYPES))
     # NOTE: the shift is the hard part (cancellation); its decades are drawn as often as the rest
     shift = draw(st.one_of(st.sampled_from((0.0, 1.0, 10.0, 100.0, 1000.0)), st.floats(0.0, 1000.0)))
-    scale = draw(st.one_of(st.sampled_from((1e-6, 1.0, 1e4)), st.floats(-6.0, 4.0).map(lambda e: 10.0 ** e)))
+    scale = draw(st.one_of(st.sampled_from((1e-6, 1.0, 1e4)), st.floats(-6.0, 4.0).map(lambda e: 10.0**e)))
     momentum = draw(st.one_of(st.just(0.1), st.none(), st.floats(0.01, 0.5)))
     return Case(
         kind=draw(st.sampled_from(KINDS)),
@@ -192,11 +198,19 @@ def make_layer(case: Case, x: Tensor, gen: torch.Generator) -> torch.nn.Module:
     family = "sn" if case.kind == "sn" else "ssn"
     kwargs: dict[str, object] = {}
     if family == "ssn":
-        kwargs = {"projection": case.kind.removeprefix("ssn_"),
-                  "radius": case.radius_frac * ssn.max_radius(len(STATS))}
+        kwargs = {
+            "projection": case.kind.removeprefix("ssn_"),
+            "radius": case.radius_frac * ssn.max_radius(len(STATS)),
+        }
     ch = case.shape[1]
-    layer = LAYERS[(family, case.dim)](ch, eps=case.eps, momentum=case.momentum, affine=case.affine,
-                                       in_var_correction=case.correction, **kwargs)
+    layer = LAYERS[(family, case.dim)](
+        ch,
+        eps=case.eps,
+        momentum=case.momentum,
+        affine=case.affine,
+        in_var_correction=case.correction,
+        **kwargs,
+    )
     mu_bn, var_bn = _bn_stats(x, case.correction)
     with torch.no_grad():
         layer.mean_logits.copy_(2 * torch.randn(len(STATS), generator=gen))
@@ -226,9 +240,11 @@ def one_rounding(eps: float, gen: torch.Generator) -> Rounding:
     computed quantity (see ``sensitivity``). ``a`` is ``eps`` for one operation; for a mean or
     variance over ``terms`` values, the error bound of pairwise summation ``eps * (1 + log2
     terms)``, and 0 for a single term (its mean is the value itself, exactly)."""
+
     def rounded(t: Tensor, terms: int | None = None) -> Tensor:
         a = eps if terms is None else eps * (1 + math.log2(terms)) if terms > 1 else 0.0
         return t * (1 + a * torch.randn(t.shape, generator=gen, dtype=torch.float64))
+
     return rounded
 
 
@@ -250,11 +266,13 @@ def _statistics(
     var_in = rnd(sq_in / max(m - correction, 1), m)  # a single element has no unbiased variance: 0
     excess = var_in - sq_in / m  # unbiased minus biased plane variance (0 without correction)
     mu_ln = rnd(x.mean((1, *sp), keepdim=True), c * m)
-    var_ln = rnd((x - mu_ln.detach()).square().mean((1, *sp), keepdim=True) + excess.mean(1, keepdim=True),
-                 c * m)
+    var_ln = rnd(
+        (x - mu_ln.detach()).square().mean((1, *sp), keepdim=True) + excess.mean(1, keepdim=True), c * m
+    )
     mu_bn = rnd(x.mean((0, *sp), keepdim=True), n * m)
-    var_bn = rnd((x - mu_bn.detach()).square().mean((0, *sp), keepdim=True) + excess.mean(0, keepdim=True),
-                 n * m)
+    var_bn = rnd(
+        (x - mu_bn.detach()).square().mean((0, *sp), keepdim=True) + excess.mean(0, keepdim=True), n * m
+    )
     batch = (mu_bn, var_bn)
     if not training:
         assert running is not None
@@ -304,8 +322,9 @@ def paper_layer(x: Tensor, g: Tensor, s: FormulaState, rnd: Rounding = exact) ->
     names = list(leaves)
     grads = torch.autograd.grad(y, [leaves[k] for k in names], g.double(), allow_unused=True)
     out = {"y": y.detach()}
-    out.update({f"{k}.grad": torch.zeros_like(leaves[k]) if gr is None else gr
-                for k, gr in zip(names, grads)})
+    out.update(
+        {f"{k}.grad": torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(names, grads)}
+    )
     if s.training:
         mu_bn, var_bn = (t.detach().flatten() for t in stats[3])
         count = x.numel() // x.shape[1]
@@ -364,7 +383,12 @@ def native_errors(x: Tensor, g: Tensor, s: FormulaState) -> dict[str, float]:
 
 
 def sensitivity(
-    x: Tensor, g: Tensor, s: FormulaState, ref: dict[str, Tensor], eps: float, gen: torch.Generator,
+    x: Tensor,
+    g: Tensor,
+    s: FormulaState,
+    ref: dict[str, Tensor],
+    eps: float,
+    gen: torch.Generator,
     extend: Callable[[dict[str, Tensor]], None],
 ) -> dict[str, float]:
     """How far each formula output moves when every input, parameter, statistic and step of the
@@ -467,17 +491,24 @@ def _compare(name: str, got: Tensor, want: Tensor, abs_tol: float, rel: float) -
     if not bool(torch.isnan(got).any()) and bool((err <= bound).all()) and bool(saturated[over].all()):
         return None
     ratio = float((err / bound.clamp_min(1e-300)).max())
-    return (f"{name}: max error {float(err.max()):.3g} exceeds its tolerance by {ratio:.3g}x "
-            f"(tol {abs_tol:.3g} + {rel:.2g}*|ref|, max |ref| {float(want.abs().max()):.3g})")
+    return (
+        f"{name}: max error {float(err.max()):.3g} exceeds its tolerance by {ratio:.3g}x "
+        f"(tol {abs_tol:.3g} + {rel:.2g}*|ref|, max |ref| {float(want.abs().max()):.3g})"
+    )
 
 
 def _state(layer: torch.nn.Module, case: Case, mode: str, ratios: Tensor) -> FormulaState:
     momentum = case.momentum if case.momentum is not None else 1.0 / (case.tracked + 1)
     return FormulaState(
-        weight=layer.weight, bias=layer.bias, ratios=ratios,
+        weight=layer.weight,
+        bias=layer.bias,
+        ratios=ratios,
         running_mean=layer.running_mean.detach().double().clone(),
         running_var=layer.running_var.detach().double().clone(),
-        training=mode == "train", eps=case.eps, correction=case.correction, momentum=momentum,
+        training=mode == "train",
+        eps=case.eps,
+        correction=case.correction,
+        momentum=momentum,
     )
 
 
@@ -499,8 +530,9 @@ def check_case(case: Case, mode: str, built: tuple[torch.nn.Module, Tensor] | No
         if stat is not None:
             assert torch.equal(row, one_hot(stat)), f"latched to {stat} but reports ratios {row.tolist()}"
     state = _state(layer, case, mode, reported)
-    buffers = {k: getattr(layer, k).detach().clone()
-               for k in ("running_mean", "running_var", "num_batches_tracked")}
+    buffers = {
+        k: getattr(layer, k).detach().clone() for k in ("running_mean", "running_var", "num_batches_tracked")
+    }
 
     got = run_layer(layer, x, g, mode, case.dtype)
     compute_eps = torch.finfo(torch.float64 if case.dtype == "fp64" else torch.float32).eps
@@ -515,6 +547,7 @@ def check_case(case: Case, mode: str, built: tuple[torch.nn.Module, Tensor] | No
         def extend(out: dict[str, Tensor]) -> None:
             logits = logit_grads(layer, out["ratios.grad"], reported) + map_rounding
             out["mean_logits.grad"], out["var_logits.grad"] = logits
+
     native = native_errors(x, g, state)
     sens = sensitivity(x, g, state, ref, compute_eps, gen, extend)
     for key in ("mean_logits.grad", "var_logits.grad"):

@@ -88,8 +88,9 @@ def _ref_ratios(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(m.mean_logits, -1), torch.softmax(m.var_logits, -1)
 
 
-def _check_against_reference(m: nn.Module, x: torch.Tensor, training: bool, no_grad: bool = False,
-                             tol: dict[str, float] = TOL) -> None:
+def _check_against_reference(
+    m: nn.Module, x: torch.Tensor, training: bool, no_grad: bool = False, tol: dict[str, float] = TOL
+) -> None:
     """``m`` (a float32 CPU layer) run on CUDA on ``x`` against the float64 reference on the CPU:
     output, input and parameter gradients, running statistics."""
     ref_m = copy.deepcopy(m).double().train(training)
@@ -120,7 +121,9 @@ def _check_against_reference(m: nn.Module, x: torch.Tensor, training: bool, no_g
         with torch.no_grad():
             ref_m(x64)
         for name in ("running_mean", "running_var"):
-            torch.testing.assert_close(getattr(dev_m, name).cpu().double(), getattr(ref_m, name), **tol, msg=name)
+            torch.testing.assert_close(
+                getattr(dev_m, name).cpu().double(), getattr(ref_m, name), **tol, msg=name
+            )
 
 
 def _cases() -> list[tuple[str, tuple[str | None, str | None] | None]]:
@@ -148,8 +151,11 @@ def test_dense_eval_exact_at_large_means_on_cuda(shift):
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-@pytest.mark.parametrize("kind,latch", [("sn", None), ("ssn", None), ("ssn", ("bn", "bn")), ("ssn", ("ln", "in"))],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "kind,latch",
+    [("sn", None), ("ssn", None), ("ssn", ("bn", "bn")), ("ssn", ("ln", "in"))],
+    ids=lambda v: str(v),
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_channels_last_on_cuda(kind, latch, dim, training):
     fmt = torch.channels_last if dim == 2 else torch.channels_last_3d
@@ -157,12 +163,17 @@ def test_channels_last_on_cuda(kind, latch, dim, training):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
     _check_against_reference(_layer(kind, dim, latch), x.contiguous(memory_format=fmt), training)
     if not training:
-        _check_against_reference(_layer(kind, dim, latch), x.contiguous(memory_format=fmt), False, no_grad=True)
+        _check_against_reference(
+            _layer(kind, dim, latch), x.contiguous(memory_format=fmt), False, no_grad=True
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kind,latch", [("sn", None), ("ssn", None), ("ssn", ("bn", "bn")), ("ssn", ("bn", "in"))],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "kind,latch",
+    [("sn", None), ("ssn", None), ("ssn", ("bn", "bn")), ("ssn", ("bn", "in"))],
+    ids=lambda v: str(v),
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_autocast_on_cuda(kind, latch, dtype, training):
     """A half-precision input (a convolution's output under autocast) through the layer: finite
@@ -272,7 +283,9 @@ def test_training_step_has_no_host_sync(norm):
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        layers = sum(isinstance(m, ssn.SparseSwitchNormBase) and None in m.latched for _, m in ssn.switch_norms(net))
+        layers = sum(
+            isinstance(m, ssn.SparseSwitchNormBase) and None in m.latched for _, m in ssn.switch_norms(net)
+        )
         syncs = _sync_warnings(lambda: ssn.update_latches(net))
         assert syncs <= (1 if layers else 0), (syncs, layers)  # one read of all verdicts
     torch.cuda.synchronize()

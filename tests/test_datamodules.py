@@ -84,7 +84,9 @@ def test_shift_and_flip_moves_pixels_not_content():
         assert torch.isclose(window, y[i, 0, 14, 14]).any()
 
 
-@pytest.mark.skipif(not (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists(), reason="Debian dataset absent")
+@pytest.mark.skipif(
+    not (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists(), reason="Debian dataset absent"
+)
 def test_real_fashion_mnist_from_the_debian_package():
     dm = FashionMNISTDataModule()
     dm.setup("fit")
@@ -133,8 +135,9 @@ def test_imagenet_skip_count_is_shared_with_workers(tmp_path):
     _imagenet_fixture(tmp_path)
     dm = ImageNetDataModule(str(tmp_path), batch_size=2, num_workers=2, crop_size=16, resize_size=18)
     dm.setup("fit")
-    loader = torch.utils.data.DataLoader(dm.data["train"], batch_size=2, num_workers=2,
-                                         collate_fn=dm.train_dataloader().collate_fn)
+    loader = torch.utils.data.DataLoader(
+        dm.data["train"], batch_size=2, num_workers=2, collate_fn=dm.train_dataloader().collate_fn
+    )
     n = sum(len(b[1]) for b in loader if b is not None)
     assert n == 12 and dm.skipped_images == 2
 
@@ -187,6 +190,9 @@ def test_digits_from_scikit_learn():
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 1, 28, 28) and y.max() <= 9
     raw = load_digits()
-    assert sorted(dm.data["test"].tensors[1].tolist() + dm.data["val"].tensors[1].tolist()).count(0) <= (raw.target == 0).sum()
+    assert (
+        sorted(dm.data["test"].tensors[1].tolist() + dm.data["val"].tensors[1].tolist()).count(0)
+        <= (raw.target == 0).sum()
+    )
     with pytest.raises(ValueError, match="leaves no training image"):
         DigitsDataModule(val_size=1000, test_size=900).setup("fit")

@@ -185,7 +185,9 @@ def test_every_latch_combination_trains_under_ddp(ddp_results):
     for key in ranks[0]["latch_combos"]:
         if "running_" in key:
             continue  # per-device statistics, updated after DDP's buffer broadcast
-        torch.testing.assert_close(ranks[0]["latch_combos"][key], ranks[1]["latch_combos"][key], rtol=0, atol=0)
+        torch.testing.assert_close(
+            ranks[0]["latch_combos"][key], ranks[1]["latch_combos"][key], rtol=0, atol=0
+        )
     # latched logits did not move; dense ones did (against the model before training)
     before = _AllLatches().state_dict()
     after = ranks[0]["latch_combos"]

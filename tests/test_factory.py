@@ -71,7 +71,10 @@ def test_torchvision_resnet_with_every_norm(name):
 def test_names_give_classes_or_keyword_partials():
     """What timm keeps of a partial: the function and the keywords (its positional arguments are
     dropped), so every name is a class or a partial binding keywords only."""
-    assert ssn.get_norm_layer("ssn") is ssn.SparseSwitchNorm2d and ssn.get_norm_layer("bn", dim=3) is nn.BatchNorm3d
+    assert (
+        ssn.get_norm_layer("ssn") is ssn.SparseSwitchNorm2d
+        and ssn.get_norm_layer("bn", dim=3) is nn.BatchNorm3d
+    )
     for name in ssn.NORM_NAMES:
         for dim in (1, 2, 3):
             layer = ssn.get_norm_layer(name, dim=dim)
@@ -82,8 +85,14 @@ def test_names_give_classes_or_keyword_partials():
     assert ssn.get_norm_layer("syncssn")(4).sync and ssn.get_norm_layer("in")(4).affine
 
 
-@pytest.mark.parametrize("cls", [ssn.SwitchNorm2d, ssn.SparseSwitchNorm3d,
-                                 functools.partial(ssn.LatchedNorm, mean_stat="bn", var_stat="in")])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        ssn.SwitchNorm2d,
+        ssn.SparseSwitchNorm3d,
+        functools.partial(ssn.LatchedNorm, mean_stat="bn", var_stat="in"),
+    ],
+)
 def test_factory_keywords_like_batchnorm(cls):
     """``device``/``dtype`` as nn.BatchNorm2d takes them: what ``.to()`` would give, meta included."""
     made = cls(6, dtype=torch.float64)
@@ -135,10 +144,14 @@ def test_ssn_is_pure_pytorch():
     import subprocess
     import sys
 
-    code = ("import pkgutil, importlib, sys, ssn\n"
-            "for m in pkgutil.iter_modules(ssn.__path__): importlib.import_module('ssn.' + m.name)\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'mmseg', "
-            "'mmengine', 'mmcv', 'pytorchvideo', 'wandb')]\n"
-            "print(','.join(sorted(bad)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    code = (
+        "import pkgutil, importlib, sys, ssn\n"
+        "for m in pkgutil.iter_modules(ssn.__path__): importlib.import_module('ssn.' + m.name)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'mmseg', "
+        "'mmengine', 'mmcv', 'pytorchvideo', 'wandb')]\n"
+        "print(','.join(sorted(bad)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "", f"ssn imports {out}"

@@ -19,17 +19,37 @@ from tasks.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "configs/base/trainer.yaml")
-FMNIST_SSN = ["--config", str(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"),
-              "--config", str(ROOT / "configs/norms/ssn.yaml"), "--config", str(ROOT / "configs/fashion_mnist/norms/ssn.yaml")]
+FMNIST_SSN = [
+    "--config",
+    str(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"),
+    "--config",
+    str(ROOT / "configs/norms/ssn.yaml"),
+    "--config",
+    str(ROOT / "configs/fashion_mnist/norms/ssn.yaml"),
+]
 QUIET = str(ROOT / "configs/base/quiet.yaml")
 HAVE_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs dataset-fashion-mnist (make test installs it)")
+needs_fmnist = pytest.mark.skipif(
+    not HAVE_FMNIST, reason="needs dataset-fashion-mnist (make test installs it)"
+)
 
 
 def _args(out: Path, *extra: str) -> list[str]:
-    return ["--config", BASE, *FMNIST_SSN, "--config", QUIET, f"--trainer.default_root_dir={out}",
-            f"--trainer.logger.init_args.save_dir={out}", "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=2",
-            "--trainer.limit_test_batches=2", "--data.batch_size=16", "--trainer.max_epochs=1", *extra]
+    return [
+        "--config",
+        BASE,
+        *FMNIST_SSN,
+        "--config",
+        QUIET,
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.limit_train_batches=6",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+        "--data.batch_size=16",
+        "--trainer.max_epochs=1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +68,22 @@ def _switch_state(module: nn.Module) -> dict[str, torch.Tensor]:
 @needs_fmnist
 def test_lightning_checkpoint_keep_inherits_everything_and_runs_native(trained, monkeypatch):
     ckpt, _ = trained
-    source = {k[len("net."):]: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
-    task = ImageClassifier(arch="resnet_small", num_classes=4, in_channels=1, norm="ssn", pretrained=str(ckpt))
+    source = {k[len("net.") :]: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
+    task = ImageClassifier(
+        arch="resnet_small", num_classes=4, in_channels=1, norm="ssn", pretrained=str(ckpt)
+    )
     task.configure_model()
     for name, m in ssn.switch_norms(task.net):
-        for k in ("mean_logits", "var_logits", "radius", "mean_latch", "var_latch", "running_mean", "running_var", "weight"):
+        for k in (
+            "mean_logits",
+            "var_logits",
+            "radius",
+            "mean_latch",
+            "var_latch",
+            "running_mean",
+            "running_var",
+            "weight",
+        ):
             torch.testing.assert_close(getattr(m, k), source[f"{name}.{k}"], rtol=0, atol=0)
         assert None not in m.latched
     assert task.net.fc.out_features == 4  # a new head for the new label set
@@ -70,12 +101,25 @@ def test_lightning_checkpoint_keep_inherits_everything_and_runs_native(trained, 
 @needs_fmnist
 def test_reopen_and_reset(trained):
     ckpt, _ = trained
-    source = {k[len("net."):]: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
-    reopen = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", pretrained=str(ckpt),
-                             pretrained_ratios="reopen", pretrained_radius_start=0.3)
+    source = {k[len("net.") :]: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
+    reopen = ImageClassifier(
+        arch="resnet_small",
+        num_classes=10,
+        in_channels=1,
+        norm="ssn",
+        pretrained=str(ckpt),
+        pretrained_ratios="reopen",
+        pretrained_radius_start=0.3,
+    )
     reopen.configure_model()
-    reset = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", pretrained=str(ckpt),
-                            pretrained_ratios="reset")
+    reset = ImageClassifier(
+        arch="resnet_small",
+        num_classes=10,
+        in_channels=1,
+        norm="ssn",
+        pretrained=str(ckpt),
+        pretrained_ratios="reset",
+    )
     reset.configure_model()
     for (name, a), (_, b) in zip(ssn.switch_norms(reopen.net), ssn.switch_norms(reset.net)):
         torch.testing.assert_close(a.mean_logits, source[f"{name}.mean_logits"], rtol=0, atol=0)
@@ -90,16 +134,36 @@ def test_reopen_and_reset(trained):
 @needs_fmnist
 def test_native_export_restores_the_latches(trained):
     ckpt, export = trained
-    latched = {n: m.latched for n, m in ssn.switch_norms(
-        _loaded(ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", pretrained=str(ckpt))).net)}
-    task = _loaded(ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", pretrained=str(export)))
+    latched = {
+        n: m.latched
+        for n, m in ssn.switch_norms(
+            _loaded(
+                ImageClassifier(
+                    arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", pretrained=str(ckpt)
+                )
+            ).net
+        )
+    }
+    task = _loaded(
+        ImageClassifier(
+            arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", pretrained=str(export)
+        )
+    )
     assert {n: m.latched for n, m in ssn.switch_norms(task.net)} == latched
     native = torch.load(export, weights_only=True)
     for name, m in ssn.switch_norms(task.net):
         torch.testing.assert_close(m.weight, native[f"{name}.weight"], rtol=0, atol=0)
     # and the exported BN network converts into a GN task (statistics dropped, affine kept)
-    gn = _loaded(ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="gn",
-                                 norm_kwargs={"groups": 4}, pretrained=str(export)))
+    gn = _loaded(
+        ImageClassifier(
+            arch="resnet_small",
+            num_classes=10,
+            in_channels=1,
+            norm="gn",
+            norm_kwargs={"groups": 4},
+            pretrained=str(export),
+        )
+    )
     torch.testing.assert_close(gn.net.bn1.weight, native["bn1.weight"], rtol=0, atol=0)
 
 
@@ -116,7 +180,9 @@ def test_torchvision_state_dict_into_ssn_with_other_input_channels(tmp_path):
                 m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
     path = tmp_path / "tv.pth"
     torch.save(src.state_dict(), path)
-    task = _loaded(ImageClassifier(arch="resnet18", num_classes=5, in_channels=1, norm="ssn", pretrained=str(path)))
+    task = _loaded(
+        ImageClassifier(arch="resnet18", num_classes=5, in_channels=1, norm="ssn", pretrained=str(path))
+    )
     for name, m in ssn.switch_norms(task.net):
         bn = src.get_submodule(name)
         torch.testing.assert_close(m.running_mean, bn.running_mean, rtol=0, atol=0)
@@ -138,19 +204,38 @@ def test_authors_checkpoint_evaluates_through_validate(tmp_path):
 
     shutil.rmtree(tmp_path / "imagenet" / "train")  # evaluation needs only val/
     out = tmp_path / "out"
-    cli = main(["validate", "--config", BASE, "--config", str(ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"),
-                "--config", str(ROOT / "configs/norms/ssn.yaml"), "--config", str(ROOT / "configs/imagenet/norms/ssn.yaml"),
-                "--config", QUIET,
-                "--model.init_args.arch=resnet50_authors", f"--model.init_args.pretrained={path}",
-                "--model.init_args.pretrained_head=true",
-                "--model.init_args.norm_kwargs={in_var_correction: 1, momentum: 0.003}",
-                f"--data.init_args.root={tmp_path / 'imagenet'}", "--data.init_args.crop_size=64",
-                "--data.init_args.resize_size=64", "--data.init_args.batch_size=6", "--data.init_args.num_workers=0",
-                f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}"])
+    cli = main(
+        [
+            "validate",
+            "--config",
+            BASE,
+            "--config",
+            str(ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"),
+            "--config",
+            str(ROOT / "configs/norms/ssn.yaml"),
+            "--config",
+            str(ROOT / "configs/imagenet/norms/ssn.yaml"),
+            "--config",
+            QUIET,
+            "--model.init_args.arch=resnet50_authors",
+            f"--model.init_args.pretrained={path}",
+            "--model.init_args.pretrained_head=true",
+            "--model.init_args.norm_kwargs={in_var_correction: 1, momentum: 0.003}",
+            f"--data.init_args.root={tmp_path / 'imagenet'}",
+            "--data.init_args.crop_size=64",
+            "--data.init_args.resize_size=64",
+            "--data.init_args.batch_size=6",
+            "--data.init_args.num_workers=0",
+            f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}",
+        ]
+    )
     model = cli.model.net.eval()
     x = torch.randn(2, 3, 65, 65)
     with torch.no_grad():  # the loaded task's network is their network (float64, as test_authors)
-        torch.testing.assert_close(model.double()(x.double()), theirs.double()(x.double()), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            model.double()(x.double()), theirs.double()(x.double()), rtol=1e-9, atol=1e-9
+        )
 
 
 def test_refusals_name_what_is_wrong(tmp_path):
@@ -160,8 +245,11 @@ def test_refusals_name_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="empty file"):
         read_checkpoint(tmp_path / "empty.ckpt")
     for seed in range(20):  # random bytes fail in many ways inside torch.load; each gets the same message
-        (tmp_path / "junk.ckpt").write_bytes(torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(seed),
-                                                          dtype=torch.uint8).numpy().tobytes())
+        (tmp_path / "junk.ckpt").write_bytes(
+            torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+            .numpy()
+            .tobytes()
+        )
         with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
             read_checkpoint(tmp_path / "junk.ckpt")
 
@@ -187,15 +275,24 @@ def test_refusals_name_what_is_wrong(tmp_path):
 
 def test_backbone_lr_scale_and_freeze(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
-    task = ImageClassifier(arch="resnet18", num_classes=10, norm="ssn", pretrained=str(tmp_path / "r18.pth"),
-                           backbone_lr_scale=0.1, freeze=["conv1", "bn1", "layer1"])
+    task = ImageClassifier(
+        arch="resnet18",
+        num_classes=10,
+        norm="ssn",
+        pretrained=str(tmp_path / "r18.pth"),
+        backbone_lr_scale=0.1,
+        freeze=["conv1", "bn1", "layer1"],
+    )
     task.configure_model()
     assert not task.net.conv1.weight.requires_grad and not task.net.layer1[0].bn1.mean_logits.requires_grad
     assert task.net.layer2[0].conv1.weight.requires_grad
     groups = {g["name"]: g for g in task._param_groups(1.0)}
     assert groups["params"]["lr"] == 1.0 and groups["backbone_params"]["lr"] == pytest.approx(0.1)
     assert {id(p) for p in groups["params"]["params"]} == {id(task.net.fc.weight), id(task.net.fc.bias)}
-    assert groups["backbone_ratios"]["lr"] == pytest.approx(0.1 * 0.1) and groups["backbone_ratios"]["weight_decay"] == 0
+    assert (
+        groups["backbone_ratios"]["lr"] == pytest.approx(0.1 * 0.1)
+        and groups["backbone_ratios"]["weight_decay"] == 0
+    )
     with pytest.raises(ValueError, match="no backbone parameter starts with 'layer9'"):
         ImageClassifier(arch="resnet18", norm="bn", freeze=["layer9"]).configure_model()
 
@@ -211,10 +308,15 @@ def test_nonfinite_pretrained_tensors_are_refused_by_key_and_file(tmp_path):
     sd["layer2.0.bn1.running_var"][3] = float("nan")
     sd["layer3.1.conv2.weight"][0, 0, 0, 0] = float("inf")
     torch.save(sd, tmp_path / "diverged.pth")
-    task = ImageClassifier(arch="resnet18", num_classes=10, norm="bn", pretrained=str(tmp_path / "diverged.pth"))
+    task = ImageClassifier(
+        arch="resnet18", num_classes=10, norm="bn", pretrained=str(tmp_path / "diverged.pth")
+    )
     before = task.net.layer1[0].conv1.weight.clone()
-    with pytest.raises(ValueError, match=r"diverged.pth: .*NaN/Inf values in 2 .*layer2\.0\.bn1\.running_var, "
-                                         r"layer3\.1\.conv2\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"diverged.pth: .*NaN/Inf values in 2 .*layer2\.0\.bn1\.running_var, "
+        r"layer3\.1\.conv2\.weight",
+    ):
         task.configure_model()
     torch.testing.assert_close(task.net.layer1[0].conv1.weight, before, rtol=0, atol=0)  # nothing loaded
 
@@ -224,7 +326,9 @@ def test_pretrained_file_formats_other_tools_write(tmp_path, monkeypatch):
 
     # torchvision's reference scripts: {"model": sd, "optimizer": ..., "args": Namespace}
     sd = _resnet18_file(tmp_path / "ref.pth", epoch=89, args=argparse.Namespace(lr=0.5, model="resnet18"))
-    task = _loaded(ImageClassifier(arch="resnet18", num_classes=10, norm="bn", pretrained=str(tmp_path / "ref.pth")))
+    task = _loaded(
+        ImageClassifier(arch="resnet18", num_classes=10, norm="bn", pretrained=str(tmp_path / "ref.pth"))
+    )
     torch.testing.assert_close(task.net.layer4[1].conv2.weight, sd["layer4.1.conv2.weight"], rtol=0, atol=0)
     # DDP's `module.` prefix, and `~` for the home folder
     torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pth")
@@ -234,23 +338,35 @@ def test_pretrained_file_formats_other_tools_write(tmp_path, monkeypatch):
     # the exported program is for inference: the message names the state_dict beside it
     net = nn.Sequential(nn.Conv2d(1, 2, 3))
     torch.export.save(torch.export.export(net, (torch.randn(1, 1, 8, 8),)), tmp_path / "model.pt2")
-    with pytest.raises(ValueError, match=r"model.pt2 is a torch.export program .* pass the state_dict saved beside "
-                                         r"it, .*model.state_dict.pt"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.pt2 is a torch.export program .* pass the state_dict saved beside "
+        r"it, .*model.state_dict.pt",
+    ):
         read_checkpoint(tmp_path / "model.pt2")
 
 
 @needs_fmnist
 def test_reopen_from_a_native_export_is_refused_not_reset(trained):
     _, export = trained
-    task = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", pretrained=str(export),
-                           pretrained_ratios="reopen")
+    task = ImageClassifier(
+        arch="resnet_small",
+        num_classes=10,
+        in_channels=1,
+        norm="ssn",
+        pretrained=str(export),
+        pretrained_ratios="reopen",
+    )
     with pytest.raises(ValueError, match=r"'reopen' .* native export holds only the selection .* use 'keep'"):
         task.configure_model()
 
 
 def test_frozen_norms_keep_their_statistics_and_do_not_latch():
-    task = _loaded(ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn",
-                                   freeze=["conv1", "bn1"]))
+    task = _loaded(
+        ImageClassifier(
+            arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", freeze=["conv1", "bn1"]
+        )
+    )
     task.train()
     bn1 = task.net.bn1
     assert not bn1.training and task.net.layers[0][0].bn1.training  # frozen: eval mode, as BaseFinetuning
@@ -291,7 +407,9 @@ def test_a_failure_after_fit_marks_the_summary_failed(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         main(["fit", *_args(out)])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "failed" and "disk full" in summary["error"]  # a sweep does not take it as fitted
+    assert (
+        summary["status"] == "failed" and "disk full" in summary["error"]
+    )  # a sweep does not take it as fitted
 
 
 @needs_fmnist
@@ -301,9 +419,29 @@ def test_resume_and_validate_do_not_reread_a_moved_pretrained_file(trained, tmp_
     source.parent.mkdir()
     source.write_bytes(ckpt.read_bytes())
     out = tmp_path / "out"
-    main(["fit", *_args(out, f"--model.init_args.pretrained={source}", "--trainer.limit_train_batches=2",
-                        "--export=false")])
+    main(
+        [
+            "fit",
+            *_args(
+                out,
+                f"--model.init_args.pretrained={source}",
+                "--trainer.limit_train_batches=2",
+                "--export=false",
+            ),
+        ]
+    )
     source.rename(tmp_path / "moved.ckpt")  # the checkpoint holds everything the run needs
     main(["validate", *_args(out, f"--model.init_args.pretrained={source}"), "--ckpt_path=last"])
-    main(["fit", *_args(out, f"--model.init_args.pretrained={source}", "--trainer.max_epochs=2",
-                        "--trainer.limit_train_batches=2", "--export=false"), "--ckpt_path=last"])
+    main(
+        [
+            "fit",
+            *_args(
+                out,
+                f"--model.init_args.pretrained={source}",
+                "--trainer.max_epochs=2",
+                "--trainer.limit_train_batches=2",
+                "--export=false",
+            ),
+            "--ckpt_path=last",
+        ]
+    )

@@ -244,8 +244,16 @@ def test_tie_gradient_is_sparsemax_centring_so_training_can_leave_a_tie():
 
 # ----------------------------------------------------------------------------- extreme inputs
 EXTREME = [
-    [1e8, 0, 0], [-1e8, 0, 0], [1e8, 1e8, 0], [1e8, 1e8 + 8, 0], [1e30, -1e30, 0], [3e38, -3e38, 1],
-    [3e38, 3e38, -3e38], [0.1, 0, -1e6], [5e7, 5e7 + 4, 5e7 + 8, 5e7], [1e-30, 0, 2e-30],
+    [1e8, 0, 0],
+    [-1e8, 0, 0],
+    [1e8, 1e8, 0],
+    [1e8, 1e8 + 8, 0],
+    [1e30, -1e30, 0],
+    [3e38, -3e38, 1],
+    [3e38, 3e38, -3e38],
+    [0.1, 0, -1e6],
+    [5e7, 5e7 + 4, 5e7 + 8, 5e7],
+    [1e-30, 0, 2e-30],
 ]
 
 
@@ -271,7 +279,9 @@ def test_any_finite_float32_input_is_projected_as_in_float64(z):
 
 
 def test_non_finite_logits_give_nan_rows_and_a_nan_radius_is_refused():
-    z = torch.tensor([[float("nan"), 0.0, 0.0], [0.5, 0.2, 0.1], [float("inf"), 0.0, 0.0]], requires_grad=True)
+    z = torch.tensor(
+        [[float("nan"), 0.0, 0.0], [0.5, 0.2, 0.1], [float("inf"), 0.0, 0.0]], requires_grad=True
+    )
     for f in (sparsemax, lambda t: sparsestmax(t, 0.3)):
         p = f(z)
         assert p[0].isnan().all() and p[2].isnan().all() and torch.isfinite(p[1]).all()

@@ -31,26 +31,42 @@ def test_gpu_check_runs_on_the_cpu():
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     sections = re.findall(r"^== (\w[\w ]*?)(?: \(|==|$)", out, flags=re.M)
-    assert [s.strip() for s in sections] == ["environment", "cuda tests", "layers", "networks", "done"], sections
+    assert [s.strip() for s in sections] == ["environment", "cuda tests", "layers", "networks", "done"], (
+        sections
+    )
     tests = out.split("== cuda tests ==")[1].split("== layers")[0]
     if not torch.cuda.is_available():
-        assert re.search(r"\d+ skipped", tests) and "failed" not in tests and "error" not in tests.lower(), tests
+        assert re.search(r"\d+ skipped", tests) and "failed" not in tests and "error" not in tests.lower(), (
+            tests
+        )
     # every layer row: a positive time, ratio and bandwidth fraction; the copy: a bandwidth in GB/s
-    layer_rows = re.findall(r"^\(.*?\)\s+(train|eval)\s+(.+?)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)\s+(\S+)$", out, re.M)
+    layer_rows = re.findall(
+        r"^\(.*?\)\s+(train|eval)\s+(.+?)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)\s+(\S+)$", out, re.M
+    )
     names = {name for _, name, *_ in layer_rows}
-    assert {"BatchNorm", "SN", "SSN dense", "SSN latched BN", "SSN latched IN", "SSN latched LN"} <= names, names
+    assert {"BatchNorm", "SN", "SSN dense", "SSN latched BN", "SSN latched IN", "SSN latched LN"} <= names, (
+        names
+    )
     for mode, name, ms, ratio, frac, _ in layer_rows:
         assert float(ms) > 0 and float(ratio) > 0 and 0 < float(frac) < 10, (mode, name, ms, ratio, frac)
     copies = re.findall(r"device copy\s+[\d.]+\s+([\d.]+) GB/s", out)
     assert len(copies) == 2 and all(float(c) > 0 for c in copies), copies
     # networks: ratios to BN and the peak memory of each candidate
-    assert re.search(r"resnet_small train: BN 1\.00x, SN [\d.]+x, SSN dense [\d.]+x, SSN latched [\d.]+x", out)
-    mem = re.findall(r"resnet_small (BN|SN|SSN dense|SSN latched)\s+fp32\s+([\d.]+) \(([\d.]+)x\)\s+bf16\s+([\d.]+)", out)
+    assert re.search(
+        r"resnet_small train: BN 1\.00x, SN [\d.]+x, SSN dense [\d.]+x, SSN latched [\d.]+x", out
+    )
+    mem = re.findall(
+        r"resnet_small (BN|SN|SSN dense|SSN latched)\s+fp32\s+([\d.]+) \(([\d.]+)x\)\s+bf16\s+([\d.]+)", out
+    )
     assert {m[0] for m in mem} == {"BN", "SN", "SSN dense", "SSN latched"}, mem
     assert all(float(fp32) > 0 and float(bf16) > 0 for _, fp32, _, bf16 in mem)
     assert "cuda tests: passed or skipped" in out
@@ -58,6 +74,11 @@ def test_gpu_check_runs_on_the_cpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_gpu_check_refuses_cuda_without_a_device():
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cuda"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--device", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--device cpu" in proc.stderr

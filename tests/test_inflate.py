@@ -47,8 +47,16 @@ def _pair(variant: str, frames: int = 2, crop: int = 64, classes: int = 5):
     name = _norm(variant)
     torch.manual_seed(0)
     net2 = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=classes, norm_layer=ssn.get_norm_layer(name)).double()
-    net3 = build_slow_resnet("slow_r14", classes, 3, ssn.get_norm_layer(name, dim=3), frames=frames, crop_size=crop,
-                             temporal_kernels=(1, 1, 1, 1), dropout=0.0).double()
+    net3 = build_slow_resnet(
+        "slow_r14",
+        classes,
+        3,
+        ssn.get_norm_layer(name, dim=3),
+        frames=frames,
+        crop_size=crop,
+        temporal_kernels=(1, 1, 1, 1),
+        dropout=0.0,
+    ).double()
     _randomise(net2, variant)
     return net2, net3
 
@@ -56,9 +64,18 @@ def _pair(variant: str, frames: int = 2, crop: int = 64, classes: int = 5):
 def test_keys_map_to_pytorchvideo_names():
     assert torchvision_to_pytorchvideo_key("conv1.weight") == "blocks.0.conv.weight"
     assert torchvision_to_pytorchvideo_key("bn1.mean_latch") == "blocks.0.norm.mean_latch"
-    assert torchvision_to_pytorchvideo_key("layer3.4.bn2.running_var") == "blocks.3.res_blocks.4.branch2.norm_b.running_var"
-    assert torchvision_to_pytorchvideo_key("layer1.0.downsample.1.mean_logits") == "blocks.1.res_blocks.0.branch1_norm.mean_logits"
-    assert torchvision_to_pytorchvideo_key("layer4.0.downsample.0.weight") == "blocks.4.res_blocks.0.branch1_conv.weight"
+    assert (
+        torchvision_to_pytorchvideo_key("layer3.4.bn2.running_var")
+        == "blocks.3.res_blocks.4.branch2.norm_b.running_var"
+    )
+    assert (
+        torchvision_to_pytorchvideo_key("layer1.0.downsample.1.mean_logits")
+        == "blocks.1.res_blocks.0.branch1_norm.mean_logits"
+    )
+    assert (
+        torchvision_to_pytorchvideo_key("layer4.0.downsample.0.weight")
+        == "blocks.4.res_blocks.0.branch1_conv.weight"
+    )
     assert torchvision_to_pytorchvideo_key("fc.bias") == "blocks.5.proj.bias"
     with pytest.raises(KeyError, match="not a torchvision ResNet key"):
         torchvision_to_pytorchvideo_key("features.0.weight")
@@ -71,11 +88,15 @@ def test_kernel_inflation_is_i3d_and_grey_to_rgb():
     torch.testing.assert_close(w3.sum(2), w)  # I3D: repeated over time, divided by 5
     x = torch.randn(2, 3, 5, 8, 8, dtype=torch.float64)
     still = x[:, :, :1].expand_as(x)  # a clip of identical frames: every frame gets the 2D response
-    torch.testing.assert_close(F.conv3d(still, w3, padding=(0, 1, 1))[:, :, 0], F.conv2d(x[:, :, 0], w, padding=1))
+    torch.testing.assert_close(
+        F.conv3d(still, w3, padding=(0, 1, 1))[:, :, 0], F.conv2d(x[:, :, 0], w, padding=1)
+    )
     grey = torch.randn(4, 1, 3, 3, dtype=torch.float64)  # a 1-channel model on RGB clips
     rgb = inflate_conv_weight(grey, (4, 3, 1, 3, 3))
-    torch.testing.assert_close(F.conv3d(x[:, :, :1], rgb, padding=(0, 1, 1))[:, :, 0],
-                               F.conv2d(x[:, :, 0].mean(1, keepdim=True), grey, padding=1))
+    torch.testing.assert_close(
+        F.conv3d(x[:, :, :1], rgb, padding=(0, 1, 1))[:, :, 0],
+        F.conv2d(x[:, :, 0].mean(1, keepdim=True), grey, padding=1),
+    )
     with pytest.raises(ValueError, match="cannot inflate"):
         inflate_conv_weight(w, (4, 2, 3, 3, 3))
 
@@ -128,8 +149,14 @@ def test_pretrained_argument_inflates_a_2d_checkpoint(tmp_path):
     """The base task's ``pretrained`` loading goes through ``map_pretrained``: latches and kernels arrive."""
     net2, _ = _pair("ssn-latched")
     torch.save(net2.float().state_dict(), tmp_path / "r14.pt")
-    task = VideoClassifier(arch="slow_r14", num_classes=3, norm="ssn", frames=2, crop_size=64,
-                           pretrained=str(tmp_path / "r14.pt"))
+    task = VideoClassifier(
+        arch="slow_r14",
+        num_classes=3,
+        norm="ssn",
+        frames=2,
+        crop_size=64,
+        pretrained=str(tmp_path / "r14.pt"),
+    )
     task.configure_model()
     conv = task.net.blocks[4].res_blocks[0].branch2.conv_a.weight  # temporal kernel 3
     torch.testing.assert_close(conv, net2.layer4[0].conv1.weight.unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3)
@@ -140,23 +167,35 @@ def test_a_checkpoint_of_other_blocks_is_refused_naming_key_blocks_and_what_fits
     """A ResNet-18 (BasicBlock) checkpoint into slow_r14 (bottlenecks): the error says why and what fits."""
     from torchvision.models.resnet import BasicBlock
 
-    net3 = build_slow_resnet("slow_r14", 5, 3, ssn.get_norm_layer("bn", dim=3), frames=2, crop_size=64,
-                             temporal_kernels=(1, 1, 1, 1), dropout=0.0)
+    net3 = build_slow_resnet(
+        "slow_r14",
+        5,
+        3,
+        ssn.get_norm_layer("bn", dim=3),
+        frames=2,
+        crop_size=64,
+        temporal_kernels=(1, 1, 1, 1),
+        dropout=0.0,
+    )
     basic = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=5).state_dict()
     with pytest.raises(ValueError) as e:
         inflate_resnet_state_dict(basic, net3)
     msg = str(e.value)
-    for part in ("layer1.0.conv1.weight -> blocks.1.res_blocks.0.branch2.conv_a.weight",  # the key, both ways
-                 "(64, 64, 3, 3) into (64, 64, 1, 1, 1)",
-                 "BasicBlock blocks with depths (2, 2, 2, 2) (torchvision resnet18)",
-                 "the 3-D network has Bottleneck blocks", "with depths (1, 1, 1, 1)",
-                 "What fits: a 2-D checkpoint of Bottleneck blocks with depths (1, 1, 1, 1)",
-                 "ResNet(Bottleneck, [1, 1, 1, 1])"):
+    for part in (
+        "layer1.0.conv1.weight -> blocks.1.res_blocks.0.branch2.conv_a.weight",  # the key, both ways
+        "(64, 64, 3, 3) into (64, 64, 1, 1, 1)",
+        "BasicBlock blocks with depths (2, 2, 2, 2) (torchvision resnet18)",
+        "the 3-D network has Bottleneck blocks",
+        "with depths (1, 1, 1, 1)",
+        "What fits: a 2-D checkpoint of Bottleneck blocks with depths (1, 1, 1, 1)",
+        "ResNet(Bottleneck, [1, 1, 1, 1])",
+    ):
         assert part in msg, (part, msg)
     # the user's path (pretrained=) gives the same message
     torch.save(basic, tmp_path / "r18.pt")
-    task = VideoClassifier(arch="slow_r14", num_classes=3, norm="bn", frames=2, crop_size=64,
-                           pretrained=str(tmp_path / "r18.pt"))
+    task = VideoClassifier(
+        arch="slow_r14", num_classes=3, norm="bn", frames=2, crop_size=64, pretrained=str(tmp_path / "r18.pt")
+    )
     with pytest.raises(ValueError, match="BasicBlock blocks with depths"):
         task.configure_model()
     # what the message says fits does fit; a deeper bottleneck network is told its depths
@@ -164,8 +203,11 @@ def test_a_checkpoint_of_other_blocks_is_refused_naming_key_blocks_and_what_fits
     result = net3.load_state_dict(inflate_resnet_state_dict(fits, net3))
     assert not result.missing_keys and not result.unexpected_keys
     deeper = ResNet(Bottleneck, [2, 1, 1, 1], num_classes=5).state_dict()
-    with pytest.raises(KeyError, match=r"layer1\.1\.conv1\.weight"
-                                       r".*Bottleneck blocks with depths \(2, 1, 1, 1\)"
-                                       r".*What fits.*depths \(1, 1, 1, 1\)"
-                                       r".*or a 3-D network with depths \(2, 1, 1, 1\)"):
+    with pytest.raises(
+        KeyError,
+        match=r"layer1\.1\.conv1\.weight"
+        r".*Bottleneck blocks with depths \(2, 1, 1, 1\)"
+        r".*What fits.*depths \(1, 1, 1, 1\)"
+        r".*or a 3-D network with depths \(2, 1, 1, 1\)",
+    ):
         inflate_resnet_state_dict(deeper, net3)

@@ -15,20 +15,36 @@ from ssn import functional as fn
 # 1 = var) -> (first step after which it was latched, statistic). The same in float32 and float64,
 # through the scalar and the batched SparsestMax.
 OLD_IN_FORWARD = {
-    (0, 0): (41, "ln"), (0, 1): (18, "bn"), (1, 0): (9, "bn"), (1, 1): (18, "bn"), (2, 0): (4, "ln"), (2, 1): (8, "bn"),
+    (0, 0): (41, "ln"),
+    (0, 1): (18, "bn"),
+    (1, 0): (9, "bn"),
+    (1, 1): (18, "bn"),
+    (2, 0): (4, "ln"),
+    (2, 1): (8, "bn"),
 }
 
 
 def _seeded_run(dtype: torch.dtype, steps: int = 45) -> dict[tuple[int, int], tuple[int, str]]:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), ssn.SparseSwitchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), ssn.SparseSwitchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), ssn.SparseSwitchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).to(dtype)
+        nn.Conv2d(3, 8, 3, padding=1),
+        ssn.SparseSwitchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        ssn.SparseSwitchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        ssn.SparseSwitchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).to(dtype)
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(2, 3, 6, 6, generator=g).to(dtype) * 2, torch.randint(0, 4, (2,), generator=g))
-            for _ in range(4)]
+    data = [
+        (torch.randn(2, 3, 6, 6, generator=g).to(dtype) * 2, torch.randint(0, 4, (2,), generator=g))
+        for _ in range(4)
+    ]
     logits = [p for n, p in net.named_parameters() if "logits" in n]
     rest = [p for n, p in net.named_parameters() if "logits" not in n]
     opt = torch.optim.SGD([{"params": rest}, {"params": logits, "lr": 3.0}], lr=0.05, momentum=0.9)

@@ -423,7 +423,9 @@ def test_folded_dense_eval_matches_float64_reference(kind, dim, device_path, mon
     x = torch.randn(SHAPES[dim]) * 2 + 3
     ref_m = copy.deepcopy(m).double()
     mr, vr = _ref_ratios(ref_m)
-    y_ref = reference(x.double(), mr, vr, ref_m.weight, ref_m.bias, m.eps, (ref_m.running_mean, ref_m.running_var))
+    y_ref = reference(
+        x.double(), mr, vr, ref_m.weight, ref_m.bias, m.eps, (ref_m.running_mean, ref_m.running_var)
+    )
     with torch.no_grad():
         y = m(x)
     torch.testing.assert_close(y.double(), y_ref.detach(), atol=2e-5, rtol=1e-5)
@@ -431,7 +433,9 @@ def test_folded_dense_eval_matches_float64_reference(kind, dim, device_path, mon
     torch.testing.assert_close(y, y_fused.detach(), atol=2e-5, rtol=1e-5)
     with torch.no_grad():  # the unbiased instance variance of the authors' layers
         m.in_var_correction = 1
-        torch.testing.assert_close(m(x), m.__class__.forward(m, x.requires_grad_()).detach(), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            m(x), m.__class__.forward(m, x.requires_grad_()).detach(), atol=2e-5, rtol=1e-5
+        )
 
 
 def test_dense_eval_folds_once_and_refolds_on_any_change(monkeypatch):
@@ -506,7 +510,9 @@ def _planes_with_means(shape: tuple[int, ...], shift: float, seed: int = 0) -> t
 
 
 @pytest.mark.parametrize("shift", [0.0, 10.0, 100.0, 1000.0])
-@pytest.mark.parametrize("kind,channels_last", [("sn", False), ("ssn", False), ("ssn", True), ("in_unbiased", False)])
+@pytest.mark.parametrize(
+    "kind,channels_last", [("sn", False), ("ssn", False), ("ssn", True), ("in_unbiased", False)]
+)
 def test_dense_eval_keeps_float32_accuracy_at_large_means(shift, kind, channels_last):
     """Dense eval (and the latched-IN layer with the authors' unbiased variance, which takes the same
     path) within 10x the float32 error of the native (affine) InstanceNorm on the same input, against the
@@ -531,7 +537,9 @@ def test_dense_eval_keeps_float32_accuracy_at_large_means(shift, kind, channels_
         y_ref = (xd - mu) / torch.sqrt(var + m.eps) * ref_m.weight.view(shape) + ref_m.bias.view(shape)
     else:
         mr, vr = _ref_ratios(ref_m)
-        y_ref = reference(xd, mr, vr, ref_m.weight, ref_m.bias, m.eps, (ref_m.running_mean, ref_m.running_var))
+        y_ref = reference(
+            xd, mr, vr, ref_m.weight, ref_m.bias, m.eps, (ref_m.running_mean, ref_m.running_var)
+        )
     native = nn.InstanceNorm2d(8, affine=True)  # with the same affine map (its rounding scales)
     native.load_state_dict({"weight": m.weight, "bias": m.bias})
     native_err = _plane_errors(native(x), copy.deepcopy(native).double()(xd))

@@ -29,8 +29,14 @@ def test_corrupt_checkpoint_file_is_named(tmp_path, content):
 
 @needs_fmnist
 def test_checkpoint_of_another_normalizer_is_refused_by_name(tmp_path, capsys):
-    main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-                        "--export=false")])
+    main(
+        [
+            "fit",
+            *_args(
+                tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--export=false"
+            ),
+        ]
+    )
     # another config in the same folder: `last` is that folder's last.ckpt, which holds BN weights
     with pytest.raises(ValueError, match="trained with norm='bn', the config has norm='ssn'"):
         main(["validate", *_args(tmp_path, "ssn"), "--ckpt_path=last"])
@@ -44,10 +50,23 @@ def test_checkpoint_of_another_normalizer_is_refused_by_name(tmp_path, capsys):
 
 @needs_fmnist
 def test_diverging_update_stops_before_a_checkpoint_and_names_the_layer(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"step 0 .*the update made net\.\S+ \(layer net\.\S+\) non-finite"):
+    with pytest.raises(
+        FloatingPointError, match=r"step 0 .*the update made net\.\S+ \(layer net\.\S+\) non-finite"
+    ):
         # in range, but the first update overflows float32 (lr x weight decay x weight > 3.4e38)
-        main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--model.init_args.lr=1e4",
-                            "--model.init_args.weight_decay=1e38", "--export=false")])
+        main(
+            [
+                "fit",
+                *_args(
+                    tmp_path,
+                    "ssn",
+                    "--trainer.max_epochs=1",
+                    "--model.init_args.lr=1e4",
+                    "--model.init_args.weight_decay=1e38",
+                    "--export=false",
+                ),
+            ]
+        )
     assert not list((tmp_path / "out").rglob("*.ckpt"))  # nothing non-finite was saved
 
 
@@ -57,9 +76,18 @@ def test_nan_loss_stops_or_skips_the_step(tmp_path, mode):
     import sys
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    run = ["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false",
-                         f"--model.init_args.nonfinite={mode}", "--trainer.callbacks+=faults.NaNInputAt",
-                         "--trainer.callbacks.step=2")]
+    run = [
+        "fit",
+        *_args(
+            tmp_path,
+            "ssn",
+            "--trainer.max_epochs=1",
+            "--export=false",
+            f"--model.init_args.nonfinite={mode}",
+            "--trainer.callbacks+=faults.NaNInputAt",
+            "--trainer.callbacks.step=2",
+        ),
+    ]
     if mode == "stop":
         with pytest.raises(FloatingPointError, match=r"step 2 \(epoch 0, batch 2\): non-finite loss \(nan\)"):
             main(run)
@@ -110,7 +138,9 @@ def test_imagenet_class_folder_without_images_names_the_folder(tmp_path):
 
     _imagenet_fixture(tmp_path)
     (tmp_path / "train" / "n09999999").mkdir()
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'train' / 'n09999999'}: class folder without images"):
+    with pytest.raises(
+        FileNotFoundError, match=f"{tmp_path / 'train' / 'n09999999'}: class folder without images"
+    ):
         ImageNetDataModule(str(tmp_path), batch_size=2).setup("fit")
 
 
@@ -122,14 +152,29 @@ def test_every_training_image_unreadable_fails_the_run(tmp_path):
         f.write_bytes(b"\xff\xd8\xff garbage")
     out = str(tmp_path / "out")
     with pytest.raises(RuntimeError, match="epoch 0: every training batch was unreadable"):
-        main(["fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
-              "--config", str(ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"),
-              "--config", str(ROOT / "configs/norms/bn.yaml"), "--config", str(ROOT / "configs/base/quiet.yaml"),
-              "--model.init_args.arch=resnet18",
-              f"--data.init_args.root={tmp_path / 'imagenet'}", "--data.init_args.crop_size=32",
-              "--data.init_args.resize_size=36", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
-              "--trainer.max_epochs=1", f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-              "--export=false"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/base/trainer.yaml"),
+                "--config",
+                str(ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"),
+                "--config",
+                str(ROOT / "configs/norms/bn.yaml"),
+                "--config",
+                str(ROOT / "configs/base/quiet.yaml"),
+                "--model.init_args.arch=resnet18",
+                f"--data.init_args.root={tmp_path / 'imagenet'}",
+                "--data.init_args.crop_size=32",
+                "--data.init_args.resize_size=36",
+                "--data.init_args.batch_size=4",
+                "--data.init_args.num_workers=0",
+                "--trainer.max_epochs=1",
+                f"--trainer.default_root_dir={out}",
+                f"--trainer.logger.init_args.save_dir={out}",
+                "--export=false",
+            ]
+        )
 
 
 def test_training_split_smaller_than_one_batch_is_an_error(tmp_path):
@@ -138,10 +183,17 @@ def test_training_split_smaller_than_one_batch_is_an_error(tmp_path):
     from datamodules import DigitsDataModule
     from tasks import ImageClassifier
 
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     model = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="bn")
-    with pytest.raises(ValueError, match=r"training split gives no batch: 10 samples .*batch_size 64, drop_last=True"):
+    with pytest.raises(
+        ValueError, match=r"training split gives no batch: 10 samples .*batch_size 64, drop_last=True"
+    ):
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=64, train_size=10))
     assert not (tmp_path / "summary.json").exists()  # nothing recorded as a finished run
 
@@ -151,11 +203,30 @@ def test_a_run_never_writes_beside_its_pretrained_source(tmp_path):
 
     source = tmp_path / "out" / "checkpoints" / "last.ckpt"  # another run's last.ckpt, in this run's folder
     source.parent.mkdir(parents=True)
-    torch.save(ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="bn").net.state_dict(), source)
-    with pytest.raises(ValueError, match=rf"pretrained {source} lies in {source.parent}, where this run writes"):
-        main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", f"--model.init_args.pretrained={source}")])
+    torch.save(
+        ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="bn").net.state_dict(),
+        source,
+    )
+    with pytest.raises(
+        ValueError, match=rf"pretrained {source} lies in {source.parent}, where this run writes"
+    ):
+        main(
+            [
+                "fit",
+                *_args(tmp_path, "bn", "--trainer.max_epochs=1", f"--model.init_args.pretrained={source}"),
+            ]
+        )
     with pytest.raises(ValueError, match="where this run writes"):  # and not its export's folder either
-        main(["fit", *_args(tmp_path, "bn", f"--model.init_args.pretrained={tmp_path}/out/exported/model.state_dict.pt")])
+        main(
+            [
+                "fit",
+                *_args(
+                    tmp_path,
+                    "bn",
+                    f"--model.init_args.pretrained={tmp_path}/out/exported/model.state_dict.pt",
+                ),
+            ]
+        )
 
 
 def test_the_digits_fine_tuning_config_writes_into_its_own_folder():
@@ -170,19 +241,44 @@ def test_the_digits_fine_tuning_config_writes_into_its_own_folder():
 
 @needs_fmnist
 def test_last_is_always_this_runs_own_checkpoint(tmp_path):
-    main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--export=false")])
-    main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--export=false")])
+    main(
+        [
+            "fit",
+            *_args(
+                tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--export=false"
+            ),
+        ]
+    )
+    main(
+        [
+            "fit",
+            *_args(
+                tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--export=false"
+            ),
+        ]
+    )
     folder = tmp_path / "out" / "checkpoints"
     assert not list(folder.glob("last-v*.ckpt"))  # the new run replaced the earlier run's last.ckpt
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
-@pytest.mark.parametrize(("option", "value", "interval"), [
-    ("backbone_lr_scale", -0.5, "[0, inf)"), ("lr", float("nan"), "(0, inf)"), ("lr", 0.0, "(0, inf)"),
-    ("momentum", 1.0, "[0, 1)"), ("weight_decay", -1e-4, "[0, inf)"), ("warmup_epochs", -1, "[0, inf)"),
-    ("gamma", 0.0, "(0, 1]"), ("radius_ramp_fraction", 0.0, "(0, 1]"), ("radius_end", -1.0, "(0, inf)"),
-    ("ratio_grad_clip", 0.0, "(0, inf)"), ("label_smoothing", 1.0, "[0, 1)"), ("lr_batch_size", 0, "[1, inf)"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "interval"),
+    [
+        ("backbone_lr_scale", -0.5, "[0, inf)"),
+        ("lr", float("nan"), "(0, inf)"),
+        ("lr", 0.0, "(0, inf)"),
+        ("momentum", 1.0, "[0, 1)"),
+        ("weight_decay", -1e-4, "[0, inf)"),
+        ("warmup_epochs", -1, "[0, inf)"),
+        ("gamma", 0.0, "(0, 1]"),
+        ("radius_ramp_fraction", 0.0, "(0, 1]"),
+        ("radius_end", -1.0, "(0, inf)"),
+        ("ratio_grad_clip", 0.0, "(0, inf)"),
+        ("label_smoothing", 1.0, "[0, 1)"),
+        ("lr_batch_size", 0, "[1, inf)"),
+    ],
+)
 def test_numeric_options_out_of_range_name_the_option_and_range(option, value, interval):
     from tasks import ImageClassifier
 

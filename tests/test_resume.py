@@ -34,10 +34,23 @@ def _args(tmp_path: Path, out: str, *extra: str) -> list[str]:
     cfg = tmp_path / "every_step.yaml"
     cfg.write_text(CKPT_EVERY_STEP)
     out = str(tmp_path / out)
-    return ["--config", BASE, *fmnist("ssn"), "--config", str(cfg), "--config", QUIET,
-            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-            "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=2", "--trainer.max_epochs=2",
-            "--data.batch_size=16", "--export=false", *extra]
+    return [
+        "--config",
+        BASE,
+        *fmnist("ssn"),
+        "--config",
+        str(cfg),
+        "--config",
+        QUIET,
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.limit_train_batches=5",
+        "--trainer.limit_val_batches=2",
+        "--trainer.max_epochs=2",
+        "--data.batch_size=16",
+        "--export=false",
+        *extra,
+    ]
 
 
 def _state(cli) -> dict[str, torch.Tensor]:  # noqa: ANN001
@@ -48,7 +61,9 @@ def _state(cli) -> dict[str, torch.Tensor]:  # noqa: ANN001
 def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     full = main(["fit", *_args(tmp_path_factory.mktemp("full"), "full")])
     assert full.trainer.global_step == 10
-    assert isinstance(full.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # from configs/base/trainer.yaml
+    assert isinstance(
+        full.trainer.strategy.checkpoint_io, AtomicCheckpointIO
+    )  # from configs/base/trainer.yaml
     return _state(full), {k: float(v) for k, v in full.trainer.callback_metrics.items()}
 
 
@@ -63,15 +78,23 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path, kill_at, uninterrupted):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)])
     cli = [sys.executable, "-m", "tasks.cli", "fit", *_args(tmp_path, "cut")]
-    killed = subprocess.run([*cli, "--trainer.callbacks+=faults.KillAt", f"--trainer.callbacks.step={kill_at}"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [*cli, "--trainer.callbacks+=faults.KillAt", f"--trainer.callbacks.step={kill_at}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]  # it really died, by SIGKILL
     last = tmp_path / "cut/checkpoints/last.ckpt"
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == kill_at
 
     # NOTE: resumed in a new process, as a user would (and wandb allows one run id per process)
-    resumed = subprocess.run([*cli, "--ckpt_path=last"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*cli, "--ckpt_path=last"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = torch.load(last, weights_only=True)
     assert final["global_step"] == 10
@@ -83,7 +106,9 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path, kill_at, uninterrupted):
     for key in ("val/acc1", "val/loss"):
         assert summary["metrics"][key] == metrics[key], key
     runs = sorted((tmp_path / "cut/wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and runs[0].name.rsplit("-", 1)[1] == runs[1].name.rsplit("-", 1)[1]  # one wandb run id
+    assert (
+        len(runs) == 2 and runs[0].name.rsplit("-", 1)[1] == runs[1].name.rsplit("-", 1)[1]
+    )  # one wandb run id
     assert runs[0].name.rsplit("-", 1)[1] == saved["logger_versions"]["WandbLogger"]
 
 
@@ -116,7 +141,11 @@ def test_loader_resumes_mid_epoch_with_the_same_samples_and_augmentation(workers
     head = batches(cut, 3, n=2)
     state = cut.state_dict()
     assert (state["epoch"], state["batches"]) == (3, 2)
-    torch.rand(5), random.random(), np.random.rand()  # the killed process's streams move on; the checkpoint holds them as they were
+    (
+        torch.rand(5),
+        random.random(),
+        np.random.rand(),
+    )  # the killed process's streams move on; the checkpoint holds them as they were
 
     again = ResumableLoader(_Noisy(), batch_size=4, seed=7, num_workers=workers)
     again.load_state_dict(state)

@@ -18,8 +18,14 @@ import ssn
 from ssn.integrations import MmcvOpUnavailable, bridge_mmcv_lite, mm_norm_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [Path(f"configs/{c}.yaml") for c in ("ade20k/deeplabv3_r50_ade20k-512x512",
-                                              "cityscapes/deeplabv3_r50_cityscapes-769x769", "nuclei/deeplabv3_r18_nuclei-128x128")]
+CONFIGS = [
+    Path(f"configs/{c}.yaml")
+    for c in (
+        "ade20k/deeplabv3_r50_ade20k-512x512",
+        "cityscapes/deeplabv3_r50_cityscapes-769x769",
+        "nuclei/deeplabv3_r18_nuclei-128x128",
+    )
+]
 SSN = ["--config", str(ROOT / "configs/norms/ssn.yaml")]
 
 
@@ -41,8 +47,10 @@ def _scene(rng: np.random.Generator, h: int, w: int, labels: list[int]) -> tuple
     """A picture whose colour follows its label map (vertical bands), so the label is learnable."""
     label = np.zeros((h, w), np.uint8)
     for i, value in enumerate(labels):
-        label[:, i * w // len(labels):] = value
-    image = (label[..., None] * np.array([37, 91, 53]) % 256 + rng.integers(0, 20, (h, w, 3))).astype(np.uint8)
+        label[:, i * w // len(labels) :] = value
+    image = (label[..., None] * np.array([37, 91, 53]) % 256 + rng.integers(0, 20, (h, w, 3))).astype(
+        np.uint8
+    )
     return image, label
 
 
@@ -74,7 +82,9 @@ def write_ade20k(root: Path, n: int = 2, h: int = 40, w: int = 56) -> Path:
 def _tiny_cityscapes(root: Path, **kw):  # noqa: ANN202
     from datamodules import CityscapesDataModule
 
-    return CityscapesDataModule(str(root), batch_size=2, num_workers=0, crop_size=(32, 32), scale=(96, 48), **kw)
+    return CityscapesDataModule(
+        str(root), batch_size=2, num_workers=0, crop_size=(32, 32), scale=(96, 48), **kw
+    )
 
 
 # --------------------------------------------------------------------------- mmcv bridge
@@ -104,7 +114,9 @@ def test_mm_norm_cfg_builds_exactly_create_norm(name, mmseg_ready):
     assert layer_name == "bn2"  # torchvision's key whatever the normalizer
     assert build_norm_layer(dict(type="SSN"), 16, postfix=1)[0] == "bn1"  # the plain registration too
     assert type(layer) is type(ref) and repr(layer) == repr(ref)
-    assert {k: v.shape for k, v in layer.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in layer.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
     conv = ConvModule(8, 16, 3, norm_cfg=mm_norm_cfg(name, **kw))
     assert type(conv.bn) is type(ref) and conv.conv.bias is None  # mmcv drops the conv bias before a norm
     with pytest.raises(KeyError, match="valid names"):
@@ -151,13 +163,15 @@ def test_training_step_finite_for_every_norm_with_aspp_at_batch_2(name, mmseg_re
     from tasks import SemanticSegmenter
 
     torch.manual_seed(0)
-    m = SemanticSegmenter(depth=18, num_classes=3, norm=name, norm_kwargs={"groups": 8} if name == "gn" else None)
+    m = SemanticSegmenter(
+        depth=18, num_classes=3, norm=name, norm_kwargs={"groups": 8} if name == "gn" else None
+    )
     pool = m.model.decode_head.image_pool
     seen = []
     pool.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].shape, out)))
     loss = m.training_step(_batch(), 0)
     loss.backward()
-    (shape, out), = seen
+    ((shape, out),) = seen
     assert shape[0] == 2 and shape[-2:] == (32 // 8, 32 // 8) and out.shape[-2:] == (1, 1)  # a 1x1 map
     assert torch.isfinite(out).all() and torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
@@ -221,7 +235,12 @@ def test_poly_schedule_matches_mmengine_poly_lr():
         opt.step()
         sched.step()
     m = __import__("tasks").SemanticSegmenter(depth=18, norm="bn")
-    assert (m.hparams.schedule, m.hparams.poly_power, m.hparams.min_lr, m.hparams.weight_decay) == ("poly", 0.9, 1e-4, 5e-4)
+    assert (m.hparams.schedule, m.hparams.poly_power, m.hparams.min_lr, m.hparams.weight_decay) == (
+        "poly",
+        0.9,
+        1e-4,
+        5e-4,
+    )
 
 
 # -------------------------------------------------------------------- backbone transfer
@@ -229,8 +248,16 @@ def test_backbone_keys_are_torchvision_resnet_keys(mmseg_ready):
     from mmseg.registry import MODELS
 
     for depth in (18, 50):
-        bb = MODELS.build(dict(type="ResNet", depth=depth, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1),
-                               contract_dilation=True, norm_cfg=mm_norm_cfg("gn")))
+        bb = MODELS.build(
+            dict(
+                type="ResNet",
+                depth=depth,
+                dilations=(1, 1, 2, 4),
+                strides=(1, 2, 1, 1),
+                contract_dilation=True,
+                norm_cfg=mm_norm_cfg("gn"),
+            )
+        )
         ref = getattr(torchvision.models, f"resnet{depth}")(norm_layer=ssn.get_norm_layer("gn"))
         want = {k: v.shape for k, v in ref.state_dict().items() if not k.startswith("fc.")}
         assert {k: v.shape for k, v in bb.state_dict().items()} == want
@@ -287,8 +314,14 @@ def test_pretrained_argument_keep_and_reopen_in_the_segmentation_task(mode, mmse
     path = tmp_path / "clf.ckpt"
     torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams)}, path)
     source = {n.removeprefix("net."): m for n, m in ssn.switch_norms(clf)}
-    seg = SemanticSegmenter(depth=18, num_classes=3, norm="ssn", pretrained=str(path), pretrained_ratios=mode,
-                            pretrained_radius_start=0.25)
+    seg = SemanticSegmenter(
+        depth=18,
+        num_classes=3,
+        norm="ssn",
+        pretrained=str(path),
+        pretrained_ratios=mode,
+        pretrained_radius_start=0.25,
+    )
     seg.configure_model()
     got = dict(ssn.switch_norms(seg.pretrained_module()))
     assert set(source) <= set(got)  # every backbone layer found (the heads' layers are new)
@@ -317,8 +350,16 @@ def test_authors_resnet50_loads_into_the_segmentation_backbone(mmseg_ready):
     state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
     # NOTE: their layers' settings (unbiased IN variance, momentum) are arguments, not state
     cfg = mm_norm_cfg("ssn", in_var_correction=1, momentum=1 - AUTHORS_MOMENTUM)
-    bb = MODELS.build(dict(type="ResNet", depth=50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1),
-                           contract_dilation=True, norm_cfg=cfg))
+    bb = MODELS.build(
+        dict(
+            type="ResNet",
+            depth=50,
+            dilations=(1, 1, 2, 4),
+            strides=(1, 2, 1, 1),
+            contract_dilation=True,
+            norm_cfg=cfg,
+        )
+    )
     result = bb.load_state_dict(state)
     assert not result.missing_keys and not result.unexpected_keys
     ours, want = dict(ssn.switch_norms(bb)), dict(ssn.switch_norms(theirs))
@@ -356,7 +397,9 @@ def test_cityscapes_label_ids_only_offers_the_conversion(tmp_path):
     from datamodules.cityscapes import main
 
     root = write_cityscapes(tmp_path / "cs", label_ids=True)
-    with pytest.raises(FileNotFoundError, match=rf"(?s)labelIds.png but no .*python -m datamodules.cityscapes {root}"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"(?s)labelIds.png but no .*python -m datamodules.cityscapes {root}"
+    ):
         _tiny_cityscapes(root)
     main([str(root)])  # the offered command
     written = sorted((root / "gtFine").rglob("*_gtFine_labelTrainIds.png"))
@@ -382,7 +425,11 @@ def test_unreadable_files_are_skipped_logged_and_counted_once(tmp_path, caplog):
             assert len(batch["inputs"]) == 1
     assert dm.skipped_images == 2
     logged = [r.getMessage() for r in caplog.records]
-    assert len(logged) == 2 and any(str(bad_image) in m for m in logged) and any(str(bad_label) in m for m in logged)
+    assert (
+        len(logged) == 2
+        and any(str(bad_image) in m for m in logged)
+        and any(str(bad_label) in m for m in logged)
+    )
 
 
 def test_label_of_another_size_is_an_error_naming_both(tmp_path):
@@ -399,8 +446,13 @@ def test_label_of_another_size_is_an_error_naming_both(tmp_path):
 def test_ade20k_fixture_reduces_zero_label(tmp_path):
     from datamodules import ADE20KDataModule
 
-    dm = ADE20KDataModule(str(write_ade20k(tmp_path / "ADEChallengeData2016")), batch_size=2, num_workers=0,
-                          crop_size=(32, 32), scale=(56, 40))
+    dm = ADE20KDataModule(
+        str(write_ade20k(tmp_path / "ADEChallengeData2016")),
+        batch_size=2,
+        num_workers=0,
+        crop_size=(32, 32),
+        scale=(56, 40),
+    )
     dm.setup("fit")
     assert dm.num_classes == 150
     sample = dm.data["val"][0]
@@ -429,8 +481,18 @@ def test_configs_parse_through_the_cli(config, capsys):
 
     overlay = ROOT / config.parent / "norms/ssn.yaml"
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(ROOT / "configs/base/trainer.yaml"), "--config", str(ROOT / config), *SSN,
-              *(["--config", str(overlay)] if overlay.is_file() else []), "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/base/trainer.yaml"),
+                "--config",
+                str(ROOT / config),
+                *SSN,
+                *(["--config", str(overlay)] if overlay.is_file() else []),
+                "--print_config",
+            ]
+        )
     assert exit_.value.code in (0, None)
     out = capsys.readouterr().out
     assert "SemanticSegmenter" in out and "max_steps" in out
@@ -441,19 +503,42 @@ def test_fit_through_the_cli_on_a_cityscapes_fixture(tmp_path):
 
     root = write_cityscapes(tmp_path / "cs")
     out = str(tmp_path / "out")
-    cli = main([
-        "fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
-        "--config", str(ROOT / "configs/cityscapes/deeplabv3_r50_cityscapes-769x769.yaml"), *SSN,
-        "--config", str(ROOT / "configs/base/quiet.yaml"),
-        f"--data.init_args.root={root}", "--data.init_args.num_workers=0", "--data.init_args.crop_size=[32, 32]",
-        "--data.init_args.scale=[96, 48]", "--model.init_args.depth=18", "--model.init_args.crop_size=[32, 32]",
-        "--model.init_args.test_crop_size=[32, 32]", "--model.init_args.test_stride=[24, 24]",
-        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}", "--export=false",
-    ])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/base/trainer.yaml"),
+            "--config",
+            str(ROOT / "configs/cityscapes/deeplabv3_r50_cityscapes-769x769.yaml"),
+            *SSN,
+            "--config",
+            str(ROOT / "configs/base/quiet.yaml"),
+            f"--data.init_args.root={root}",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.crop_size=[32, 32]",
+            "--data.init_args.scale=[96, 48]",
+            "--model.init_args.depth=18",
+            "--model.init_args.crop_size=[32, 32]",
+            "--model.init_args.test_crop_size=[32, 32]",
+            "--model.init_args.test_stride=[24, 24]",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}",
+            "--export=false",
+        ]
+    )
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 2
-    for key in ("train/loss", "train/decode.loss_ce", "train/aux.loss_ce", "val/mIoU", "val/mAcc", "val/aAcc"):
+    for key in (
+        "train/loss",
+        "train/decode.loss_ce",
+        "train/aux.loss_ce",
+        "val/mIoU",
+        "val/mAcc",
+        "val/aAcc",
+    ):
         assert key in metrics and torch.isfinite(metrics[key]), key
     lrs = [g["lr"] for g in cli.trainer.optimizers[0].param_groups]
     assert len(lrs) == 3  # params, norm, ratios
@@ -485,8 +570,11 @@ def test_label_values_channels_and_missing_files_are_named(tmp_path):
     _png(label, np.full((40, 56), 180, np.uint8))
     dm = ADE20KDataModule(str(ade), batch_size=2, num_workers=0, crop_size=(32, 32), scale=(56, 40))
     dm.setup("fit")
-    with pytest.raises(ValueError, match=rf"label {label} holds values \[180\] outside the 150 classes \(0..150, read "
-                                         "with 0 as ignore\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"label {label} holds values \[180\] outside the 150 classes \(0..150, read "
+        "with 0 as ignore\)",
+    ):
         _read_all(dm, "val")
 
 
@@ -495,15 +583,24 @@ def _fit_in_process(tmp_path: Path, dm, **model: object) -> None:  # noqa: ANN00
 
     from tasks import SemanticSegmenter
 
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(SemanticSegmenter(depth=18, num_classes=19, crop_size=(32, 32), **model), datamodule=dm)
 
 
 def test_training_split_smaller_than_one_batch_is_an_error(tmp_path):
     dm = _tiny_cityscapes(write_cityscapes(tmp_path / "cs"))
     dm.batch_size = 4  # 2 training images, drop_last
-    with pytest.raises(ValueError, match=r"training split gives no batch: 2 samples .*batch_size 4, drop_last=True"):
+    with pytest.raises(
+        ValueError, match=r"training split gives no batch: 2 samples .*batch_size 4, drop_last=True"
+    ):
         _fit_in_process(tmp_path, dm, norm="ssn")
     assert not (tmp_path / "summary.json").exists()
 
@@ -518,7 +615,9 @@ def test_bn_at_batch_1_names_the_aspp_image_pool_and_the_fix(tmp_path):
 def test_segmentation_options_out_of_range_are_named(tmp_path):
     from tasks import SemanticSegmenter
 
-    with pytest.raises(ValueError, match=r"ignore_index must be in \[num_classes, 255\] = \[19, 255\] .*, got 3"):
+    with pytest.raises(
+        ValueError, match=r"ignore_index must be in \[num_classes, 255\] = \[19, 255\] .*, got 3"
+    ):
         SemanticSegmenter(depth=18, num_classes=19, ignore_index=3)
     with pytest.raises(ValueError, match=r"cat_max_ratio must be in \(0, 1\], got 0"):
         _tiny_cityscapes(write_cityscapes(tmp_path / "cs"), cat_max_ratio=0)

@@ -46,8 +46,9 @@ def test_convert_bn_resnet_to_ssn_copies_everything():
 
 
 def test_convert_keeps_sync_dims_and_switch_state():
-    model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.Conv3d(4, 4, 1), nn.BatchNorm3d(4),
-                          nn.SyncBatchNorm(4))
+    model = nn.Sequential(
+        nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.Conv3d(4, 4, 1), nn.BatchNorm3d(4), nn.SyncBatchNorm(4)
+    )
     out = ssn.convert_norm(model, "ssn", radius=0.2)
     assert isinstance(out[1], ssn.SparseSwitchNorm1d) and isinstance(out[3], ssn.SparseSwitchNorm3d)
     assert isinstance(out[4], ssn.SparseSwitchNorm2d) and out[4].sync and not out[1].sync
@@ -140,8 +141,13 @@ def test_set_radius_and_param_groups():
 
 
 def test_torch_compile_latched_path_has_no_graph_break():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), ssn.SparseSwitchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
-                          ssn.SparseSwitchNorm2d(8))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        ssn.SparseSwitchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        ssn.SparseSwitchNorm2d(8),
+    )
     model[1].latch("bn", "bn")
     model[4].latch("ln", "ln")
     x = torch.randn(2, 3, 12, 12)
@@ -150,7 +156,6 @@ def test_torch_compile_latched_path_has_no_graph_break():
     torch.testing.assert_close(compiled(x), want)
     model.train()
     compiled(x).sum().backward()
-
 
 
 def test_convert_refuses_bn_like_layers_it_does_not_know():
@@ -163,8 +168,11 @@ def test_convert_refuses_bn_like_layers_it_does_not_know():
         def forward(self, x):
             return 2 * super().forward(x)
 
-    for odd, cls_name in [(FrozenBatchNorm2d(4), "FrozenBatchNorm2d"), (Scaled(4), "Scaled"),
-                          (nn.LazyBatchNorm2d(), "LazyBatchNorm2d")]:
+    for odd, cls_name in [
+        (FrozenBatchNorm2d(4), "FrozenBatchNorm2d"),
+        (Scaled(4), "Scaled"),
+        (nn.LazyBatchNorm2d(), "LazyBatchNorm2d"),
+    ]:
         model = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(odd))
         with pytest.raises(ValueError, match=rf"layer 1\.0 is a .*{cls_name}, a BatchNorm-like layer"):
             ssn.convert_norm(model, "ssn")

@@ -23,7 +23,9 @@ BASE = str(ROOT / "configs/base/trainer.yaml")
 FMNIST = str(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml")
 QUIET = str(ROOT / "configs/base/quiet.yaml")
 HAVE_FMNIST = (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists()
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist` (make test does it)")
+needs_fmnist = pytest.mark.skipif(
+    not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist` (make test does it)"
+)
 
 
 def test_lr_factor_warmup_cosine_and_step():
@@ -36,13 +38,17 @@ def test_lr_factor_warmup_cosine_and_step():
     assert lr_factor(30, 100, 0, "step", [30, 60], 0.1) == pytest.approx(0.1)
     assert lr_factor(75, 100, 0, "step", [30, 60], 0.1) == pytest.approx(0.01)
     # mmseg's PolyLR: (base - min) * (1 - t)^0.9 + min, as a factor of base
-    assert lr_factor(50, 100, 0, "poly", [], 0.1, power=0.9, min_factor=0.01) == pytest.approx(0.99 * 0.5**0.9 + 0.01)
+    assert lr_factor(50, 100, 0, "poly", [], 0.1, power=0.9, min_factor=0.01) == pytest.approx(
+        0.99 * 0.5**0.9 + 0.01
+    )
     assert lr_factor(100, 100, 0, "poly", [], 0.1, power=0.9, min_factor=0.01) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("arch", ["resnet_small", "resnet18", "resnet50"])
 def test_classifier_builds_with_zero_init_and_groups(arch):
-    model = ImageClassifier(arch=arch, num_classes=10, in_channels=1 if arch == "resnet_small" else 3, norm="ssn")
+    model = ImageClassifier(
+        arch=arch, num_classes=10, in_channels=1 if arch == "resnet_small" else 3, norm="ssn"
+    )
     blocks = [m for m in model.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
     last = [b.bn3 if hasattr(b, "bn3") else b.bn2 for b in blocks]
     assert last and all(not n.weight.any() for n in last)
@@ -59,9 +65,17 @@ def test_channels_last_switch_changes_the_layout_not_the_result(norm):
     """``channels_last: true`` stores the weights and feeds the input channels-last; outputs and
     gradients are those of the contiguous twin (same weights)."""
     torch.manual_seed(0)
-    a = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm=norm, zero_init_residual=False)
-    b = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm=norm, zero_init_residual=False,
-                        channels_last=True)
+    a = ImageClassifier(
+        arch="resnet_small", num_classes=10, in_channels=1, norm=norm, zero_init_residual=False
+    )
+    b = ImageClassifier(
+        arch="resnet_small",
+        num_classes=10,
+        in_channels=1,
+        norm=norm,
+        zero_init_residual=False,
+        channels_last=True,
+    )
     b.load_state_dict(a.state_dict())
     a.configure_model()
     b.configure_model()
@@ -69,7 +83,9 @@ def test_channels_last_switch_changes_the_layout_not_the_result(norm):
     assert b.net.get_parameter(conv).is_contiguous(memory_format=torch.channels_last)
     assert not a.net.get_parameter(conv).is_contiguous(memory_format=torch.channels_last)
     seen = []
-    b.net.layers[0][0].bn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    b.net.layers[0][0].bn1.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     x = torch.randn(8, 1, 28, 28)
     ya, yb = a(x), b(x)
     assert seen == [True]
@@ -83,17 +99,30 @@ def test_channels_last_switch_changes_the_layout_not_the_result(norm):
 def fmnist(norm: str) -> list[str]:
     """The --config arguments of the Fashion-MNIST task with this normalizer (its composition)."""
     overlay = ROOT / f"configs/fashion_mnist/norms/{norm}.yaml"
-    return ["--config", FMNIST, "--config", str(ROOT / f"configs/norms/{norm}.yaml"),
-            *(["--config", str(overlay)] if overlay.is_file() else [])]
+    return [
+        "--config",
+        FMNIST,
+        "--config",
+        str(ROOT / f"configs/norms/{norm}.yaml"),
+        *(["--config", str(overlay)] if overlay.is_file() else []),
+    ]
 
 
 def _args(tmp_path: Path, norm: str = "ssn", *extra: str) -> list[str]:
     out = str(tmp_path / "out")
     return [
-        "--config", BASE, *fmnist(norm), "--config", QUIET,
-        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-        "--trainer.limit_train_batches=6", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
-        "--data.batch_size=16", *extra,
+        "--config",
+        BASE,
+        *fmnist(norm),
+        "--config",
+        QUIET,
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.limit_train_batches=6",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+        "--data.batch_size=16",
+        *extra,
     ]
 
 
@@ -122,7 +151,9 @@ def test_cli_resume_continues_from_last_checkpoint(tmp_path):
     main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false")])
     first = next((tmp_path / "out" / "checkpoints").glob("last.ckpt"))
     assert torch.load(first, weights_only=False)["global_step"] == 6
-    cli = main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=2", "--export=false", "--ckpt_path=last")])
+    cli = main(
+        ["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=2", "--export=false", "--ckpt_path=last")]
+    )
     assert cli.trainer.global_step == 12 and cli.trainer.current_epoch == 2
     assert cli.trainer.ckpt_path == str(first)  # it really resumed (not a silent fresh start)
     # the schedule keeps the ramp fixed when the run started (1 epoch of 6 steps), not the new length
@@ -148,9 +179,21 @@ def test_cli_rejects_unknown_normalizer(tmp_path):
 def test_short_real_training_learns_fashion_mnist(tmp_path):
     """~20 s on 2 cores: 300 steps of an SSN ResNet on real Fashion-MNIST, radius ramped to one-hot
     inside them, end far above chance (0.10 accuracy, loss ln 10 = 2.30) with every layer latched."""
-    cli = main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=300",
-                              "--trainer.limit_val_batches=10", "--trainer.limit_test_batches=20",
-                              "--data.batch_size=64", "--export=false")])
+    cli = main(
+        [
+            "fit",
+            *_args(
+                tmp_path,
+                "ssn",
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=300",
+                "--trainer.limit_val_batches=10",
+                "--trainer.limit_test_batches=20",
+                "--data.batch_size=64",
+                "--export=false",
+            ),
+        ]
+    )
     res = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     assert res["test/acc1"] > 0.5 and res["test/loss"] < 1.2, res
     assert all(all(m.latched) for _, m in ssn.switch_norms(cli.model))
@@ -163,10 +206,20 @@ def test_ddp_two_cpu_processes_sync_by_name_and_scale_lr(tmp_path, norm):
     """The name alone decides: ssn keeps per-device statistics (averaged over the ranks before
     validation and checkpoints), syncssn all-reduces them in every step."""
     probe = tmp_path / "probe"
-    cmd = [sys.executable, "-m", "tasks.cli", "fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false"),
-           f"--model.init_args.norm={norm}", "--config", str(ROOT / "configs/base/ddp.yaml"),
-           "--trainer.accelerator=cpu", "--trainer.devices=2",
-           "--trainer.callbacks+=ddp_probe.Probe", f"--trainer.callbacks.out_dir={probe}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tasks.cli",
+        "fit",
+        *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false"),
+        f"--model.init_args.norm={norm}",
+        "--config",
+        str(ROOT / "configs/base/ddp.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.callbacks+=ddp_probe.Probe",
+        f"--trainer.callbacks.out_dir={probe}",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -191,14 +244,31 @@ def test_cli_imagenet_config_on_a_fixture_in_the_real_layout(tmp_path):
 
     _imagenet_fixture(tmp_path / "imagenet")
     out = str(tmp_path / "out")
-    cli = main([
-        "fit", "--config", BASE, "--config", str(ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"),
-        "--config", str(ROOT / "configs/norms/ssn.yaml"), "--config", str(ROOT / "configs/imagenet/norms/ssn.yaml"),
-        "--model.init_args.arch=resnet18", f"--data.init_args.root={tmp_path / 'imagenet'}",
-        "--data.init_args.crop_size=32", "--data.init_args.resize_size=36", "--data.init_args.batch_size=4",
-        "--data.init_args.num_workers=0", "--trainer.max_epochs=1", f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}", "--config", QUIET, "--export=false",
-    ])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            BASE,
+            "--config",
+            str(ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"),
+            "--config",
+            str(ROOT / "configs/norms/ssn.yaml"),
+            "--config",
+            str(ROOT / "configs/imagenet/norms/ssn.yaml"),
+            "--model.init_args.arch=resnet18",
+            f"--data.init_args.root={tmp_path / 'imagenet'}",
+            "--data.init_args.crop_size=32",
+            "--data.init_args.resize_size=36",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.num_workers=0",
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}",
+            "--config",
+            QUIET,
+            "--export=false",
+        ]
+    )
     assert cli.model.hparams.num_classes == 3  # linked from the class folders
     assert cli.trainer.global_step == 3  # 14 images (2 unreadable, skipped) in batches of 4, last dropped
     assert cli.datamodule.skipped_images >= 1
@@ -207,9 +277,22 @@ def test_cli_imagenet_config_on_a_fixture_in_the_real_layout(tmp_path):
 @needs_fmnist
 def test_step_schedule_epoch_length_when_max_steps_caps_the_run(tmp_path):
     """Epochs of 3 steps: milestone epoch 2 is step 6, whatever max_epochs says (-1: unbounded)."""
-    cli = main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=-1", "--trainer.max_steps=8",
-                              "--trainer.limit_train_batches=3", "--model.init_args.schedule=step",
-                              "--model.init_args.milestones=[2]", "--model.init_args.warmup_epochs=0",
-                              "--model.init_args.warmup_epochs=1", "--export=false")])
+    cli = main(
+        [
+            "fit",
+            *_args(
+                tmp_path,
+                "bn",
+                "--trainer.max_epochs=-1",
+                "--trainer.max_steps=8",
+                "--trainer.limit_train_batches=3",
+                "--model.init_args.schedule=step",
+                "--model.init_args.milestones=[2]",
+                "--model.init_args.warmup_epochs=0",
+                "--model.init_args.warmup_epochs=1",
+                "--export=false",
+            ),
+        ]
+    )
     factor = cli.trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     assert [factor(s) for s in (0, 2, 3, 5, 6, 7)] == pytest.approx([1 / 3, 1.0, 1.0, 1.0, 0.1, 0.1])

@@ -54,8 +54,11 @@ def _randomise_stats(model: nn.Module) -> nn.Module:
 
 def _acts(model: nn.Module) -> list[str]:
     """The activation layers in order (what a converter that drops fused activations loses)."""
-    return [type(m).__name__ for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish,
-                                                                         nn.GELU, nn.Hardsigmoid))]
+    return [
+        type(m).__name__
+        for m in model.modules()
+        if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Hardsigmoid))
+    ]
 
 
 def _train_step(model: nn.Module, size: int) -> None:
@@ -71,7 +74,9 @@ def _train_step(model: nn.Module, size: int) -> None:
 def _check_ssn_model(name: str, size: int, model: nn.Module, plain: nn.Module) -> None:
     """One training step, latch to BN, export: timm's own layer types, loadable into ``plain``."""
     layers = dict(ssn.switch_norms(model))
-    assert len(layers) == sum(isinstance(m, _BatchNorm) for m in plain.modules()) > 0, "a norm was not replaced"
+    assert len(layers) == sum(isinstance(m, _BatchNorm) for m in plain.modules()) > 0, (
+        "a norm was not replaced"
+    )
     assert _acts(model) == _acts(plain), "activations differ from the plain timm model"
     _train_step(model, size)
     for layer in layers.values():
@@ -162,11 +167,14 @@ def test_class_and_factory_keywords():
     does importing ssn after timm; here ssn came first)."""
     ssn.register_timm()
     ssn.register_timm()  # idempotent
-    model = timm.create_model("test_efficientnet", num_classes=3, norm_layer=ssn.SparseSwitchNorm2d,
-                              act_layer="hard_swish")
+    model = timm.create_model(
+        "test_efficientnet", num_classes=3, norm_layer=ssn.SparseSwitchNorm2d, act_layer="hard_swish"
+    )
     assert isinstance(model.bn1, ssn.SparseSwitchNormAct2d) and isinstance(model.bn1.act, nn.Hardswish)
     layer = ssn.SparseSwitchNormAct2d(6, dtype=torch.float64, device="meta", act_layer="relu")
-    assert all(t.dtype == torch.float64 and t.is_meta for t in (*layer.parameters(), layer.running_var, layer.radius))
+    assert all(
+        t.dtype == torch.float64 and t.is_meta for t in (*layer.parameters(), layer.running_var, layer.radius)
+    )
     assert layer.mean_latch.dtype == torch.long and layer.mean_latch.is_meta
 
 
@@ -175,8 +183,13 @@ def test_convert_keeps_fused_activations_and_refuses_unknown_bn():
     BatchNorm subclass is refused by name and the model is left as it was."""
     ref = _randomise_stats(timm.create_model("test_efficientnet", num_classes=3)).eval()
     x = torch.randn(2, 3, 64, 64)  # IN needs more than one value per plane at the last stage
-    for target, kind in [("ssn", ssn.SparseSwitchNormAct2d), ("sn", ssn.SwitchNormAct2d), ("gn", None),
-                         ("ln", GroupNorm1Act), ("in", nn.Sequential)]:
+    for target, kind in [
+        ("ssn", ssn.SparseSwitchNormAct2d),
+        ("sn", ssn.SwitchNormAct2d),
+        ("gn", None),
+        ("ln", GroupNorm1Act),
+        ("in", nn.Sequential),
+    ]:
         kw = {"groups": 4} if target == "gn" else {}
         out = ssn.convert_norm(copy.deepcopy(ref), target, **kw)
         assert _acts(out) == _acts(ref), target
@@ -231,8 +244,9 @@ def test_image_classifier_takes_a_timm_arch_and_its_state_dict(tmp_path):
 
     plain = timm.create_model("resnet18", num_classes=4)
     torch.save(_randomise_stats(plain).state_dict(), tmp_path / "timm.pth")
-    task = ImageClassifier(arch="timm/resnet18", num_classes=10, in_channels=1, norm="ssn",
-                           pretrained=str(tmp_path / "timm.pth"))
+    task = ImageClassifier(
+        arch="timm/resnet18", num_classes=10, in_channels=1, norm="ssn", pretrained=str(tmp_path / "timm.pth")
+    )
     task.configure_model()
     assert task.head_prefixes() == ("fc.",) and task.net.fc.out_features == 10
     assert torch.equal(task.net.layer1[0].bn1.running_var, plain.layer1[0].bn1.running_var)
@@ -243,8 +257,13 @@ def test_image_classifier_takes_a_timm_arch_and_its_state_dict(tmp_path):
     for name in ("test_efficientnet", "regnetx_002", "resnet18d", "densenet121"):
         plain = _randomise_stats(timm.create_model(name, num_classes=4))
         torch.save({"model": plain.state_dict()}, tmp_path / f"{name}.pth")  # the reference-script form
-        task = ImageClassifier(arch=f"timm/{name}", num_classes=10, in_channels=3, norm="bn",
-                               pretrained=str(tmp_path / f"{name}.pth"))
+        task = ImageClassifier(
+            arch=f"timm/{name}",
+            num_classes=10,
+            in_channels=3,
+            norm="bn",
+            pretrained=str(tmp_path / f"{name}.pth"),
+        )
         task.configure_model()
         own, theirs = task.net.state_dict(), plain.state_dict()
         head = task.head_prefixes()
@@ -263,16 +282,30 @@ def test_cli_fit_with_a_timm_arch_on_fashion_mnist(tmp_path):
     if not (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("needs `apt-get install dataset-fashion-mnist` (make test does it)")
     root, out = Path(__file__).resolve().parents[1], str(tmp_path / "out")
-    cli = main([
-        "fit", "--config", str(root / "configs/base/trainer.yaml"),
-        "--config", str(root / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"),
-        "--config", str(root / "configs/norms/ssn.yaml"), "--config", str(root / "configs/fashion_mnist/norms/ssn.yaml"),
-        "--config", str(root / "configs/base/quiet.yaml"),
-        "--model.init_args.arch=timm/test_efficientnet", "--model.init_args.channels_last=false",
-        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}", "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
-        "--data.batch_size=16",
-    ])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(root / "configs/base/trainer.yaml"),
+            "--config",
+            str(root / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"),
+            "--config",
+            str(root / "configs/norms/ssn.yaml"),
+            "--config",
+            str(root / "configs/fashion_mnist/norms/ssn.yaml"),
+            "--config",
+            str(root / "configs/base/quiet.yaml"),
+            "--model.init_args.arch=timm/test_efficientnet",
+            "--model.init_args.channels_last=false",
+            f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+            "--data.batch_size=16",
+        ]
+    )
     net = cli.model.net
     assert cli.trainer.global_step == 4 and isinstance(net.bn1, ssn.SparseSwitchNormAct2d)
     assert all(None not in m.latched for _, m in ssn.switch_norms(net))  # the radius ramp ended: latched

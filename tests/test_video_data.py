@@ -68,7 +68,9 @@ def csv_fixture(root: Path, n: int = 10) -> None:
 
 def test_class_folders_train_val_and_multiview_test(tmp_path):
     folder_fixture(tmp_path)
-    dm = KineticsDataModule(str(tmp_path), batch_size=2, num_workers=0, val_clips=2, test_clips=2, test_crops=3, **SMALL)
+    dm = KineticsDataModule(
+        str(tmp_path), batch_size=2, num_workers=0, val_clips=2, test_clips=2, test_crops=3, **SMALL
+    )
     assert dm.num_classes == 2
     dm.setup("fit")
     dm.setup("test")  # no test split: the val videos, with the multi-view sampling
@@ -166,8 +168,11 @@ def _rank_worker(rank: int, root: str, store: str, out: str) -> None:
     for epoch in range(2):
         loader.batch_sampler.sampler.set_epoch(epoch)
         batches = list(loader)
-        seen[epoch] = {"levels": [level_of(c) for x, _ in batches for c in x], "batches": len(batches),
-                       "len": len(loader)}
+        seen[epoch] = {
+            "levels": [level_of(c) for x, _ in batches for c in x],
+            "batches": len(batches),
+            "len": len(loader),
+        }
     torch.save(seen, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -177,8 +182,13 @@ def test_two_ranks_and_two_workers_each_read_a_distinct_shard(tmp_path):
     csv_fixture(tmp_path)
     # NOTE: fork, not spawn: each spawned rank (and each of its spawned workers) would import torch,
     # Lightning and pytorchvideo again, ~10 s apiece on two cores.
-    mp.start_processes(_rank_worker, args=(str(tmp_path), str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
-                       join=True, start_method="fork")
+    mp.start_processes(
+        _rank_worker,
+        args=(str(tmp_path), str(tmp_path / "store"), str(tmp_path)),
+        nprocs=WORLD,
+        join=True,
+        start_method="fork",
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     orders = []
     for epoch in range(2):
@@ -194,7 +204,9 @@ def test_list_labels_out_of_range_negative_or_malformed_are_named(tmp_path):
     # the lists alone: labels are checked before any video is opened
     (tmp_path / "train.csv").write_text("videos/v0.mp4 0\nvideos/v1.mp4 1\nvideos/v2.mp4 2\n")
     (tmp_path / "val.csv").write_text("videos/v0.mp4 0\nvideos/v1.mp4 -1\n")
-    with pytest.raises(ValueError, match=r"val.csv: labels outside 0..2 \(3 classes, from train.csv\): line 2: -1"):
+    with pytest.raises(
+        ValueError, match=r"val.csv: labels outside 0..2 \(3 classes, from train.csv\): line 2: -1"
+    ):
         KineticsDataModule(str(tmp_path)).num_classes
     (tmp_path / "val.csv").write_text("videos/v0.mp4 0\n")
     with pytest.raises(ValueError, match=r"train.csv: labels outside 0..1 \(2 classes\): line 3: 2"):

@@ -34,7 +34,9 @@ def test_norms_by_name_everywhere_and_slow_r50_shape():
 
 
 def test_multiview_test_averages_the_softmax_of_each_videos_views():
-    task = VideoClassifier(arch="slow_r14", num_classes=3, norm="bn", frames=2, crop_size=32, dropout=0.0).eval()
+    task = VideoClassifier(
+        arch="slow_r14", num_classes=3, norm="bn", frames=2, crop_size=32, dropout=0.0
+    ).eval()
     logged = {}
     task.log = lambda name, value, **kw: logged.__setitem__(name, value)  # no trainer here
     x, y = torch.randn(2 * 6, 3, 2, 32, 32), torch.tensor([0, 2])
@@ -50,8 +52,18 @@ def test_multiview_test_averages_the_softmax_of_each_videos_views():
 def test_kinetics_configs_parse(norm, capsys):
     cfg = ROOT / "configs/kinetics/slow_r50_kinetics400-224.yaml"
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", BASE, "--config", str(cfg), "--config", str(ROOT / f"configs/norms/{norm}.yaml"),
-              "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                BASE,
+                "--config",
+                str(cfg),
+                "--config",
+                str(ROOT / f"configs/norms/{norm}.yaml"),
+                "--print_config",
+            ]
+        )
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: tasks.VideoClassifier" in printed and f"norm: {norm}" in printed
@@ -61,15 +73,36 @@ def test_kinetics_configs_parse(norm, capsys):
 def test_cli_fit_val_and_multiview_test_on_real_clips(tmp_path):
     csv_fixture(tmp_path / "clips", n=8)
     out = tmp_path / "out"
-    small = ["--model.init_args.frames=2", "--model.init_args.crop_size=32", "--data.init_args.frames=2",
-             "--data.init_args.crop_size=32", "--data.init_args.train_short_side=[32,40]",
-             "--data.init_args.val_short_side=32", "--data.init_args.batch_size=4"]
-    cli = main(["fit", "--config", BASE, "--config", str(ROOT / "configs/clips/slow_r14_clips-64.yaml"),
-                "--config", str(ROOT / "configs/norms/ssn.yaml"), "--config", str(ROOT / "configs/clips/norms/ssn.yaml"),
-                "--config", str(ROOT / "configs/base/quiet.yaml"),
-                f"--data.init_args.root={tmp_path / 'clips'}", f"--trainer.default_root_dir={out}",
-                f"--trainer.logger.init_args.save_dir={out}", "--trainer.max_epochs=1", *small,
-                "--export=false"])  # NOTE: torch.export of the 3D network takes a minute: not in the fast suite
+    small = [
+        "--model.init_args.frames=2",
+        "--model.init_args.crop_size=32",
+        "--data.init_args.frames=2",
+        "--data.init_args.crop_size=32",
+        "--data.init_args.train_short_side=[32,40]",
+        "--data.init_args.val_short_side=32",
+        "--data.init_args.batch_size=4",
+    ]
+    cli = main(
+        [
+            "fit",
+            "--config",
+            BASE,
+            "--config",
+            str(ROOT / "configs/clips/slow_r14_clips-64.yaml"),
+            "--config",
+            str(ROOT / "configs/norms/ssn.yaml"),
+            "--config",
+            str(ROOT / "configs/clips/norms/ssn.yaml"),
+            "--config",
+            str(ROOT / "configs/base/quiet.yaml"),
+            f"--data.init_args.root={tmp_path / 'clips'}",
+            f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.max_epochs=1",
+            *small,
+            "--export=false",
+        ]
+    )  # NOTE: torch.export of the 3D network takes a minute: not in the fast suite
     assert cli.model.hparams.num_classes == 3  # linked from the list file
     assert cli.trainer.global_step == cli.trainer.estimated_stepping_batches == 2  # 8 videos / batch 4: known
     assert all(all(m.latched) for _, m in ssn.switch_norms(cli.model))  # the radius ramp ended
