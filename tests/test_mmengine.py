@@ -180,3 +180,114 @@ def test_runner_ramps_latches_resumes_and_round_trips_with_pretrained(mm, tmp_pa
     assert _ssn_state(twin.backbone) == _ssn_state(model.backbone)
     for k, v in model.backbone.state_dict().items():
         torch.testing.assert_close(twin.backbone.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+# ------------------------------------------------------------------- the hook's parts, alone
+def _fake_runner(model: nn.Module, **kw: Any) -> Any:
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub
+
+    hub = MessageHub.get_instance("test_mmengine")
+    return SimpleNamespace(model=model, iter=0, max_iters=4, message_hub=hub, _resume=False, **kw)
+
+
+def _resnet(norm_cfg: dict, norm_eval: bool) -> nn.Module:
+    from mmseg.registry import MODELS
+
+    torch.manual_seed(0)
+    return MODELS.build(
+        dict(
+            type="ResNet", depth=18, base_channels=8, stem_channels=8, norm_cfg=norm_cfg, norm_eval=norm_eval
+        )
+    )
+
+
+def _stats(model: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for k, t in model.state_dict().items() if k.endswith(("running_mean", "running_var"))]
+
+
+@pytest.mark.parametrize("norm_eval", [True, False])
+def test_norm_eval_freezes_ssn_statistics_as_mmseg_freezes_bn(mm, norm_eval):
+    """The reference is mmseg's own behaviour for BN: with norm_eval=True its train() leaves every
+    BN layer in eval mode and a training forward keeps their statistics."""
+    x = torch.randn(2, 3, 32, 32)
+    bn = _resnet(dict(type="BN", requires_grad=True), norm_eval)
+    bn.train()  # NOTE: mmseg's ResNet.train() returns None
+    bn_layers = [m for m in bn.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = _stats(bn)
+    bn(x)
+    bn_frozen = all(not m.training for m in bn_layers)
+    bn_kept = all(torch.equal(a, b) for a, b in zip(before, _stats(bn), strict=True))
+    assert bn_frozen == bn_kept == norm_eval  # what mmseg does natively
+
+    model = _resnet(dict(type="SSN", requires_grad=True), norm_eval)
+    model.train()
+    hook = mm.SSNRadiusHook(end=1.0)
+    runner = _fake_runner(model)
+    hook.before_train(runner)
+    runner.iter = 3  # radius 3/4 of the way; set_radius(1.0) below makes every ratio one-hot
+    hook.before_train_iter(runner, 0)
+    layers = [m for _, m in ssn.switch_norms(model)]
+    before = _stats(model)
+    model(x)
+    assert all(not m.training for m in layers) == norm_eval == bn_frozen
+    assert all(torch.equal(a, b) for a, b in zip(before, _stats(model), strict=True)) == bn_kept
+    ssn.set_radius(model, 1.0)
+    assert (ssn.update_latches(model) == 0) == norm_eval  # frozen layers do not latch
+    # the documented switch off: the hook leaves the layers as the backbone's train() left them
+    model.train()
+    off = mm.SSNRadiusHook(end=1.0, norm_eval=False)
+    off.before_train(runner)
+    off.before_train_iter(runner, 0)
+    assert all(m.training for m in layers)
+
+
+def test_ratio_gradient_clip_only_touches_the_ratio_logits(mm):
+    """Against torch's clip_grad_norm_ formula applied by hand to a copy of the gradients."""
+    from mmengine.optim import OptimWrapper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ssn.SparseSwitchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0))
+    hook = mm.SSNRadiusHook(ratio_grad_clip=1e-3)
+    runner = _fake_runner(model, optim_wrapper=wrapper)
+    hook.before_train(runner)
+    hook.before_train_iter(runner, 0)
+    loss = (model(torch.randn(2, 3, 8, 8)) ** 2).sum() * 100
+    wrapper.backward(loss)
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+    ratios = [n for n in before if n.endswith("_logits")]
+    raw = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(before[n][1]) for n in ratios]))
+    scale = min(1.0, 1e-3 / (float(raw) + 1e-6))
+    assert scale < 1  # the clip is active
+    wrapper.step()
+    for n, p in model.named_parameters():
+        w, g = before[n]
+        torch.testing.assert_close(p.detach(), w - (g * scale if n in ratios else g), msg=n)
+    assert runner.message_hub.get_scalar("train/ssn_ratio_grad_norm").current() == pytest.approx(float(raw))
+    hook.after_train(runner)  # the optimizer's step hook is removed
+    assert not wrapper.optimizer._optimizer_step_pre_hooks
+
+
+def test_only_a_resume_restores_the_ramp_and_bad_arguments_are_named(mm):
+    saved = mm.SSNRadiusHook(end=0.9, delay_fraction=0.25, ramp_fraction=0.5)
+    model = _resnet(dict(type="SSN", requires_grad=True), False)
+    runner = _fake_runner(model)
+    saved.before_train(runner)
+    checkpoint: dict[str, Any] = {"state_dict": {}, "meta": {}}
+    saved.before_save_checkpoint(runner, checkpoint)
+    assert checkpoint["meta"]["ssn_radius_hook"] == dict(
+        ramp_steps=2, delay_steps=1, start=0.0, end=0.9, ramp_fraction=0.5, delay_fraction=0.25, radius=0.0
+    )
+    fresh = mm.SSNRadiusHook()
+    fresh.after_load_checkpoint(runner, checkpoint)  # load_from: a new ramp
+    assert fresh.ramp_steps is None and fresh.end == 1.0
+    runner._resume = True
+    fresh.after_load_checkpoint(runner, checkpoint)
+    assert fresh.state_dict() == checkpoint["meta"]["ssn_radius_hook"]
+    for bad in (dict(ramp_fraction=0), dict(delay_fraction=0.5, ramp_fraction=0.6), dict(start=2.0)):
+        with pytest.raises(ValueError, match="need"):
+            mm.SSNRadiusHook(**bad)
+    with pytest.raises(ValueError, match="ratio_grad_clip"):
+        mm.SSNRadiusHook(ratio_grad_clip=0)
