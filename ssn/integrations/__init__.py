@@ -4,6 +4,8 @@
   normalizer name as an mmcv ``norm_cfg`` (:func:`mm_norm_cfg`);
 - :mod:`.mmcv_lite`: ``mmcv.ops`` importable under mmcv-lite (:func:`bridge_mmcv_lite`);
 - :mod:`.pytorchvideo`: ``pytorchvideo.transforms`` importable beside torchvision >= 0.17.
+- :mod:`.mmengine_hooks` (imported only on request, e.g. by a config's ``custom_imports``; it
+  imports mmengine): ``SSNRadiusHook`` drives the radius, latches and statistics in mmengine's Runner.
 
 timm's registration is :func:`ssn.register_timm` (its norm+act layers live in ``ssn.timm_norm``).
 """
