@@ -13,6 +13,6 @@ class KillAt(pl.Callback):
     def __init__(self, step: int, norm: str) -> None:
         self.step, self.norm = step, norm
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.norm == self.norm and trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -153,8 +153,8 @@ def test_loader_names_unfixed_layers_and_reproduces_them_with_their_projection(t
     assert "3 SSN layers are not fixed" in caplog.text and "projection='authors'" in caplog.text
     assert [n for n, _, _ in unfixed_layers(ours)] == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
     rebuilt = load_authors_checkpoint(path, projection="authors")
-    for (_, a), (_, b) in zip(ssn.switch_norms(rebuilt), ssn.switch_norms(model)):
-        for ra, la in zip(a.ratios(), (b.mean_logits, b.var_logits)):
+    for (_, a), (_, b) in zip(ssn.switch_norms(rebuilt), ssn.switch_norms(model), strict=True):
+        for ra, la in zip(a.ratios(), (b.mean_logits, b.var_logits), strict=True):
             want = their_sparsestmax(la.detach().double(), 0.35) if None in b.latched else None
             if want is not None:
                 torch.testing.assert_close(ra.double(), want, atol=1e-6, rtol=0)
@@ -212,7 +212,7 @@ def test_authors_layers_latch_exactly_where_their_layers_fix_the_ratio():
     for r in (0.0, 0.5):
         layers = torch.nn.ModuleList(ssn.create_norm("ssn", 1, projection="authors", radius=r) for _ in cases)
         with torch.no_grad():
-            for m, z in zip(layers, cases):
+            for m, z in zip(layers, cases, strict=True):
                 m.mean_logits.copy_(z)
                 m.var_logits.copy_(torch.tensor([0.3, 0.2, 0.1]))  # dense at these radii
         ssn.update_latches(layers)
@@ -220,7 +220,7 @@ def test_authors_layers_latch_exactly_where_their_layers_fix_the_ratio():
         fixed = [_their_fixed(w) for w in wants]
         assert any(fixed) and not all(fixed)
         assert sum(fixed[1 : 1 + len(near)]) not in (0, len(near))  # the rounding decides both ways
-        for m, z, want, fix in zip(layers, cases, wants, fixed):
+        for m, z, want, fix in zip(layers, cases, wants, fixed, strict=True):
             assert (m.latched[0] is not None) == fix, f"z={z.tolist()} r={r}: theirs {fix}, ours {m.latched}"
             assert m.latched[1] is None
             if fix:
@@ -243,8 +243,8 @@ def test_converted_file_loads_back_with_the_projection_it_was_written_with(tmp_p
         got.load_state_dict(torch.load(dst, weights_only=True))
         got.eval()
         assert {m.projection for _, m in ssn.switch_norms(got)} == {projection}
-        for (name, a), (_, b) in zip(ssn.switch_norms(got), ssn.switch_norms(want)):
-            for ra, rb in zip(a.ratios(), b.ratios()):
+        for (name, a), (_, b) in zip(ssn.switch_norms(got), ssn.switch_norms(want), strict=True):
+            for ra, rb in zip(a.ratios(), b.ratios(), strict=True):
                 assert torch.equal(ra, rb), name
         with torch.no_grad():
             outputs[projection] = got(x)

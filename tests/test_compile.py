@@ -41,7 +41,7 @@ def _compare(kind: str, training: bool, backend: str) -> None:
     m = _layer(kind).train(training)
     ref = copy.deepcopy(m)
     compiled = torch.compile(m, fullgraph=True, backend=backend)
-    for step in range(2):  # the second call reuses the graph (running stats moved in between)
+    for _ in range(2):  # the second call reuses the graph (running stats moved in between)
         x = torch.randn(3, 4, 5, 6) * 2 + 1
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y, y_ref = compiled(x1), ref(x2)
@@ -50,12 +50,12 @@ def _compare(kind: str, training: bool, backend: str) -> None:
         y.backward(g)
         y_ref.backward(g)
         torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
-        for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        for (name, p), p_ref in zip(m.named_parameters(), ref.parameters(), strict=True):
             if p_ref.grad is None:
                 assert p.grad is None or not p.grad.any(), name
             else:
                 torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=name)
-        for b, b_ref in zip(m.buffers(), ref.buffers()):
+        for b, b_ref in zip(m.buffers(), ref.buffers(), strict=True):
             torch.testing.assert_close(b, b_ref)
         with torch.no_grad():  # eval's no_grad call: the folded path in eager mode
             torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)

@@ -50,8 +50,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import pytest
 import torch
@@ -323,7 +324,10 @@ def paper_layer(x: Tensor, g: Tensor, s: FormulaState, rnd: Rounding = exact) ->
     grads = torch.autograd.grad(y, [leaves[k] for k in names], g.double(), allow_unused=True)
     out = {"y": y.detach()}
     out.update(
-        {f"{k}.grad": torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(names, grads)}
+        {
+            f"{k}.grad": torch.zeros_like(leaves[k]) if gr is None else gr
+            for k, gr in zip(names, grads, strict=True)
+        }
     )
     if s.training:
         mu_bn, var_bn = (t.detach().flatten() for t in stats[3])
@@ -526,7 +530,7 @@ def check_case(case: Case, mode: str, built: tuple[torch.nn.Module, Tensor] | No
     layer.train(mode == "train")
     mean_ratio, var_ratio = layer.ratios()
     reported = torch.stack([mean_ratio, var_ratio]).detach().double()
-    for row, stat in zip(reported, layer.latched):
+    for row, stat in zip(reported, layer.latched, strict=True):
         if stat is not None:
             assert torch.equal(row, one_hot(stat)), f"latched to {stat} but reports ratios {row.tolist()}"
     state = _state(layer, case, mode, reported)
@@ -612,7 +616,7 @@ def test_update_latches_keeps_the_function(case: Case, gap: float, which: str) -
     layer.train()
     before = torch.stack(layer.ratios()).detach()
     ssn.update_latches(layer)
-    for row, stat in zip(before, layer.latched):
+    for row, stat in zip(before, layer.latched, strict=True):
         hot = bool((row == 1).any())
         assert (stat is not None) == hot, (row.tolist(), layer.latched)
         if hot:

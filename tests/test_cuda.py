@@ -216,7 +216,7 @@ def test_compile_fullgraph_inductor_on_cuda(kind, training):
     m = _layer("ssn", 2, latch).to(DEV).train(training)
     ref = copy.deepcopy(m)
     compiled = torch.compile(m, fullgraph=True)
-    for step in range(2):  # the second call reuses the graph (running stats moved in between)
+    for _ in range(2):  # the second call reuses the graph (running stats moved in between)
         x = torch.randn(4, 6, 8, 8, device=DEV) * 2 + 1
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y, y_ref = compiled(x1), ref(x2)
@@ -225,12 +225,12 @@ def test_compile_fullgraph_inductor_on_cuda(kind, training):
         y.backward(g)
         y_ref.backward(g)
         torch.testing.assert_close(x1.grad, x2.grad, **TOL)
-        for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        for (name, p), p_ref in zip(m.named_parameters(), ref.parameters(), strict=True):
             if p_ref.grad is None:
                 assert p.grad is None or not p.grad.any(), name
             else:
                 torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
-        for (name, b), b_ref in zip(m.named_buffers(), ref.buffers()):
+        for (name, b), b_ref in zip(m.named_buffers(), ref.buffers(), strict=True):
             torch.testing.assert_close(b, b_ref, **TOL, msg=name)
 
 

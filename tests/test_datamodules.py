@@ -102,7 +102,7 @@ WNIDS = ["n01440764", "n01443537", "n01484850"]
 
 def _imagenet_fixture(root, per_class=(4, 2), corrupt=True):
     rng = np.random.default_rng(0)
-    for split, n in zip(("train", "val"), per_class):
+    for split, n in zip(("train", "val"), per_class, strict=True):
         for c, wnid in enumerate(WNIDS):
             d = root / split / wnid
             d.mkdir(parents=True)

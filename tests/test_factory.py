@@ -97,7 +97,7 @@ def test_factory_keywords_like_batchnorm(cls):
     """``device``/``dtype`` as nn.BatchNorm2d takes them: what ``.to()`` would give, meta included."""
     made = cls(6, dtype=torch.float64)
     moved = cls(6).to(torch.float64)
-    for (name, a), (_, b) in zip(made.state_dict().items(), moved.state_dict().items()):
+    for (name, a), (_, b) in zip(made.state_dict().items(), moved.state_dict().items(), strict=True):
         if isinstance(a, torch.Tensor):
             assert a.dtype == b.dtype and torch.equal(a, b), name
     native = nn.BatchNorm2d(6, dtype=torch.float64)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_tasks import needs_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]

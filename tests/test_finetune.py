@@ -121,7 +121,7 @@ def test_reopen_and_reset(trained):
         pretrained_ratios="reset",
     )
     reset.configure_model()
-    for (name, a), (_, b) in zip(ssn.switch_norms(reopen.net), ssn.switch_norms(reset.net)):
+    for (name, a), (_, b) in zip(ssn.switch_norms(reopen.net), ssn.switch_norms(reset.net), strict=True):
         torch.testing.assert_close(a.mean_logits, source[f"{name}.mean_logits"], rtol=0, atol=0)
         assert a.latched == (None, None) and float(a.radius) == pytest.approx(0.3)
         assert b.latched == (None, None) and float(b.radius) == 0.0 and not b.mean_logits.any()

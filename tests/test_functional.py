@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from ssn.functional import max_radius, sparsemax, sparsestmax
-
 from ssn import functional as fn
+from ssn.functional import max_radius, sparsemax, sparsestmax
 
 
 @pytest.fixture(autouse=True, params=["scalar", "batched"])
@@ -208,7 +207,7 @@ def test_sparsestmax_gradcheck_in_every_regime():
         z = torch.randn(16, k, generator=g)
         for r in (0.0, 0.25 * max_radius(k), 0.6 * max_radius(k)):
             zz = z.clone().requires_grad_()
-            assert torch.autograd.gradcheck(lambda t: sparsestmax(t, r), (zz,), atol=1e-6)
+            assert torch.autograd.gradcheck(lambda t, r=r: sparsestmax(t, r), (zz,), atol=1e-6)
     # gradient through a tensor radius
     z = torch.randn(32, 3, generator=g)
     rad = torch.full((32,), 0.4, requires_grad=True)

@@ -102,7 +102,7 @@ def test_update_latches_reads_the_device_once_per_call():
     class CountReads(TorchDispatchMode):
         reads = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten._local_scalar_dense.default:
                 CountReads.reads += 1
             return func(*args, **(kwargs or {}))

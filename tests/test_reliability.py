@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tasks import ROOT, _args, needs_fmnist
 
 from tasks.cli import main
-
-from test_tasks import ROOT, _args, needs_fmnist
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):
@@ -132,9 +131,9 @@ def test_negative_batch_size_is_named(tmp_path):
 
 
 def test_imagenet_class_folder_without_images_names_the_folder(tmp_path):
-    from datamodules import ImageNetDataModule
-
     from test_datamodules import _imagenet_fixture
+
+    from datamodules import ImageNetDataModule
 
     _imagenet_fixture(tmp_path)
     (tmp_path / "train" / "n09999999").mkdir()

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 from lightning.fabric.utilities.seed import seed_everything
+from test_tasks import BASE, QUIET, ROOT, fmnist, needs_fmnist
 from torch.utils.data import Dataset
 
 from datamodules.resumable import ResumableLoader
 from tasks.checkpointing import AtomicCheckpointIO
 from tasks.cli import main
-
-from test_tasks import BASE, QUIET, ROOT, fmnist, needs_fmnist
 
 CKPT_EVERY_STEP = """
 trainer:
@@ -53,7 +52,7 @@ def _args(tmp_path: Path, out: str, *extra: str) -> list[str]:
     ]
 
 
-def _state(cli) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _state(cli) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in cli.model.state_dict().items()}
 
 
@@ -151,7 +150,7 @@ def test_loader_resumes_mid_epoch_with_the_same_samples_and_augmentation(workers
     again.load_state_dict(state)
     tail = batches(again, 3)
     assert len(tail) == len(whole) - 2
-    for a, b in zip(whole, head + tail):
+    for a, b in zip(whole, head + tail, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(whole[0][:, 0], batches(again, 4)[0][:, 0])  # a new epoch, a new order
     with pytest.raises(ValueError, match="seeded with 7"):

@@ -79,7 +79,7 @@ def write_ade20k(root: Path, n: int = 2, h: int = 40, w: int = 56) -> Path:
     return root
 
 
-def _tiny_cityscapes(root: Path, **kw):  # noqa: ANN202
+def _tiny_cityscapes(root: Path, **kw):
     from datamodules import CityscapesDataModule
 
     return CityscapesDataModule(
@@ -212,7 +212,7 @@ def test_scores_match_mmseg_iou_metric(mmseg_ready):
     ours = seg_scores(cm.compute())
     metric = IoUMetric(iou_metrics=["mIoU"])
     metric.dataset_meta = dict(classes=[str(i) for i in range(k)])
-    results = [metric.intersect_and_union(p, t, k, 255) for p, t in zip(pred, label)]
+    results = [metric.intersect_and_union(p, t, k, 255) for p, t in zip(pred, label, strict=True)]
     area = [sum(r[i] for r in results) for i in range(4)]
     ref = metric.total_area_to_metrics(*area, ["mIoU"])
     assert ours["aAcc"].item() == pytest.approx(float(ref["aAcc"]))
@@ -263,7 +263,7 @@ def test_backbone_keys_are_torchvision_resnet_keys(mmseg_ready):
         assert {k: v.shape for k, v in bb.state_dict().items()} == want
 
 
-def _trained_looking_classifier(radius: float):  # noqa: ANN202
+def _trained_looking_classifier(radius: float):
     """A ResNet-18 SSN classifier as if trained: statistics, logits, ``radius``, every third layer
     latched (to different statistics for mean and variance)."""
     from tasks import ImageClassifier
@@ -301,7 +301,7 @@ def test_classification_backbone_loads_into_segmentation_backbone(mmseg_ready):
     for name, m in layers:
         twin = got[name.removeprefix("net.") if name.startswith("net.") else name]
         assert twin.latched == m.latched
-        for a, b in zip(twin.ratios(), m.ratios()):
+        for a, b in zip(twin.ratios(), m.ratios(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -544,7 +544,7 @@ def test_fit_through_the_cli_on_a_cityscapes_fixture(tmp_path):
     assert len(lrs) == 3  # params, norm, ratios
 
 
-def _read_all(dm, split: str = "train") -> None:  # noqa: ANN001
+def _read_all(dm, split: str = "train") -> None:
     for i in range(len(dm.data[split])):
         dm.data[split][i]
 
@@ -573,12 +573,12 @@ def test_label_values_channels_and_missing_files_are_named(tmp_path):
     with pytest.raises(
         ValueError,
         match=rf"label {label} holds values \[180\] outside the 150 classes \(0..150, read "
-        "with 0 as ignore\)",
+        r"with 0 as ignore\)",
     ):
         _read_all(dm, "val")
 
 
-def _fit_in_process(tmp_path: Path, dm, **model: object) -> None:  # noqa: ANN001
+def _fit_in_process(tmp_path: Path, dm, **model: object) -> None:
     import lightning.pytorch as pl
 
     from tasks import SemanticSegmenter

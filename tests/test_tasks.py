@@ -92,7 +92,7 @@ def test_channels_last_switch_changes_the_layout_not_the_result(norm):
     torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-4)
     ya.square().sum().backward()
     yb.square().sum().backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pb.grad, pa.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 

@@ -275,9 +275,10 @@ def test_image_classifier_takes_a_timm_arch_and_its_state_dict(tmp_path):
 
 
 def test_cli_fit_with_a_timm_arch_on_fashion_mnist(tmp_path):
+    from pathlib import Path
+
     from datamodules import fashion_mnist as fm
     from tasks.cli import main
-    from pathlib import Path
 
     if not (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("needs `apt-get install dataset-fashion-mnist` (make test does it)")

@@ -16,7 +16,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ssn
-
 from datamodules.kinetics import MEAN, STD, KineticsDataModule
 
 SMALL = dict(frames=4, sampling_rate=2, fps=30, crop_size=32, train_short_side=(36, 40), val_short_side=36)

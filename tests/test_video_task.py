@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_video_data import csv_fixture
 
 import ssn
 from tasks.cli import main
 from tasks.video import VideoClassifier, build_slow_resnet
-from test_video_data import csv_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "configs/base/trainer.yaml")
