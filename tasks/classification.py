@@ -19,7 +19,7 @@ from .base import NormTask
 __all__ = ["ImageClassifier", "SmallResNet", "build_classifier", "ARCHS"]
 
 ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50", "resnet101", "resnet50_authors")
-TIMM_PREFIX = "timm/"  # ``timm/<model name>``: any timm model that takes a norm layer (README, timm)
+TIMM_PREFIX = "timm/"  # ``timm/<model name>``: any timm model that takes a norm layer (docs/integrations.md)
 
 
 class SmallResNet(nn.Module):
@@ -114,7 +114,7 @@ class ImageClassifier(NormTask):
             (with ``norm_kwargs: {in_var_correction: 1, momentum: 0.003}`` to match their layer).
             ``timm/<name>``: a timm model (``pip install ssn-bench[timm]``), randomly initialised,
             with the normalizer in every norm (ResNet/ResNeXt, RegNet, EfficientNet, DenseNet, ...;
-            see the README); its own zero-init of residual branches applies.
+            see docs/integrations.md); its own zero-init of residual branches applies.
         num_classes, in_channels: linked from the data module by the CLI.
         zero_init_residual: zero the gamma of each residual block's last norm.
         label_smoothing: of the cross-entropy.
