@@ -21,7 +21,14 @@ from ssn.checks import check_range
 from ssn.transfer import TransferReport
 
 from .pretrained import Pretrained, freeze_backbone, split_backbone_groups
-from .recipe import Recipe, check_training_batches, global_batch_size, lr_factor, ratio_parameters, steps_per_epoch
+from .recipe import (
+    Recipe,
+    check_training_batches,
+    global_batch_size,
+    lr_factor,
+    ratio_parameters,
+    steps_per_epoch,
+)
 
 __all__ = ["NormTask", "lr_factor"]  # lr_factor: tasks.recipe's, re-exported (tests import it from here)
 
@@ -34,7 +41,9 @@ def _to_channels_last(net: nn.Module) -> None:
     NOTE: the format follows each weight's rank (a 3-D network's convolutions are 5-D), and a
     forward pre-hook converts the input, so the tasks' data pipelines stay as they are.
     """
-    net._apply(lambda t: t.contiguous(memory_format=_CHANNELS_LAST[t.dim()]) if t.dim() in _CHANNELS_LAST else t)
+    net._apply(
+        lambda t: t.contiguous(memory_format=_CHANNELS_LAST[t.dim()]) if t.dim() in _CHANNELS_LAST else t
+    )
 
     def to_format(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0] if args else None
@@ -50,11 +59,23 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 # The accepted range of each numeric NormTask option (ssn.checks.check_range; None passes).
 _RANGES = {
-    "lr": "(0, inf)", "lr_batch_size": "[1, inf)", "momentum": "[0, 1)", "weight_decay": "[0, inf)",
-    "ratio_lr_scale": "[0, inf)", "ratio_weight_decay": "[0, inf)", "ratio_grad_clip": "(0, inf)",
-    "norm_weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)", "gamma": "(0, 1]", "poly_power": "(0, inf)",
-    "min_lr": "[0, inf)", "radius_ramp_fraction": "(0, 1]", "radius_delay_fraction": "[0, 1)",
-    "radius_end": "(0, inf)", "pretrained_radius_start": "[0, inf)", "backbone_lr_scale": "[0, inf)",
+    "lr": "(0, inf)",
+    "lr_batch_size": "[1, inf)",
+    "momentum": "[0, 1)",
+    "weight_decay": "[0, inf)",
+    "ratio_lr_scale": "[0, inf)",
+    "ratio_weight_decay": "[0, inf)",
+    "ratio_grad_clip": "(0, inf)",
+    "norm_weight_decay": "[0, inf)",
+    "warmup_epochs": "[0, inf)",
+    "gamma": "(0, 1]",
+    "poly_power": "(0, inf)",
+    "min_lr": "[0, inf)",
+    "radius_ramp_fraction": "(0, 1]",
+    "radius_delay_fraction": "[0, 1)",
+    "radius_end": "(0, inf)",
+    "pretrained_radius_start": "[0, inf)",
+    "backbone_lr_scale": "[0, inf)",
 }
 
 
@@ -170,14 +191,18 @@ class NormTask(pl.LightningModule):
         # NOTE: collects the subclass's arguments too (Lightning walks the __init__ frames).
         self.save_hyperparameters()
         ssn.get_norm_layer(norm)  # an unknown name fails now, with the valid ones listed
-        Pretrained.from_hparams(self.hparams)  # checks the ratio mode now; the file is read in configure_model
+        Pretrained.from_hparams(
+            self.hparams
+        )  # checks the ratio mode now; the file is read in configure_model
         for name, interval in _RANGES.items():
             check_range(name, self.hparams[name], interval)
         for m in milestones:
             check_range("milestones (each)", m, "[0, inf)")
         if radius_delay_fraction + radius_ramp_fraction > 1:
-            raise ValueError(f"radius_delay_fraction + radius_ramp_fraction must be at most 1, got "
-                             f"{radius_delay_fraction} + {radius_ramp_fraction}")
+            raise ValueError(
+                f"radius_delay_fraction + radius_ramp_fraction must be at most 1, got "
+                f"{radius_delay_fraction} + {radius_ramp_fraction}"
+            )
         self.norm = norm
         self.norm_kwargs = dict(norm_kwargs or {})
         self.initial_radius: float | None = None  # where the radius ramp starts (fine-tuning)
@@ -221,8 +246,13 @@ class NormTask(pl.LightningModule):
         """Load ``path`` into :meth:`pretrained_module` (see the ``pretrained`` argument and
         :class:`tasks.pretrained.Pretrained`)."""
         source = Pretrained.from_hparams(self.hparams, path)
-        report, radius = source.load(self.pretrained_module(), stem=self.pretrained_stem(), head=self.head_prefixes(),
-                                     map_state=self.map_pretrained, owner=type(self).__name__)
+        report, radius = source.load(
+            self.pretrained_module(),
+            stem=self.pretrained_stem(),
+            head=self.head_prefixes(),
+            map_state=self.map_pretrained,
+            owner=type(self).__name__,
+        )
         if source.ratios != "reset":
             self.initial_radius = radius
         return report
@@ -276,8 +306,9 @@ class NormTask(pl.LightningModule):
         groups = Recipe.from_hparams(hp).param_groups(self, lr)
         if hp.backbone_lr_scale == 1.0 or not hp.pretrained:
             return groups
-        return split_backbone_groups(groups, self.pretrained_module(), head=self.head_prefixes(),
-                                     scale=hp.backbone_lr_scale)
+        return split_backbone_groups(
+            groups, self.pretrained_module(), head=self.head_prefixes(), scale=hp.backbone_lr_scale
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         recipe = Recipe.from_hparams(self.hparams)
@@ -292,7 +323,9 @@ class NormTask(pl.LightningModule):
     def ratio_parameters(self) -> list[nn.Parameter]:
         return ratio_parameters(self)
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
         # NOTE: the non-finite guard: the closure (forward + backward) runs first, so a bad loss or
         # gradient can stop the run or skip the update before the optimizer touches any weight.
         skip = self.hparams.nonfinite == "skip"
@@ -304,8 +337,10 @@ class NormTask(pl.LightningModule):
         if where is not None:
             message = f"step {self.global_step} (epoch {epoch}, batch {batch_idx}): non-finite {where}"
             if not skip:
-                raise FloatingPointError(f"{message}; stopping before anything non-finite is saved "
-                                         "(nonfinite: skip skips such steps instead)")
+                raise FloatingPointError(
+                    f"{message}; stopping before anything non-finite is saved "
+                    "(nonfinite: skip skips such steps instead)"
+                )
             log.warning("%s; step skipped (no update)", message)
             optimizer.zero_grad()
             for buffer, before in buffers:
@@ -316,14 +351,18 @@ class NormTask(pl.LightningModule):
         optimizer.step(closure=lambda: loss)
         where = self._nonfinite(None, grads=False)
         if where is not None:
-            raise FloatingPointError(f"step {self.global_step} (epoch {epoch}, batch {batch_idx}): the update "
-                                     f"made {where} non-finite (learning rate {optimizer.param_groups[0]['lr']}); "
-                                     "stopping before it is saved")
+            raise FloatingPointError(
+                f"step {self.global_step} (epoch {epoch}, batch {batch_idx}): the update "
+                f"made {where} non-finite (learning rate {optimizer.param_groups[0]['lr']}); "
+                "stopping before it is saved"
+            )
 
     def _nonfinite(self, loss: Tensor | None, grads: bool) -> str | None:
         """Where the first non-finite value is (``loss``, or a parameter/gradient by module name),
         or None. One reduction over all tensors; the names are looked up only on a failure."""
-        tensors = [p.grad if grads else p for p in self.parameters() if (p.grad is not None if grads else True)]
+        tensors = [
+            p.grad if grads else p for p in self.parameters() if (p.grad is not None if grads else True)
+        ]
         checks = [torch.stack(torch._foreach_norm(tensors)).sum()] if tensors else []
         if loss is not None:
             checks.append(loss.detach().float().reshape(()))
@@ -351,8 +390,13 @@ class NormTask(pl.LightningModule):
         callbacks: list[pl.Callback] = [RunSummary()]  # <default_root_dir>/summary.json, for compare
         if any(isinstance(m, SparseSwitchNormBase) for m in layers):
             hp = self.hparams
-            callbacks.append(RadiusSchedule(end=hp.radius_end, ramp_fraction=hp.radius_ramp_fraction,
-                                            delay_fraction=hp.radius_delay_fraction))
+            callbacks.append(
+                RadiusSchedule(
+                    end=hp.radius_end,
+                    ramp_fraction=hp.radius_ramp_fraction,
+                    delay_fraction=hp.radius_delay_fraction,
+                )
+            )
         if layers and self.hparams.monitor_ratios:
             callbacks.append(NormRatioMonitor())
         return callbacks
@@ -363,8 +407,9 @@ class NormTask(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the loggers' run ids, so that a resumed run continues the same dashboard run (tasks.cli)
-        checkpoint["logger_versions"] = {type(lg).__name__: lg.version for lg in self.loggers
-                                         if isinstance(lg.version, str)}
+        checkpoint["logger_versions"] = {
+            type(lg).__name__: lg.version for lg in self.loggers if isinstance(lg.version, str)
+        }
         # NOTE: every rank gets here (a collective is safe); the state_dict was collected before
         # this hook, so the averaged statistics are written into it as well.
         if ssn.average_running_stats(self):
@@ -380,14 +425,18 @@ class NormTask(pl.LightningModule):
         from torchmetrics.classification import MulticlassAccuracy
 
         ks = sorted({1, min(5, num_classes)})
-        return nn.ModuleDict({f"{s}_acc{k}": MulticlassAccuracy(num_classes, top_k=k) for s in splits for k in ks})
+        return nn.ModuleDict(
+            {f"{s}_acc{k}": MulticlassAccuracy(num_classes, top_k=k) for s in splits for k in ks}
+        )
 
     def log_accuracy(self, split: str, scores: Tensor, y: Tensor) -> None:
         """Update and log ``self.metrics`` of ``split`` (``{split}/acc1``, ``{split}/acc5``)."""
         for name, metric in self.metrics.items():
             if name.startswith(split):
                 metric(scores, y)
-                self.log(f"{split}/{name.split('_')[1]}", metric, prog_bar=name.endswith("acc1"), batch_size=len(y))
+                self.log(
+                    f"{split}/{name.split('_')[1]}", metric, prog_bar=name.endswith("acc1"), batch_size=len(y)
+                )
 
     # ------------------------------------------------------------------------- the data
     def skip_batch(self) -> Tensor:
@@ -405,7 +454,9 @@ class NormTask(pl.LightningModule):
         # first batch (a no-op when not resuming). Pinned by tests/test_resume.py.
         self.trainer.fit_loop._load_combined_loader_states()
         # after a resumed run's checkpoint is restored: the radius its frozen SSN layers keep
-        self._frozen_radius = {m: float(m.radius) for m in self._frozen_norms if isinstance(m, SparseSwitchNormBase)}
+        self._frozen_radius = {
+            m: float(m.radius) for m in self._frozen_norms if isinstance(m, SparseSwitchNormBase)
+        }
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start_step = self.global_step
@@ -421,8 +472,10 @@ class NormTask(pl.LightningModule):
         # rank stops
         nothing = float(self.global_step == self._epoch_start_step)
         if self.trainer.strategy.reduce(torch.tensor(nothing, device=self.device), reduce_op="sum") > 0:
-            raise RuntimeError(f"epoch {self.current_epoch}: every training batch was unreadable ({skipped} samples "
-                               "skipped, each logged with its path): check the training files")
+            raise RuntimeError(
+                f"epoch {self.current_epoch}: every training batch was unreadable ({skipped} samples "
+                "skipped, each logged with its path): check the training files"
+            )
         if skipped is not None:
             self.log("data/skipped_images", float(skipped), sync_dist=True, reduce_fx="sum")
 

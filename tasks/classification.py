@@ -60,7 +60,9 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(x)), 1))
 
 
-def _timm_classifier(name: str, num_classes: int, in_channels: int, norm_layer: Callable[..., nn.Module]) -> nn.Module:
+def _timm_classifier(
+    name: str, num_classes: int, in_channels: int, norm_layer: Callable[..., nn.Module]
+) -> nn.Module:
     """A randomly initialised timm model (never a download) with ``norm_layer`` for its norms."""
     import timm
 
@@ -68,8 +70,9 @@ def _timm_classifier(name: str, num_classes: int, in_channels: int, norm_layer: 
     if name not in timm.list_models():
         raise KeyError(f"unknown timm model {name!r} (timm.list_models() lists them)")
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
-                                 norm_layer=norm_layer)
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels, norm_layer=norm_layer
+        )
     except TypeError as e:
         if "norm_layer" not in str(e):
             raise
@@ -80,16 +83,22 @@ def _timm_classifier(name: str, num_classes: int, in_channels: int, norm_layer: 
 
 
 def build_classifier(
-    arch: str, num_classes: int, in_channels: int, norm_layer: Callable[..., nn.Module], zero_init_residual: bool
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    norm_layer: Callable[..., nn.Module],
+    zero_init_residual: bool,
 ) -> nn.Module:
     if arch.startswith(TIMM_PREFIX):
-        return _timm_classifier(arch[len(TIMM_PREFIX):], num_classes, in_channels, norm_layer)
+        return _timm_classifier(arch[len(TIMM_PREFIX) :], num_classes, in_channels, norm_layer)
     if arch not in ARCHS:
         raise KeyError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}, or timm/<name> (a timm model)")
     if arch == "resnet_small":
         model: nn.Module = SmallResNet(num_classes, in_channels, norm_layer=norm_layer)
     else:
-        model = getattr(torchvision.models, arch.removesuffix("_authors"))(num_classes=num_classes, norm_layer=norm_layer)
+        model = getattr(torchvision.models, arch.removesuffix("_authors"))(
+            num_classes=num_classes, norm_layer=norm_layer
+        )
         if arch.endswith("_authors"):  # the SSN authors' network (ssn.authors): their max-pool and dropout
             model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
             model.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Dropout(0.5))

@@ -75,8 +75,12 @@ class SSNCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
-        parser.add_argument("--export", type=bool, default=True,
-                            help="after fit: test, export latched SSN layers to native ones, test again")
+        parser.add_argument(
+            "--export",
+            type=bool,
+            default=True,
+            help="after fit: test, export latched SSN layers to native ones, test again",
+        )
 
     def before_fit(self) -> None:
         # NOTE: checkpoints go to <default_root_dir>/checkpoints unless a dirpath is configured:
@@ -123,8 +127,11 @@ class SSNCLI(LightningCLI):
         if not source:
             return
         root = Path(self.trainer.default_root_dir)
-        written = {root, root / "exported", *(Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
-                                               if getattr(cb, "dirpath", None))}
+        written = {
+            root,
+            root / "exported",
+            *(Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)),
+        }
         folder = Path(source).expanduser().resolve().parent
         if folder in {w.resolve() for w in written}:
             raise ValueError(
@@ -134,9 +141,13 @@ class SSNCLI(LightningCLI):
             )
 
     def _warn_untrained(self) -> None:
-        if self.config_init[self.subcommand].get("ckpt_path") is None and not getattr(self.model.hparams, "pretrained", None):
-            say(f"WARNING: {self.subcommand} without --ckpt_path: these are the metrics of an untrained "
-                "(randomly initialised) model; pass --ckpt_path last or a checkpoint file")
+        if self.config_init[self.subcommand].get("ckpt_path") is None and not getattr(
+            self.model.hparams, "pretrained", None
+        ):
+            say(
+                f"WARNING: {self.subcommand} without --ckpt_path: these are the metrics of an untrained "
+                "(randomly initialised) model; pass --ckpt_path last or a checkpoint file"
+            )
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` against the config, where Lightning would quietly replace the config.
@@ -155,21 +166,30 @@ class SSNCLI(LightningCLI):
             return  # nothing to check, or Lightning's own aliases and remote paths
         cfg = self.config[sub]
         if ckpt == "last":
-            dirpaths = [cb.init_args.get("dirpath") for cb in (cfg.trainer.callbacks or [])
-                        if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint")]
-            folder = Path(next((d for d in dirpaths if d), checkpoint_dir(cfg.trainer.default_root_dir or ".")))
+            dirpaths = [
+                cb.init_args.get("dirpath")
+                for cb in (cfg.trainer.callbacks or [])
+                if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint")
+            ]
+            folder = Path(
+                next((d for d in dirpaths if d), checkpoint_dir(cfg.trainer.default_root_dir or "."))
+            )
             ckpt = str(folder / "last.ckpt")
             if not Path(ckpt).is_file():
-                raise FileNotFoundError(f"--ckpt_path last: no {ckpt} (this run's folder has never saved a "
-                                        "checkpoint); leave --ckpt_path out to start from scratch")
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no {ckpt} (this run's folder has never saved a "
+                    "checkpoint); leave --ckpt_path out to start from scratch"
+                )
         checkpoint = read_checkpoint(ckpt)  # safe, as Lightning reads it
         saved = dict(checkpoint.get("hyper_parameters", {}))
         saved["task"] = str(saved.get("_class_path", "")).rsplit(".", 1)[-1] or None
         current = {**dict(cfg.model.init_args or {}), "task": str(cfg.model.class_path).rsplit(".", 1)[-1]}
         for key in ("task", "arch", "depth", "model", "norm"):  # (classes and channels come from the data)
             if saved.get(key) is not None and current.get(key) is not None and saved[key] != current[key]:
-                raise ValueError(f"{ckpt} was trained with {key}={saved[key]!r}, the config has {key}="
-                                 f"{current[key]!r}: pass the matching config or another checkpoint")
+                raise ValueError(
+                    f"{ckpt} was trained with {key}={saved[key]!r}, the config has {key}="
+                    f"{current[key]!r}: pass the matching config or another checkpoint"
+                )
         cfg.ckpt_path = ckpt
         self._checkpoint = checkpoint
 
@@ -196,8 +216,10 @@ class SSNCLI(LightningCLI):
         if not (isinstance(model, NormTask) and model.exportable):
             pass  # tested only: the native export is written for tasks whose `net` takes one tensor
         elif switch and not all(all(m.latched) for _, m in switch):
-            say("\nnot every SN/SSN layer has latched: no native export "
-                "(train longer, or let the radius ramp reach its end)")
+            say(
+                "\nnot every SN/SSN layer has latched: no native export "
+                "(train longer, or let the radius ramp reach its end)"
+            )
         else:
             path = Path(trainer.default_root_dir) / "exported" / "model.pt2"
             if trainer.is_global_zero:

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 import ssn
 from ssn import LatchedNorm, SparseSwitchNormBase, SwitchNormBase
 from ssn.transfer import (
-    RATIO_MODES, TransferReport, backbone_state, load_backbone, read_checkpoint, rekey_state, with_metadata,
+    RATIO_MODES,
+    TransferReport,
+    backbone_state,
+    load_backbone,
+    read_checkpoint,
+    rekey_state,
+    with_metadata,
 )
 
 __all__ = ["Pretrained", "freeze_backbone", "is_norm", "split_backbone_groups"]
@@ -54,13 +60,22 @@ class Pretrained:
     def from_hparams(cls, hparams: Mapping[str, Any], path: str | None = None) -> Pretrained:
         """From a task's ``pretrained``, ``pretrained_ratios`` ... hyperparameters (``path``
         replaces ``pretrained``; no file: an empty path)."""
-        return cls(path=path if path is not None else hparams["pretrained"] or "", ratios=hparams["pretrained_ratios"],
-                   radius_start=hparams["pretrained_radius_start"], trusted=hparams["pretrained_trusted"],
-                   head=hparams["pretrained_head"])
+        return cls(
+            path=path if path is not None else hparams["pretrained"] or "",
+            ratios=hparams["pretrained_ratios"],
+            radius_start=hparams["pretrained_radius_start"],
+            trusted=hparams["pretrained_trusted"],
+            head=hparams["pretrained_head"],
+        )
 
     def load(
-        self, target: nn.Module, *, stem: str, head: tuple[str, ...],
-        map_state: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]], owner: str,
+        self,
+        target: nn.Module,
+        *,
+        stem: str,
+        head: tuple[str, ...],
+        map_state: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]],
+        owner: str,
     ) -> tuple[TransferReport, float | None]:
         """Load the checkpoint's backbone into ``target``.
 
@@ -83,14 +98,21 @@ class Pretrained:
             if not self.head:
                 state = rekey_state(state, lambda k: None if head and k.startswith(head) else k)
             state = with_metadata(map_state(state, target), state)
-            report = load_backbone(target, state, new_ok=head, drop_ok=("fc.", *head), ratios=self.ratios,
-                                   kind=kind, stem=stem)
+            report = load_backbone(
+                target, state, new_ok=head, drop_ok=("fc.", *head), ratios=self.ratios, kind=kind, stem=stem
+            )
         except ValueError as e:
             raise ValueError(f"pretrained {path}: {e}" if path not in str(e) else str(e)) from e
         radius: float | None = None
         if self.ratios == "keep":  # the ramp continues from the largest radius still in use
-            radius = max((float(m.radius) for _, m in ssn.switch_norms(target)
-                          if isinstance(m, SparseSwitchNormBase) and None in m.latched), default=None)
+            radius = max(
+                (
+                    float(m.radius)
+                    for _, m in ssn.switch_norms(target)
+                    if isinstance(m, SparseSwitchNormBase) and None in m.latched
+                ),
+                default=None,
+            )
         elif self.ratios == "reopen":
             radius = self.radius_start
             ssn.set_radius(target, self.radius_start)
@@ -100,7 +122,9 @@ class Pretrained:
 
 def is_norm(m: nn.Module) -> bool:
     """A normalization layer: PyTorch's, a latched export, or SN/SSN."""
-    return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, LatchedNorm, SwitchNormBase))
+    return isinstance(
+        m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, LatchedNorm, SwitchNormBase)
+    )
 
 
 def freeze_backbone(backbone: nn.Module, prefixes: list[str]) -> list[nn.Module]:
@@ -111,12 +135,17 @@ def freeze_backbone(backbone: nn.Module, prefixes: list[str]) -> list[nn.Module]
     for prefix in prefixes:
         params = [p for n, p in backbone.named_parameters() if n.startswith(prefix)]
         if not params:
-            raise ValueError(f"freeze: no backbone parameter starts with {prefix!r}; the backbone's top-level "
-                             f"names: {sorted({n.split('.')[0] for n, _ in backbone.named_parameters()})}")
+            raise ValueError(
+                f"freeze: no backbone parameter starts with {prefix!r}; the backbone's top-level "
+                f"names: {sorted({n.split('.')[0] for n, _ in backbone.named_parameters()})}"
+            )
         for p in params:
             p.requires_grad_(False)
-        frozen += [m for n, m in backbone.named_modules() if n.startswith(prefix) and is_norm(m)
-                   and not any(p.requires_grad for p in m.parameters())]
+        frozen += [
+            m
+            for n, m in backbone.named_modules()
+            if n.startswith(prefix) and is_norm(m) and not any(p.requires_grad for p in m.parameters())
+        ]
     return frozen
 
 

@@ -20,13 +20,25 @@ import ssn
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["Recipe", "check_training_batches", "global_batch_size", "lr_factor", "ratio_parameters",
-           "steps_per_epoch"]
+__all__ = [
+    "Recipe",
+    "check_training_batches",
+    "global_batch_size",
+    "lr_factor",
+    "ratio_parameters",
+    "steps_per_epoch",
+]
 
 
 def lr_factor(
-    step: int, total: int, warmup: int, schedule: str, milestones: Sequence[int], gamma: float,
-    power: float = 0.9, min_factor: float = 0.0,
+    step: int,
+    total: int,
+    warmup: int,
+    schedule: str,
+    milestones: Sequence[int],
+    gamma: float,
+    power: float = 0.9,
+    min_factor: float = 0.0,
 ) -> float:
     """Learning-rate multiplier at optimizer ``step``: linear warm-up, then cosine, step decay
     (x ``gamma`` at each milestone step) or poly (mmseg's ``PolyLR``: ``(1 - t)^power`` from 1 down
@@ -79,14 +91,21 @@ class Recipe:
     def param_groups(self, module: nn.Module, lr: float) -> list[dict[str, Any]]:
         """``ssn.param_groups``: ratio logits, norm affine parameters and the rest, each with its
         lr and decay."""
-        return ssn.param_groups(module, lr=lr, weight_decay=self.weight_decay, ratio_lr_scale=self.ratio_lr_scale,
-                                ratio_weight_decay=self.ratio_weight_decay, norm_weight_decay=self.norm_weight_decay)
+        return ssn.param_groups(
+            module,
+            lr=lr,
+            weight_decay=self.weight_decay,
+            ratio_lr_scale=self.ratio_lr_scale,
+            ratio_weight_decay=self.ratio_weight_decay,
+            norm_weight_decay=self.norm_weight_decay,
+        )
 
     def optimizer(self, groups: list[dict[str, Any]], lr: float) -> torch.optim.SGD:
         """SGD over the trainable parameters of ``groups`` (frozen ones and emptied groups left out)."""
         groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
-        return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=self.momentum,
-                               nesterov=self.nesterov)
+        return torch.optim.SGD(
+            [g for g in groups if g["params"]], lr=lr, momentum=self.momentum, nesterov=self.nesterov
+        )
 
     def scheduler(
         self, optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int
@@ -100,8 +119,9 @@ class Recipe:
             # NOTE: min_lr is absolute for every group (mmengine's PolyLR eta_min), so each group
             # gets its own floor as a fraction of its own lr.
             floor = min(1.0, self.min_lr / group_lr) if group_lr > 0 else 0.0
-            return lambda step: lr_factor(step, total_steps, warmup, self.schedule, milestones, self.gamma,
-                                          self.poly_power, floor)
+            return lambda step: lr_factor(
+                step, total_steps, warmup, self.schedule, milestones, self.gamma, self.poly_power, floor
+            )
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups])
 
@@ -127,7 +147,9 @@ def global_batch_size(trainer: pl.Trainer) -> int:
     if per_device is None:
         raise ValueError("the data module must expose batch_size (per device) to scale the lr")
     if not isinstance(per_device, int) or per_device < 1:
-        raise ValueError(f"data batch_size must be a positive number of samples per device, got {per_device!r}")
+        raise ValueError(
+            f"data batch_size must be a positive number of samples per device, got {per_device!r}"
+        )
     return per_device * trainer.world_size * trainer.accumulate_grad_batches
 
 

@@ -25,8 +25,16 @@ from ssn import NORM_ORDER, STATS, selected_stat  # NORM_ORDER: how rows and lin
 
 from .summary import MEASURED, SUMMARY_FILE, malformed
 
-__all__ = ["aggregate", "compare", "compare_main", "filter_records", "group_keys", "load_records", "markdown_table",
-           "write_csv"]
+__all__ = [
+    "aggregate",
+    "compare",
+    "compare_main",
+    "filter_records",
+    "group_keys",
+    "load_records",
+    "markdown_table",
+    "write_csv",
+]
 
 
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -54,8 +62,9 @@ def selection_fractions(selection: list[dict[str, Any]]) -> dict[str, float] | N
 
 # Settings that never tell two experiments apart: where outputs go, how progress is shown, what a
 # resumed run resumes from (the same run), the logger (it only records). The seed is the other one.
-OUTPUT_KEYS = frozenset({"trainer.default_root_dir", "ckpt_path", "trainer.enable_progress_bar",
-                         "trainer.enable_model_summary"})
+OUTPUT_KEYS = frozenset(
+    {"trainer.default_root_dir", "ckpt_path", "trainer.enable_progress_bar", "trainer.enable_model_summary"}
+)
 OUTPUT_LEAVES = frozenset({"dirpath", "filename", "save_dir", "log_dir"})
 
 
@@ -65,8 +74,12 @@ def is_seed(key: str) -> bool:
 
 
 def _names_outputs(key: str) -> bool:
-    return (key in OUTPUT_KEYS or key.startswith("trainer.logger.") or key == "trainer.logger"
-            or key.rsplit(".", 1)[-1] in OUTPUT_LEAVES)
+    return (
+        key in OUTPUT_KEYS
+        or key.startswith("trainer.logger.")
+        or key == "trainer.logger"
+        or key.rsplit(".", 1)[-1] in OUTPUT_LEAVES
+    )
 
 
 def _record(f: Path, s: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +92,11 @@ def _record(f: Path, s: dict[str, Any]) -> dict[str, Any]:
     rec.update(s.get("metrics") or {})
     info = s.get("run_info")
     top = info if isinstance(info, dict) else {k: v for k, v in s.items() if k not in MEASURED}
-    rec["_identity"] = [k for k in (*top, *flat) if k in rec and not isinstance(rec[k], dict)
-                        and not is_seed(k) and not _names_outputs(k)]
+    rec["_identity"] = [
+        k
+        for k in (*top, *flat)
+        if k in rec and not isinstance(rec[k], dict) and not is_seed(k) and not _names_outputs(k)
+    ]
     rec["_metrics"] = list(s.get("metrics") or {})
     rec["run"] = f.parent.name
     rec["path"] = str(f.parent)
@@ -98,12 +114,18 @@ def _grid_missing(folder: Path) -> list[tuple[str, str]]:
         names = [str(g["name"]) for g in grid]
     except (OSError, ValueError, TypeError, KeyError):
         return []
-    return [(str(folder / n), "no summary.json (not run, running, or killed before fit ended)")
-            for n in names if not (folder / n / SUMMARY_FILE).exists()]
+    return [
+        (str(folder / n), "no summary.json (not run, running, or killed before fit ended)")
+        for n in names
+        if not (folder / n / SUMMARY_FILE).exists()
+    ]
 
 
 def load_records(
-    paths: Sequence[str | Path], *, skipped: list[tuple[str, str]] | None = None, include_incomplete: bool = False,
+    paths: Sequence[str | Path],
+    *,
+    skipped: list[tuple[str, str]] | None = None,
+    include_incomplete: bool = False,
 ) -> list[dict[str, Any]]:
     """One flat record per run: the summary's scalars, its metrics (``test/acc1``,
     ``best/val/acc1``...), its config flattened (``model.lr``...) and ``run`` (its folder).
@@ -132,7 +154,9 @@ def load_records(
         if problem:
             skipped.append((str(f), f"malformed: {problem}"))
         elif s.get("status") != "complete" and not include_incomplete:
-            skipped.append((str(f), f"incomplete (status {s.get('status')!r}): fit or its test did not finish"))
+            skipped.append(
+                (str(f), f"incomplete (status {s.get('status')!r}): fit or its test did not finish")
+            )
         else:
             records.append(_record(f, s))
     return records
@@ -150,7 +174,9 @@ def _match(value: Any, wanted: str) -> bool:
     return False
 
 
-def check_keys(records: list[dict[str, Any]], keys: Sequence[str], what: str, *, metrics: bool = False) -> None:
+def check_keys(
+    records: list[dict[str, Any]], keys: Sequence[str], what: str, *, metrics: bool = False
+) -> None:
     """A ``KeyError``-like ``ValueError`` naming the valid keys when no run has one of ``keys``
     (a typo would otherwise give an empty column or one merged row, silently)."""
     import difflib
@@ -279,15 +305,25 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], group_by: Sequence[str], metrics: Sequence[str]) -> str:
-    head = [*group_by, "seeds", *[f"{m} (mean ± std)" for m in metrics], "samples/s", "peak MiB",
-            "latched IN / LN / BN"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < len(group_by) + 1 else "---:"
-                                                          for i in range(len(head))) + "|"]
+    head = [
+        *group_by,
+        "seeds",
+        *[f"{m} (mean ± std)" for m in metrics],
+        "samples/s",
+        "peak MiB",
+        "latched IN / LN / BN",
+    ]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i < len(group_by) + 1 else "---:" for i in range(len(head))) + "|",
+    ]
     for r in rows:
         cells = [_fmt(r[k]) for k in group_by] + [_fmt(r["seeds"])]
         for m in metrics:
             mean, std = r[f"{m} mean"], r[f"{m} std"]
-            cells.append("—" if mean is None else f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}")
+            cells.append(
+                "—" if mean is None else f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+            )
         cells.append(_fmt(r["throughput"], 0))
         cells.append(_fmt(r["peak_memory_mb"], 0))
         fr = [r[f"latched_{s}"] for s in STATS]
@@ -303,8 +339,16 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) ->
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
-            w.writerow(["" if r.get(c) is None else ";".join(map(str, r[c])) if isinstance(r.get(c), list) else r[c]
-                        for c in columns])
+            w.writerow(
+                [
+                    ""
+                    if r.get(c) is None
+                    else ";".join(map(str, r[c]))
+                    if isinstance(r.get(c), list)
+                    else r[c]
+                    for c in columns
+                ]
+            )
 
     atomic_write(path, write, binary=False)
 
@@ -319,7 +363,10 @@ def _plt() -> Any:
 
 
 def plot_metric_vs_batch(
-    rows: list[dict[str, Any]], metric: str, path: Path, title: str = "",
+    rows: list[dict[str, Any]],
+    metric: str,
+    path: Path,
+    title: str = "",
     panels: Sequence[str] = ("task", "dataset", "arch"),
 ) -> bool:
     """Metric (mean ± std over seeds) against the per-device batch (log scale), one line per
@@ -331,8 +378,10 @@ def plot_metric_vs_batch(
     plt = _plt()
 
     def panel_of(r: dict[str, Any]) -> tuple[str, ...]:
-        return tuple(f"{k}={_fmt(r.get(k))}" if "." in k or k.startswith("pretrained") else _fmt(r.get(k))
-                     for k in panels)
+        return tuple(
+            f"{k}={_fmt(r.get(k))}" if "." in k or k.startswith("pretrained") else _fmt(r.get(k))
+            for k in panels
+        )
 
     names = sorted({panel_of(r) for r in rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
@@ -366,7 +415,9 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
     runs = [r for r in records if r["selection"] and "ssn" in str(r.get("norm", "")).lower()]
     if not runs:
         return False
-    runs.sort(key=lambda r: (_sort_key(r.get("task")), _sort_key(r.get("batch_size")), _sort_key(r.get("seed"))))
+    runs.sort(
+        key=lambda r: (_sort_key(r.get("task")), _sort_key(r.get("batch_size")), _sort_key(r.get("seed")))
+    )
     plt = _plt()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -392,8 +443,12 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
         ax.set_title(kind)
     axes[0].set_yticks(range(len(layers)), layers, fontsize=7)
     axes[0].set_ylabel("layer (input -> output)")
-    fig.legend(handles=[Patch(color=c, label=s.upper()) for c, s in zip(colours, STATS)], loc="upper right",
-               ncol=3, fontsize=7)
+    fig.legend(
+        handles=[Patch(color=c, label=s.upper()) for c, s in zip(colours, STATS)],
+        loc="upper right",
+        ncol=3,
+        fontsize=7,
+    )
     fig.suptitle("SSN selection per layer (? = not latched: argmax)", fontsize=9, x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
@@ -409,12 +464,19 @@ def selection_summary(records: list[dict[str, Any]], group_by: Sequence[str]) ->
     runs.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in (*group_by, "seed")))
     for r in runs:
         sel = r["selection"]
-        pick = {k: [row[f"{k}_latch"] or f"({STATS[selected_stat(None, [row[f'{k}_{st}'] for st in STATS])]})"
-                    for row in sel] for k in ("mean", "var")}
+        pick = {
+            k: [
+                row[f"{k}_latch"] or f"({STATS[selected_stat(None, [row[f'{k}_{st}'] for st in STATS])]})"
+                for row in sel
+            ]
+            for k in ("mean", "var")
+        }
         counts = {k: ", ".join(f"{s.upper()} {sum(c == s for c in pick[k])}" for s in STATS) for k in pick}
         ident = " ".join(f"{k}={_fmt(r.get(k))}" for k in (*group_by, "seed") if r.get(k) is not None)
-        lines.append(f"- {ident}: mean {counts['mean']}; var {counts['var']} — per layer (mean/var): "
-                     + " ".join(f"{m.upper()}/{v.upper()}" for m, v in zip(pick["mean"], pick["var"])))
+        lines.append(
+            f"- {ident}: mean {counts['mean']}; var {counts['var']} — per layer (mean/var): "
+            + " ".join(f"{m.upper()}/{v.upper()}" for m, v in zip(pick["mean"], pick["var"]))
+        )
     return "\n".join(lines)
 
 
@@ -425,8 +487,14 @@ def default_out(paths: Sequence[str | Path]) -> Path:
 
 
 def compare(
-    paths: Sequence[str | Path], out: str | Path | None = None, *, metrics: Sequence[str] = ("test/acc1",),
-    group_by: Sequence[str] | None = None, filters: Sequence[str] = (), plots: bool = True, title: str = "",
+    paths: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    metrics: Sequence[str] = ("test/acc1",),
+    group_by: Sequence[str] | None = None,
+    filters: Sequence[str] = (),
+    plots: bool = True,
+    title: str = "",
     include_incomplete: bool = False,
 ) -> dict[str, Any]:
     """Read the runs' summaries under ``paths``, write ``report.md``, ``report.csv`` (one row per
@@ -442,8 +510,10 @@ def compare(
     loaded = load_records(paths, skipped=skipped, include_incomplete=include_incomplete)
     left_out = "".join(f"\n  {path}: {why}" for path, why in skipped)
     if not loaded:
-        raise ValueError(f"no usable run summary ({SUMMARY_FILE}) under {', '.join(map(str, paths))}"
-                         + (f"; left out:{left_out}" if left_out else ""))
+        raise ValueError(
+            f"no usable run summary ({SUMMARY_FILE}) under {', '.join(map(str, paths))}"
+            + (f"; left out:{left_out}" if left_out else "")
+        )
     check_keys(loaded, metrics, "--metric", metrics=True)
     if group_by is not None:
         check_keys(loaded, group_by, "--group-by")
@@ -453,13 +523,22 @@ def compare(
     implied: list[str] = []
     if group_by is None:
         group_by, implied = group_keys(records)
-        grouping = (f"Groups: runs that differ only by their seed, told apart by {', '.join(group_by) or 'nothing'}"
-                    + (f" (also differing, implied by those: {', '.join(implied)})" if implied else "") + ".")
+        grouping = (
+            f"Groups: runs that differ only by their seed, told apart by {', '.join(group_by) or 'nothing'}"
+            + (f" (also differing, implied by those: {', '.join(implied)})" if implied else "")
+            + "."
+        )
     else:
         pooled = pooled_keys(records, group_by)
-        grouping = (f"Groups: by {', '.join(group_by)} (--group-by)"
-                    + (f"; WARNING: runs of a group also differ in {', '.join(pooled)}, averaged as if seeds"
-                       if pooled else "; the runs of a group differ only by their seed") + ".")
+        grouping = (
+            f"Groups: by {', '.join(group_by)} (--group-by)"
+            + (
+                f"; WARNING: runs of a group also differ in {', '.join(pooled)}, averaged as if seeds"
+                if pooled
+                else "; the runs of a group differ only by their seed"
+            )
+            + "."
+        )
     out = Path(out) if out is not None else default_out(paths)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: name a folder for the report")
@@ -471,10 +550,23 @@ def compare(
         cols += [f"{m} mean", f"{m} std", f"{m} n"]
     cols += ["throughput", "peak_memory_mb", "peak_memory_kind", *(f"latched_{s}" for s in STATS), "runs"]
     write_csv(files["csv"], rows, cols)
-    run_cols = ["run", *[k for k in group_by if k not in ("run",)], "seed", "status", "global_step", *metrics,
-                "throughput", "peak_memory_mb", *(f"latched_{s}" for s in STATS), "path"]
-    write_csv(files["runs"], sorted(records, key=lambda r: tuple(_sort_key(r.get(k)) for k in (*group_by, "seed"))),
-              run_cols)
+    run_cols = [
+        "run",
+        *[k for k in group_by if k not in ("run",)],
+        "seed",
+        "status",
+        "global_step",
+        *metrics,
+        "throughput",
+        "peak_memory_mb",
+        *(f"latched_{s}" for s in STATS),
+        "path",
+    ]
+    write_csv(
+        files["runs"],
+        sorted(records, key=lambda r: tuple(_sort_key(r.get(k)) for k in (*group_by, "seed"))),
+        run_cols,
+    )
     if plots:
         panels = [k for k in group_by if k not in ("norm", "batch_size", "global_batch_size")]
         if plot_metric_vs_batch(rows, metrics[0], out / "metric_vs_batch.png", title, panels=panels):
@@ -482,28 +574,52 @@ def compare(
         if plot_selection(records, out / "selection.png"):
             files["selection"] = out / "selection.png"
     kinds = sorted({str(r.get("peak_memory_kind")) for r in records if r.get("peak_memory_kind")})
-    md = [f"# {title or 'Comparison'}", "",
-          f"{len(records)} runs in {len(rows)} groups; mean ± sample std over the runs of a group (the seeds); "
-          f"samples/s: training throughput over all devices (training batches only); peak MiB: {', '.join(kinds)} "
-          "(max over the group); latched IN / LN / BN: fraction of the layers' mean and variance choices "
-          "latched to each statistic.", "", grouping, ""]
+    md = [
+        f"# {title or 'Comparison'}",
+        "",
+        f"{len(records)} runs in {len(rows)} groups; mean ± sample std over the runs of a group (the seeds); "
+        f"samples/s: training throughput over all devices (training batches only); peak MiB: {', '.join(kinds)} "
+        "(max over the group); latched IN / LN / BN: fraction of the layers' mean and variance choices "
+        "latched to each statistic.",
+        "",
+        grouping,
+        "",
+    ]
     if skipped:
-        md += [f"Left out: {len(skipped)} runs (not in the table).", "",
-               *(f"- {path}: {why}" for path, why in skipped), ""]
+        md += [
+            f"Left out: {len(skipped)} runs (not in the table).",
+            "",
+            *(f"- {path}: {why}" for path, why in skipped),
+            "",
+        ]
     md += [markdown_table(rows, group_by, metrics), ""]
     sel = selection_summary(records, [k for k in group_by if k in ("task", "arch", "batch_size")])
     if sel:
-        md += ["## SSN selection per run (layers from input to output; (x): not latched, argmax)", "", sel, ""]
+        md += [
+            "## SSN selection per run (layers from input to output; (x): not latched, argmax)",
+            "",
+            sel,
+            "",
+        ]
     for key in ("metric_vs_batch", "selection"):
         if key in files:
             md += [f"![{key}]({files[key].name})", ""]
     write_text_atomic(files["markdown"], "\n".join(md))
-    return {"rows": rows, "records": records, "files": files, "markdown": "\n".join(md), "group_by": list(group_by),
-            "implied": implied, "grouping": grouping, "skipped": skipped}
+    return {
+        "rows": rows,
+        "records": records,
+        "files": files,
+        "markdown": "\n".join(md),
+        "group_by": list(group_by),
+        "implied": implied,
+        "grouping": grouping,
+        "skipped": skipped,
+    }
 
 
-def log_to_wandb(result: dict[str, Any], *, project: str, mode: str, name: str | None,
-                 entity: str | None = None) -> dict[str, Any]:
+def log_to_wandb(
+    result: dict[str, Any], *, project: str, mode: str, name: str | None, entity: str | None = None
+) -> dict[str, Any]:
     """The report as a wandb table and images (``mode``: ``online`` or ``offline``), in a run of
     job type ``compare``; returns its entity, project and name (a workspace keeps it in view)."""
     import wandb
@@ -526,27 +642,49 @@ def compare_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="ssn-bench compare", description="Compare runs from their summary.json.")
     p.add_argument("runs", nargs="+", help="run folders, sweep folders (searched) or summary files")
     p.add_argument("--out", default=None, help="report folder (default: <first RUNS>/report)")
-    p.add_argument("--metric", nargs="+", default=["test/acc1"], help="metrics to tabulate (the first is plotted)")
-    p.add_argument("--group-by", nargs="+", default=None,
-                   help="fields (any summary field or config key: model.lr); default: every identity and config "
-                        "value that differs between the runs except the seed and output paths")
-    p.add_argument("--include-incomplete", action="store_true",
-                   help="also tabulate runs whose summary is not `complete` (fitted, not tested)")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=V1,V2",
-                   help="keep matching runs (KEY!=V drops)")
+    p.add_argument(
+        "--metric", nargs="+", default=["test/acc1"], help="metrics to tabulate (the first is plotted)"
+    )
+    p.add_argument(
+        "--group-by",
+        nargs="+",
+        default=None,
+        help="fields (any summary field or config key: model.lr); default: every identity and config "
+        "value that differs between the runs except the seed and output paths",
+    )
+    p.add_argument(
+        "--include-incomplete",
+        action="store_true",
+        help="also tabulate runs whose summary is not `complete` (fitted, not tested)",
+    )
+    p.add_argument(
+        "--filter", action="append", default=[], metavar="KEY=V1,V2", help="keep matching runs (KEY!=V drops)"
+    )
     p.add_argument("--title", default="", help="report title")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--wandb", choices=["off", "offline", "online"], default="off",
-                   help="also log the report to wandb")
+    p.add_argument(
+        "--wandb", choices=["off", "offline", "online"], default="off", help="also log the report to wandb"
+    )
     p.add_argument("--wandb-project", default="ssn-bench")
     p.add_argument("--wandb-entity", default=None, help="wandb entity (default: your default entity)")
-    p.add_argument("--workspace", action="store_true",
-                   help="also build the comparison as a wandb workspace (tasks.workspace): its definition is "
-                        "written to the report folder (workspace.json); saved to wandb with --wandb online only")
+    p.add_argument(
+        "--workspace",
+        action="store_true",
+        help="also build the comparison as a wandb workspace (tasks.workspace): its definition is "
+        "written to the report folder (workspace.json); saved to wandb with --wandb online only",
+    )
     ns = p.parse_args(list(argv))
     try:
-        result = compare(ns.runs, ns.out, metrics=ns.metric, group_by=ns.group_by, filters=ns.filter,
-                         plots=not ns.no_plots, title=ns.title, include_incomplete=ns.include_incomplete)
+        result = compare(
+            ns.runs,
+            ns.out,
+            metrics=ns.metric,
+            group_by=ns.group_by,
+            filters=ns.filter,
+            plots=not ns.no_plots,
+            title=ns.title,
+            include_incomplete=ns.include_incomplete,
+        )
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     print(result["grouping"] + "\n")
@@ -558,20 +696,29 @@ def compare_main(argv: Sequence[str]) -> int:
     if ns.wandb != "off":
         # NOTE: a workspace finds the report's run by its name: give it one
         name = ns.title or (f"compare {result['files']['markdown'].parent.name}" if ns.workspace else None)
-        logged = log_to_wandb(result, project=ns.wandb_project, mode=ns.wandb, name=name, entity=ns.wandb_entity)
+        logged = log_to_wandb(
+            result, project=ns.wandb_project, mode=ns.wandb, name=name, entity=ns.wandb_entity
+        )
     if ns.workspace:
         from .workspace import build_workspace, save_workspace, write_workspace
 
-        workspace, grouping = build_workspace(result, ns.metric[0], project=ns.wandb_project,
-                                              entity=ns.wandb_entity or logged.get("entity") or "", title=ns.title,
-                                              compare_run=logged.get("name"))
+        workspace, grouping = build_workspace(
+            result,
+            ns.metric[0],
+            project=ns.wandb_project,
+            entity=ns.wandb_entity or logged.get("entity") or "",
+            title=ns.title,
+            compare_run=logged.get("name"),
+        )
         path = write_workspace(workspace, grouping, result["files"]["markdown"].parent)
         print(f"workspace: {path}")
         if ns.wandb == "online":
             print(f"workspace saved: {save_workspace(workspace)}")
         else:  # offline: nothing is sent
             entity = f" --entity {ns.wandb_entity}" if ns.wandb_entity else ""
-            print(f"workspace not saved (--wandb {ns.wandb}); save it online later with: "
-                  f"python -m tasks.workspace {path}{entity}"
-                  + (" (after `wandb sync` of the report's offline run)" if ns.wandb == "offline" else ""))
+            print(
+                f"workspace not saved (--wandb {ns.wandb}); save it online later with: "
+                f"python -m tasks.workspace {path}{entity}"
+                + (" (after `wandb sync` of the report's offline run)" if ns.wandb == "offline" else "")
+            )
     return 0

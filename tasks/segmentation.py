@@ -51,20 +51,56 @@ def deeplabv3_config(
     loss = functools.partial(dict, type="CrossEntropyLoss", use_sigmoid=False, avg_non_ignore=False)
     return dict(
         type="EncoderDecoder",
-        data_preprocessor=dict(type="SegDataPreProcessor", mean=list(mean), std=list(std),
-                               bgr_to_rgb=in_channels == 3, pad_val=0, seg_pad_val=ignore_index,
-                               # NOTE: training pads to the crop, or to a multiple of the output stride
-                               **(dict(size=tuple(crop_size)) if crop_size else dict(size_divisor=8))),
-        backbone=dict(type="ResNet", depth=depth, in_channels=in_channels, num_stages=4, out_indices=(0, 1, 2, 3),
-                      dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), norm_cfg=norm_cfg, norm_eval=False,
-                      style="pytorch", contract_dilation=True),
-        decode_head=dict(type="ASPPHead", in_channels=c4, in_index=3, channels=head, dilations=(1, 12, 24, 36),
-                         dropout_ratio=0.1, num_classes=num_classes, norm_cfg=norm_cfg, align_corners=align_corners,
-                         ignore_index=ignore_index, loss_decode=loss(loss_weight=1.0)),
-        auxiliary_head=dict(type="FCNHead", in_channels=c3, in_index=2, channels=aux, num_convs=1,
-                            concat_input=False, dropout_ratio=0.1, num_classes=num_classes, norm_cfg=norm_cfg,
-                            align_corners=align_corners, ignore_index=ignore_index,
-                            loss_decode=loss(loss_weight=aux_weight)),
+        data_preprocessor=dict(
+            type="SegDataPreProcessor",
+            mean=list(mean),
+            std=list(std),
+            bgr_to_rgb=in_channels == 3,
+            pad_val=0,
+            seg_pad_val=ignore_index,
+            # NOTE: training pads to the crop, or to a multiple of the output stride
+            **(dict(size=tuple(crop_size)) if crop_size else dict(size_divisor=8)),
+        ),
+        backbone=dict(
+            type="ResNet",
+            depth=depth,
+            in_channels=in_channels,
+            num_stages=4,
+            out_indices=(0, 1, 2, 3),
+            dilations=(1, 1, 2, 4),
+            strides=(1, 2, 1, 1),
+            norm_cfg=norm_cfg,
+            norm_eval=False,
+            style="pytorch",
+            contract_dilation=True,
+        ),
+        decode_head=dict(
+            type="ASPPHead",
+            in_channels=c4,
+            in_index=3,
+            channels=head,
+            dilations=(1, 12, 24, 36),
+            dropout_ratio=0.1,
+            num_classes=num_classes,
+            norm_cfg=norm_cfg,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            loss_decode=loss(loss_weight=1.0),
+        ),
+        auxiliary_head=dict(
+            type="FCNHead",
+            in_channels=c3,
+            in_index=2,
+            channels=aux,
+            num_convs=1,
+            concat_input=False,
+            dropout_ratio=0.1,
+            num_classes=num_classes,
+            norm_cfg=norm_cfg,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            loss_decode=loss(loss_weight=aux_weight),
+        ),
         train_cfg=dict(),
         test_cfg=test_cfg or dict(mode="whole"),
     )
@@ -118,18 +154,29 @@ class SemanticSegmenter(NormTask):
         ignore_index: int = 255,
         **kwargs: Any,
     ) -> None:
-        for key, value in (("weight_decay", 5e-4), ("schedule", "poly"), ("poly_power", 0.9), ("min_lr", 1e-4)):
+        for key, value in (
+            ("weight_decay", 5e-4),
+            ("schedule", "poly"),
+            ("poly_power", 0.9),
+            ("min_lr", 1e-4),
+        ):
             kwargs.setdefault(key, value)
         super().__init__(**kwargs)
         check_range("num_classes", num_classes, "[2, inf)")
         check_range("in_channels", in_channels, "[1, inf)")
         check_range("aux_weight", aux_weight, "[0, inf)")
-        for name, size in (("crop_size", crop_size), ("test_crop_size", test_crop_size), ("test_stride", test_stride)):
+        for name, size in (
+            ("crop_size", crop_size),
+            ("test_crop_size", test_crop_size),
+            ("test_stride", test_stride),
+        ):
             for side in size or ():
                 check_range(f"{name} (each side)", side, "[1, inf)")
         if not 0 <= ignore_index <= 255 or ignore_index < num_classes:
-            raise ValueError(f"ignore_index must be in [num_classes, 255] = [{num_classes}, 255] (a label PNG's "
-                             f"values, none of them a class), got {ignore_index}")
+            raise ValueError(
+                f"ignore_index must be in [num_classes, 255] = [{num_classes}, 255] (a label PNG's "
+                f"values, none of them a class), got {ignore_index}"
+            )
         from ssn.integrations import bridge_mmcv_lite, mm_norm_cfg
 
         bridge_mmcv_lite()  # NOTE: before mmseg.models, which imports mmcv.ops
@@ -140,12 +187,23 @@ class SemanticSegmenter(NormTask):
         test_cfg: dict[str, Any] = dict(mode=test_mode)
         if test_mode == "slide":
             if not (test_crop_size and test_stride):
-                raise ValueError("test_mode 'slide' needs test_crop_size and test_stride, e.g. (769, 769), (513, 513)")
+                raise ValueError(
+                    "test_mode 'slide' needs test_crop_size and test_stride, e.g. (769, 769), (513, 513)"
+                )
             test_cfg.update(crop_size=tuple(test_crop_size), stride=tuple(test_stride))
-        cfg = deeplabv3_config(depth, num_classes, mm_norm_cfg(self.norm, **self.norm_kwargs),
-                               in_channels=in_channels, mean=mean, std=std, crop_size=crop_size,
-                               align_corners=align_corners, aux_weight=aux_weight, ignore_index=ignore_index,
-                               test_cfg=test_cfg)
+        cfg = deeplabv3_config(
+            depth,
+            num_classes,
+            mm_norm_cfg(self.norm, **self.norm_kwargs),
+            in_channels=in_channels,
+            mean=mean,
+            std=std,
+            crop_size=crop_size,
+            align_corners=align_corners,
+            aux_weight=aux_weight,
+            ignore_index=ignore_index,
+            test_cfg=test_cfg,
+        )
         init_default_scope("mmseg")
         # NOTE: a ConfigDict, as mmseg's own tools pass: EncoderDecoder reads test_cfg.mode as an attribute.
         self.model = MODELS.build(ConfigDict(cfg))

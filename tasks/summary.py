@@ -29,8 +29,19 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
-    "COLUMNS", "MEASURED", "NUMERIC", "SUMMARY_FILE", "better", "complete_summary", "finite_metrics", "layer_ratios",
-    "malformed", "peak_memory", "read_summary", "summary_status", "update_summary",
+    "COLUMNS",
+    "MEASURED",
+    "NUMERIC",
+    "SUMMARY_FILE",
+    "better",
+    "complete_summary",
+    "finite_metrics",
+    "layer_ratios",
+    "malformed",
+    "peak_memory",
+    "read_summary",
+    "summary_status",
+    "update_summary",
 ]
 
 SUMMARY_FILE = "summary.json"
@@ -39,8 +50,21 @@ SUMMARY_FILE = "summary.json"
 COLUMNS = ["layer", "mean_in", "mean_ln", "mean_bn", "var_in", "var_ln", "var_bn", "mean_latch", "var_latch"]
 
 # What a summary's top-level scalars measure rather than define (summaries without ``run_info``).
-MEASURED = frozenset({"status", "global_step", "epochs", "ckpt_path", "fit_seconds", "train_seconds",
-                      "train_samples", "throughput", "peak_memory_mb", "peak_memory_kind", "device"})
+MEASURED = frozenset(
+    {
+        "status",
+        "global_step",
+        "epochs",
+        "ckpt_path",
+        "fit_seconds",
+        "train_seconds",
+        "train_samples",
+        "throughput",
+        "peak_memory_mb",
+        "peak_memory_kind",
+        "device",
+    }
+)
 # Top-level fields that must be numbers when present.
 NUMERIC = ("throughput", "peak_memory_mb", "batch_size", "global_batch_size", "global_step")
 
@@ -149,9 +173,15 @@ def malformed(s: Any) -> str | None:
     if sel is not None and not isinstance(sel, list):
         return f"'selection' is a {type(sel).__name__}, not a list"
     for row in sel or []:
-        values = [row.get(f"{k}_{st}") for k in ("mean", "var") for st in STATS] if isinstance(row, dict) else []
+        values = (
+            [row.get(f"{k}_{st}") for k in ("mean", "var") for st in STATS] if isinstance(row, dict) else []
+        )
         latches = [row.get(f"{k}_latch") for k in ("mean", "var")] if isinstance(row, dict) else []
-        if (not values or not all(map(is_number, values)) or not isinstance(row.get("layer"), str)
-                or any(x not in (None, *STATS) for x in latches)):
+        if (
+            not values
+            or not all(map(is_number, values))
+            or not isinstance(row.get("layer"), str)
+            or any(x not in (None, *STATS) for x in latches)
+        ):
             return f"a 'selection' row is not a layer's ratios and latches: {str(row)[:80]}"
     return None

@@ -32,8 +32,16 @@ from ssn import NORM_NAMES
 
 from .summary import summary_status
 
-__all__ = ["GridRun", "build_grid", "check_runs", "run_status", "slurm_script", "sweep", "sweep_main",
-           "wandb_sweep_file"]
+__all__ = [
+    "GridRun",
+    "build_grid",
+    "check_runs",
+    "run_status",
+    "slurm_script",
+    "sweep",
+    "sweep_main",
+    "wandb_sweep_file",
+]
 
 DEFAULT_BASE = "configs/base/trainer.yaml"
 
@@ -147,9 +155,15 @@ def _pairs(items: Sequence[str], what: str) -> list[tuple[str, str]]:
 
 
 def build_grid(
-    tasks: Sequence[str], *, base: Sequence[str] = (DEFAULT_BASE,), norms: Sequence[str] | None = None,
-    batch_sizes: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
-    grid: Sequence[str] = (), sets: Sequence[str] = (), extra: Sequence[str] = (),
+    tasks: Sequence[str],
+    *,
+    base: Sequence[str] = (DEFAULT_BASE,),
+    norms: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    grid: Sequence[str] = (),
+    sets: Sequence[str] = (),
+    extra: Sequence[str] = (),
     out: str | Path = "outputs/sweep",
     sweep_name: str | None = None,
 ) -> list[GridRun]:
@@ -192,8 +206,13 @@ def build_grid(
         if _wandb_logger(configs):
             tags = [sweep_name, label, norm_name] + ([f"batch{bs}"] if bs is not None else [])
             logger = "--trainer.logger.init_args"
-            args += [f"{logger}.save_dir={run_dir}", f"{logger}.name={name}", f"{logger}.group={group}",
-                     f"{logger}.job_type={norm_name}", f"{logger}.tags=[{', '.join(tags)}]"]
+            args += [
+                f"{logger}.save_dir={run_dir}",
+                f"{logger}.name={name}",
+                f"{logger}.group={group}",
+                f"{logger}.job_type={norm_name}",
+                f"{logger}.tags=[{', '.join(tags)}]",
+            ]
         if override:
             args += [f"--model.init_args.norm={norm_name}"]
         args += [f"--{k}={v}" for k, v in _pairs(sets, "--set")]
@@ -212,8 +231,12 @@ def build_grid(
 
 # The arguments that only name a run's outputs or vary its seed and batch (argparse checked their
 # types): runs equal in the rest parse alike, so one of them is checked.
-_PER_RUN = ("--trainer.default_root_dir=", "--trainer.logger.init_args.", "--seed_everything=",
-            "--data.init_args.batch_size=")
+_PER_RUN = (
+    "--trainer.default_root_dir=",
+    "--trainer.logger.init_args.",
+    "--seed_everything=",
+    "--data.init_args.batch_size=",
+)
 
 
 def check_runs(runs: Sequence[GridRun]) -> None:
@@ -241,7 +264,7 @@ def check_runs(runs: Sequence[GridRun]) -> None:
                 code = e.code
         if code not in (0, None):
             text = err.getvalue()
-            message = text[text.rfind("error:"):].strip() if "error:" in text else text.strip()[-2000:]
+            message = text[text.rfind("error:") :].strip() if "error:" in text else text.strip()[-2000:]
             raise ValueError(f"run {run.name}: its arguments do not parse; no run was started.\n{message}")
 
 
@@ -301,8 +324,13 @@ def _argv(ns: argparse.Namespace, *, index: bool = False) -> list[str]:
     args = ["--out", str(ns.out)]
     if ns.name:
         args += ["--name", ns.name]
-    for flag, values in (("--config", ns.config), ("--task", ns.task), ("--norms", ns.norms),
-                         ("--batch-sizes", ns.batch_sizes), ("--seeds", ns.seeds)):
+    for flag, values in (
+        ("--config", ns.config),
+        ("--task", ns.task),
+        ("--norms", ns.norms),
+        ("--batch-sizes", ns.batch_sizes),
+        ("--seeds", ns.seeds),
+    ):
         if values:
             args += [flag, *map(str, values)]
     for flag, values in (("--grid", ns.grid), ("--set", ns.set)):
@@ -333,7 +361,7 @@ def slurm_script(ns: argparse.Namespace, n: int) -> str:
         f"{options}"
         "set -euo pipefail\n"
         f"cd {shlex.quote(os.getcwd())}\n"
-        f"{call} --index \"$SLURM_ARRAY_TASK_ID\"{extra}\n"
+        f'{call} --index "$SLURM_ARRAY_TASK_ID"{extra}\n'
     )
 
 
@@ -346,14 +374,19 @@ def wandb_sweep_file(ns: argparse.Namespace, runs: Sequence[GridRun], project: s
     if ns.extra:
         cmd += ["--", *ns.extra]
     spec = {
-        "name": Path(ns.out).name, "method": "grid", "program": "tasks/cli.py",
-        "parameters": {"index": {"values": [r.index for r in runs]}}, "command": cmd,
+        "name": Path(ns.out).name,
+        "method": "grid",
+        "program": "tasks/cli.py",
+        "parameters": {"index": {"values": [r.index for r in runs]}},
+        "command": cmd,
     }
     if project:
         spec["project"] = project
     legend = "".join(f"#   {r.index}: {r.name}\n" for r in runs)
-    return (f"# wandb sweep of {len(runs)} runs (go online: --set trainer.logger.init_args.offline=false).\n"
-            f"# index -> run:\n{legend}" + yaml.safe_dump(spec, sort_keys=False))
+    return (
+        f"# wandb sweep of {len(runs)} runs (go online: --set trainer.logger.init_args.offline=false).\n"
+        f"# index -> run:\n{legend}" + yaml.safe_dump(spec, sort_keys=False)
+    )
 
 
 def sweep_main(argv: Sequence[str]) -> int:
@@ -362,14 +395,23 @@ def sweep_main(argv: Sequence[str]) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(prog="ssn-bench sweep", description="Launch a grid of ssn-bench fit runs.",
-                                epilog="Arguments after `--` are passed to every run as they are.")
+    p = argparse.ArgumentParser(
+        prog="ssn-bench sweep",
+        description="Launch a grid of ssn-bench fit runs.",
+        epilog="Arguments after `--` are passed to every run as they are.",
+    )
     p.add_argument("--task", nargs="+", required=True, help="task base config file(s), one grid axis")
     p.add_argument("--config", nargs="+", default=[DEFAULT_BASE], help="base config(s) before each task file")
-    p.add_argument("--norms", nargs="+", help="normalizers (each composed from configs/norms/<norm>.yaml and the task's own overlay)")
+    p.add_argument(
+        "--norms",
+        nargs="+",
+        help="normalizers (each composed from configs/norms/<norm>.yaml and the task's own overlay)",
+    )
     p.add_argument("--batch-sizes", nargs="+", type=int, help="per-device batch sizes (lr scales linearly)")
     p.add_argument("--seeds", nargs="+", type=int, help="seed_everything values")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="more axes: any config key")
+    p.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2", help="more axes: any config key"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--out", default="outputs/sweep", help="sweep folder (one subfolder per run)")
     p.add_argument("--name", help="sweep name, a wandb tag of every run (default: the folder's name)")
@@ -378,14 +420,29 @@ def sweep_main(argv: Sequence[str]) -> int:
     p.add_argument("--index", type=int, action="append", help="run only these entries (SLURM, wandb agents)")
     p.add_argument("--dry-run", action="store_true", help="print each run's status and command, run nothing")
     p.add_argument("--slurm", metavar="FILE", help="write a SLURM job array script instead of running")
-    p.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
-                   help="an #SBATCH line, e.g. --slurm-option=--gres=gpu:1")
+    p.add_argument(
+        "--slurm-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="an #SBATCH line, e.g. --slurm-option=--gres=gpu:1",
+    )
     p.add_argument("--wandb-sweep", metavar="FILE", help="write a wandb grid sweep file instead of running")
     ns = p.parse_args(argv)
     ns.extra = extra
     try:
-        runs = build_grid(ns.task, base=ns.config, norms=ns.norms, batch_sizes=ns.batch_sizes, seeds=ns.seeds,
-                          grid=ns.grid, sets=ns.set, extra=extra, out=ns.out, sweep_name=ns.name)
+        runs = build_grid(
+            ns.task,
+            base=ns.config,
+            norms=ns.norms,
+            batch_sizes=ns.batch_sizes,
+            seeds=ns.seeds,
+            grid=ns.grid,
+            sets=ns.set,
+            extra=extra,
+            out=ns.out,
+            sweep_name=ns.name,
+        )
         if ns.index is not None:
             bad = [i for i in ns.index if not 0 <= i < len(runs)]
             if bad:
@@ -397,20 +454,40 @@ def sweep_main(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from ssn.io import write_text_atomic
 
-    listing = [{"index": r.index, "name": r.name, "group": r.group, "task": r.task, "norm": r.norm,
-                "batch_size": r.batch_size, "seed": r.seed, "values": r.values, "dir": str(r.dir),
-                "command": shlex.join(r.command())} for r in runs]
+    listing = [
+        {
+            "index": r.index,
+            "name": r.name,
+            "group": r.group,
+            "task": r.task,
+            "norm": r.norm,
+            "batch_size": r.batch_size,
+            "seed": r.seed,
+            "values": r.values,
+            "dir": str(r.dir),
+            "command": shlex.join(r.command()),
+        }
+        for r in runs
+    ]
     write_text_atomic(out / "grid.json", json.dumps(listing, indent=1) + "\n")
     if ns.slurm or ns.wandb_sweep:
         if ns.slurm:
             write_text_atomic(ns.slurm, slurm_script(ns, len(runs)))
             print(f"wrote {ns.slurm}: a job array of {len(runs)} runs (sbatch {ns.slurm})")
         if ns.wandb_sweep:
-            project = next((_get(_yaml(c), "trainer.logger.init_args.project") for c in reversed(ns.config)
-                            if _get(_yaml(c), "trainer.logger.init_args.project")), None)
+            project = next(
+                (
+                    _get(_yaml(c), "trainer.logger.init_args.project")
+                    for c in reversed(ns.config)
+                    if _get(_yaml(c), "trainer.logger.init_args.project")
+                ),
+                None,
+            )
             write_text_atomic(ns.wandb_sweep, wandb_sweep_file(ns, runs, project))
-            print(f"wrote {ns.wandb_sweep}: a wandb grid sweep of {len(runs)} runs "
-                  f"(wandb sweep {ns.wandb_sweep})")
+            print(
+                f"wrote {ns.wandb_sweep}: a wandb grid sweep of {len(runs)} runs "
+                f"(wandb sweep {ns.wandb_sweep})"
+            )
         return 0
     if ns.index is not None:
         runs = [runs[i] for i in ns.index]

@@ -46,8 +46,13 @@ def build_slow_resnet(
 
     side = crop_size // 32
     net = create_resnet(
-        input_channel=in_channels, model_depth=50, model_num_class=num_classes, dropout_rate=dropout,
-        norm=norm_layer, stem_conv_kernel_size=(1, 7, 7), head_pool_kernel_size=(frames, side, side),
+        input_channel=in_channels,
+        model_depth=50,
+        model_num_class=num_classes,
+        dropout_rate=dropout,
+        norm=norm_layer,
+        stem_conv_kernel_size=(1, 7, 7),
+        head_pool_kernel_size=(frames, side, side),
         stage_conv_a_kernel_size=tuple((t, 1, 1) for t in temporal_kernels),
     )
     for stage, depth in zip(net.blocks[1:5], VIDEO_ARCHS[arch]):
@@ -90,13 +95,25 @@ class VideoClassifier(NormTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for name, value, interval in (("num_classes", num_classes, "[2, inf)"), ("in_channels", in_channels, "[1, inf)"),
-                                      ("frames", frames, "[1, inf)"), ("dropout", dropout, "[0, 1)"),
-                                      ("label_smoothing", label_smoothing, "[0, 1)")):
+        for name, value, interval in (
+            ("num_classes", num_classes, "[2, inf)"),
+            ("in_channels", in_channels, "[1, inf)"),
+            ("frames", frames, "[1, inf)"),
+            ("dropout", dropout, "[0, 1)"),
+            ("label_smoothing", label_smoothing, "[0, 1)"),
+        ):
             check_range(name, value, interval)
-        self.net = build_slow_resnet(arch, num_classes, in_channels, self.norm_layer(dim=3), frames=frames,
-                                     crop_size=crop_size, temporal_kernels=tuple(temporal_kernels), dropout=dropout,
-                                     zero_init_residual=zero_init_residual)
+        self.net = build_slow_resnet(
+            arch,
+            num_classes,
+            in_channels,
+            self.norm_layer(dim=3),
+            frames=frames,
+            crop_size=crop_size,
+            temporal_kernels=tuple(temporal_kernels),
+            dropout=dropout,
+            zero_init_residual=zero_init_residual,
+        )
         self.metrics = self.accuracy_metrics(num_classes)
 
     # ------------------------------------------------------------------ pretrained weights
@@ -127,7 +144,9 @@ class VideoClassifier(NormTask):
         return loss
 
     def _score(self, split: str, probs: Tensor, y: Tensor) -> None:
-        self.log(f"{split}/loss", F.nll_loss(probs.clamp_min(1e-12).log(), y), sync_dist=True, batch_size=len(y))
+        self.log(
+            f"{split}/loss", F.nll_loss(probs.clamp_min(1e-12).log(), y), sync_dist=True, batch_size=len(y)
+        )
         self.log_accuracy(split, probs, y)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -35,10 +35,17 @@ class RadiusSchedule(pl.Callback):
     """
 
     def __init__(
-        self, end: float | None = None, start: float | None = None, ramp_fraction: float = 1.0,
+        self,
+        end: float | None = None,
+        start: float | None = None,
+        ramp_fraction: float = 1.0,
         delay_fraction: float = 0.0,
     ) -> None:
-        if not 0.0 < ramp_fraction <= 1.0 or not 0.0 <= delay_fraction < 1.0 or delay_fraction + ramp_fraction > 1.0:
+        if (
+            not 0.0 < ramp_fraction <= 1.0
+            or not 0.0 <= delay_fraction < 1.0
+            or delay_fraction + ramp_fraction > 1.0
+        ):
             raise ValueError(
                 f"need 0 < ramp_fraction <= 1, 0 <= delay_fraction and their sum <= 1, "
                 f"got ramp_fraction={ramp_fraction}, delay_fraction={delay_fraction}"

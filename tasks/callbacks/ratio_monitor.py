@@ -46,7 +46,8 @@ def selection_table(rows: list[dict[str, Any]]) -> str:
     lines.append(
         f"{latched}/{len(rows)} layers latched; mean: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts["mean"].items()))
-        + "; var: " + ", ".join(f"{k} {v}" for k, v in sorted(counts["var"].items()))
+        + "; var: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts["var"].items()))
     )
     return "\n".join(lines)
 
@@ -121,7 +122,9 @@ class NormRatioMonitor(pl.Callback):
 
             cols = ["step", "epoch", *COLUMNS]
             table = wandb.Table(columns=cols, data=[[h[c] for c in cols] for h in self.history])
-            wb.experiment.log({"ssn/ratios": table, "ssn/heatmap": wandb.Image(fig), "trainer/global_step": step})
+            wb.experiment.log(
+                {"ssn/ratios": table, "ssn/heatmap": wandb.Image(fig), "trainer/global_step": step}
+            )
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -141,5 +144,9 @@ class NormRatioMonitor(pl.Callback):
         if wb is not None:
             import wandb
 
-            wb.experiment.summary["ssn/latched_layers"] = sum(bool(r["mean_latch"] and r["var_latch"]) for r in rows)
-            wb.experiment.log({"ssn/selection": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])})
+            wb.experiment.summary["ssn/latched_layers"] = sum(
+                bool(r["mean_latch"] and r["var_latch"]) for r in rows
+            )
+            wb.experiment.log(
+                {"ssn/selection": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])}
+            )

@@ -69,13 +69,16 @@ class RunSummary(pl.Callback):
         # and before ModelCheckpoint's (Lightning runs checkpoint callbacks last), so a checkpoint
         # saved at this validation already holds it in the history.
         if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
-            values = finite_metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")})
+            values = finite_metrics(
+                {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+            )
             if values:
                 self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **values})
         self._mark = time.perf_counter()  # training resumes (mid-epoch validation) from here
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._mark is not None and not self._first:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -86,7 +89,11 @@ class RunSummary(pl.Callback):
         self._mark = now
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "train_seconds": self.train_seconds, "train_samples": self.train_samples}
+        return {
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "train_samples": self.train_samples,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
