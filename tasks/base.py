@@ -215,7 +215,7 @@ class NormTask(pl.LightningModule):
         self._skipped_nonfinite = 0  # steps skipped under nonfinite: skip
         self._epoch_start_step = -1  # global step at the start of this training epoch
 
-    def norm_layer(self, dim: int = 2):  # noqa: ANN201
+    def norm_layer(self, dim: int = 2):
         return ssn.get_norm_layer(self.norm, dim=dim, **self.norm_kwargs)
 
     @property

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ class SmallResNet(nn.Module):
         self.bn1 = norm_layer(widths[0])
         self.relu = nn.ReLU(inplace=True)
         layers, c = [], widths[0]
-        for i, (w, n) in enumerate(zip(widths, blocks)):
+        for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
             stride = 1 if i == 0 else 2
             down = None
             if stride != 1 or c != w:

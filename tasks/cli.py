@@ -1,6 +1,7 @@
 """``ssn-bench``: the LightningCLI of the benchmark.
 
-    ssn-bench fit --config configs/base/trainer.yaml --config configs/fashion_mnist/resnet_small_fashionmnist-28.yaml \
+    ssn-bench fit --config configs/base/trainer.yaml \
+        --config configs/fashion_mnist/resnet_small_fashionmnist-28.yaml \
         --config configs/norms/ssn.yaml --config configs/fashion_mnist/norms/ssn.yaml
     ssn-bench fit ... --ckpt_path last          # resume exactly where the run stopped
     ssn-bench validate|test ... --ckpt_path PATH
@@ -16,8 +17,9 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -72,7 +74,7 @@ def checkpoint_dir(default_root_dir: str | os.PathLike) -> Path:
 
 
 class SSNCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
+    def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
         parser.add_argument(
@@ -135,9 +137,9 @@ class SSNCLI(LightningCLI):
         folder = Path(source).expanduser().resolve().parent
         if folder in {w.resolve() for w in written}:
             raise ValueError(
-                f"pretrained {source} lies in {folder}, where this run writes its checkpoints, export or summary "
-                f"(default_root_dir {root}): it would overwrite the source or resume it as its own `last`; give "
-                "the run its own --trainer.default_root_dir"
+                f"pretrained {source} lies in {folder}, where this run writes its checkpoints, export or "
+                f"summary (default_root_dir {root}): it would overwrite the source or resume it as its own "
+                "`last`; give the run its own --trainer.default_root_dir"
             )
 
     def _warn_untrained(self) -> None:

@@ -18,8 +18,9 @@ import csv
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ssn import NORM_ORDER, STATS, selected_stat  # NORM_ORDER: how rows and lines are listed
 
@@ -385,7 +386,7 @@ def plot_metric_vs_batch(
 
     names = sorted({panel_of(r) for r in rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
-    for ax, panel in zip(axes[0], names):
+    for ax, panel in zip(axes[0], names, strict=True):
         sub = [r for r in rows if panel_of(r) == panel]
         for norm in sorted({r.get("norm") for r in sub}, key=_sort_key):
             line = sorted((r for r in sub if r.get("norm") == norm), key=lambda r: r["batch_size"])
@@ -426,7 +427,7 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
     layers = [row["layer"] for row in runs[0]["selection"]]
     n = max(len(r["selection"]) for r in runs)
     fig, axes = plt.subplots(1, 2, figsize=(2.5 + 0.45 * len(runs) * 2, 1.2 + 0.32 * n), sharey=True)
-    for ax, kind in zip(axes, ("mean", "var")):
+    for ax, kind in zip(axes, ("mean", "var"), strict=True):
         grid = [[math.nan] * len(runs) for _ in range(n)]
         for j, r in enumerate(runs):
             for i, row in enumerate(r["selection"]):
@@ -438,13 +439,13 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
         ax.imshow(grid, cmap=ListedColormap(colours), vmin=-0.5, vmax=2.5, aspect="auto")
         labels = [f"b{r.get('batch_size')} s{r.get('seed')}" for r in runs]
         if len({r.get("task") for r in runs}) > 1:
-            labels = [f"{r.get('arch')} {lab}" for r, lab in zip(runs, labels)]
+            labels = [f"{r.get('arch')} {lab}" for r, lab in zip(runs, labels, strict=True)]
         ax.set_xticks(range(len(runs)), labels, rotation=90, fontsize=7)
         ax.set_title(kind)
     axes[0].set_yticks(range(len(layers)), layers, fontsize=7)
     axes[0].set_ylabel("layer (input -> output)")
     fig.legend(
-        handles=[Patch(color=c, label=s.upper()) for c, s in zip(colours, STATS)],
+        handles=[Patch(color=c, label=s.upper()) for c, s in zip(colours, STATS, strict=True)],
         loc="upper right",
         ncol=3,
         fontsize=7,
@@ -475,7 +476,7 @@ def selection_summary(records: list[dict[str, Any]], group_by: Sequence[str]) ->
         ident = " ".join(f"{k}={_fmt(r.get(k))}" for k in (*group_by, "seed") if r.get(k) is not None)
         lines.append(
             f"- {ident}: mean {counts['mean']}; var {counts['var']} — per layer (mean/var): "
-            + " ".join(f"{m.upper()}/{v.upper()}" for m, v in zip(pick["mean"], pick["var"]))
+            + " ".join(f"{m.upper()}/{v.upper()}" for m, v in zip(pick["mean"], pick["var"], strict=True))
         )
     return "\n".join(lines)
 
@@ -578,7 +579,8 @@ def compare(
         f"# {title or 'Comparison'}",
         "",
         f"{len(records)} runs in {len(rows)} groups; mean ± sample std over the runs of a group (the seeds); "
-        f"samples/s: training throughput over all devices (training batches only); peak MiB: {', '.join(kinds)} "
+        "samples/s: training throughput over all devices (training batches only); "
+        f"peak MiB: {', '.join(kinds)} "
         "(max over the group); latched IN / LN / BN: fraction of the layers' mean and variance choices "
         "latched to each statistic.",
         "",

@@ -143,8 +143,8 @@ class SemanticSegmenter(NormTask):
         depth: int = 50,
         num_classes: int = 19,
         in_channels: int = 3,
-        mean: list[float] = IMAGENET_MEAN,  # noqa: B006 (jsonargparse needs the literal)
-        std: list[float] = IMAGENET_STD,  # noqa: B006
+        mean: list[float] = IMAGENET_MEAN,
+        std: list[float] = IMAGENET_STD,
         crop_size: tuple[int, int] | None = None,
         test_mode: Literal["whole", "slide"] = "whole",
         test_crop_size: tuple[int, int] | None = None,
@@ -248,8 +248,9 @@ class SemanticSegmenter(NormTask):
         if self.norm in ("bn", "syncbn") and values < 2:
             raise ValueError(
                 f"norm {self.norm!r} at {values} sample per batch statistic: the ASPP image-pool branch "
-                "(model.decode_head.image_pool, a 1x1 map) needs at least 2 values per channel; use batch_size >= 2 "
-                "(or syncbn over several devices), or a normalizer that works on one sample (gn, in, ln, sn, ssn)"
+                "(model.decode_head.image_pool, a 1x1 map) needs at least 2 values per channel; use "
+                "batch_size >= 2 (or syncbn over several devices), or a normalizer that works on one sample "
+                "(gn, in, ln, sn, ssn)"
             )
 
     # ---------------------------------------------------------------------------- steps

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -76,7 +77,7 @@ def layer_ratios(model: torch.nn.Module) -> list[dict[str, Any]]:
     for name, m in ssn.switch_norms(model):
         mr, vr = (r.float().cpu().tolist() for r in m.ratios())
         ml, vl = m.latched
-        rows.append(dict(zip(COLUMNS, [name, *mr, *vr, ml, vl])))
+        rows.append(dict(zip(COLUMNS, [name, *mr, *vr, ml, vl], strict=True)))
     return rows
 
 

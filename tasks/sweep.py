@@ -23,10 +23,11 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ssn import NORM_NAMES
 
@@ -194,7 +195,7 @@ def build_grid(
     ):
         task_configs, label, norm_name, override = _task_configs(task_path, norm)
         configs = [*base, *task_configs]
-        chosen = {k: v for (k, _), v in zip(axes, values)}
+        chosen = {k: v for (k, _), v in zip(axes, values, strict=True)}
         suffix = "".join(f"-{_safe(k.split('.')[-1])}{_safe(v)}" for k, v in chosen.items())
         group = f"{label}-{norm_name}" + (f"-b{bs}" if bs is not None else "") + suffix
         name = group + (f"-s{seed}" if seed is not None else "")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -55,7 +55,7 @@ def build_slow_resnet(
         head_pool_kernel_size=(frames, side, side),
         stage_conv_a_kernel_size=tuple((t, 1, 1) for t in temporal_kernels),
     )
-    for stage, depth in zip(net.blocks[1:5], VIDEO_ARCHS[arch]):
+    for stage, depth in zip(net.blocks[1:5], VIDEO_ARCHS[arch], strict=True):
         stage.res_blocks = stage.res_blocks[:depth]
     if zero_init_residual:  # each block starts as identity, as in the SlowFast recipe
         for stage in net.blocks[1:5]:

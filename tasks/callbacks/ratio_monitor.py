@@ -60,7 +60,7 @@ def heatmap(rows: list[dict[str, Any]], title: str) -> Any:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(6, 0.25 * len(rows) + 1.5), sharey=True)
-    for ax, kind in zip(axes, ("mean", "var")):
+    for ax, kind in zip(axes, ("mean", "var"), strict=True):
         data = [[r[f"{kind}_{s}"] for s in ssn.STATS] for r in rows]
         im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(3), [s.upper() for s in ssn.STATS])
