@@ -10,7 +10,14 @@ Hypothesis profiles for the property-based suite (tests/test_conformance.py):
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from hypothesis import HealthCheck, settings
+
+from datamodules import fashion_mnist as fm
+
+from helpers import HAVE_FMNIST, ROOT
 
 settings.register_profile(
     "ci",
@@ -30,3 +37,24 @@ settings.register_profile(
 )
 # NOTE: --hypothesis-profile (hypothesis' pytest plugin) loads its profile after this file is imported
 settings.load_profile("ci")
+
+
+# ---------------------------------------------------------------------------- shared fixtures
+# Paths, the Fashion-MNIST task's arguments and the small datasets live in tests/helpers.py
+# (importable: ``from helpers import ROOT, fmnist_args, needs_fmnist``); the fixtures below wrap
+# them for tests that take them as arguments. Markers (pyproject.toml): ``slow`` for the tests
+# that train through the CLI (``pytest -m "not slow"`` is the quick loop), ``cuda``.
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository's root folder (configs/, benchmarks/, ...)."""
+    return ROOT
+
+
+@pytest.fixture
+def fmnist_data() -> Path:
+    """Fashion-MNIST's folder; skips the test where the Debian dataset is not installed."""
+    if not HAVE_FMNIST:
+        pytest.skip("needs `apt-get install dataset-fashion-mnist` (make test does it)")
+    return fm.DEBIAN_ROOT

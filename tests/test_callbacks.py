@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -17,7 +16,8 @@ import ssn
 from ssn.schedule import radius_at
 from tasks.callbacks import RadiusSchedule, RunSummary
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, write_cityscapes
+
 STEPS_PER_EPOCH = 6
 
 
@@ -26,9 +26,15 @@ class Tiny(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3), ssn.SparseSwitchNorm2d(4), nn.ReLU(),
-            nn.Conv2d(4, 4, 3), ssn.SparseSwitchNorm2d(4), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+            nn.Conv2d(1, 4, 3),
+            ssn.SparseSwitchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3),
+            ssn.SparseSwitchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
         )
 
     def training_step(self, batch, batch_idx):
@@ -65,8 +71,14 @@ def _loader() -> DataLoader:
 
 def _trainer(tmp_path, callbacks, epochs=2) -> pl.Trainer:
     return pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
     )
 
 
@@ -97,15 +109,19 @@ def test_ramp_over_the_run_latches_every_layer_and_resume_is_exact(tmp_path):
     _trainer(tmp_path / "a", [RadiusSchedule(), rec1, ckpt, StopAfterEpoch(1)]).fit(first, _loader())
     assert len(rec1.radii) == STEPS_PER_EPOCH
     second, rec2 = Tiny(), Record()
-    _trainer(tmp_path / "b", [RadiusSchedule(), rec2]).fit(second, _loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    _trainer(tmp_path / "b", [RadiusSchedule(), rec2]).fit(
+        second, _loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     assert rec1.radii + rec2.radii == pytest.approx(record.radii, abs=0, rel=0)
-    for (name, a), b in zip(full.state_dict().items(), second.state_dict().values()):
+    for (name, a), b in zip(full.state_dict().items(), second.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
 def test_delayed_partial_ramp(tmp_path):
     record = Record()
-    _trainer(tmp_path, [RadiusSchedule(end=0.5, ramp_fraction=0.5, delay_fraction=0.25), record]).fit(Tiny(), _loader())
+    _trainer(tmp_path, [RadiusSchedule(end=0.5, ramp_fraction=0.5, delay_fraction=0.25), record]).fit(
+        Tiny(), _loader()
+    )
     assert record.radii[:4] == [0.0, 0.0, 0.0, 0.0]  # 12 steps: 3 at zero, then 6 of ramp
     assert record.radii[9] == pytest.approx(0.5) and record.radii[8] < 0.5
     assert record.radii[-1] == pytest.approx(0.5)
@@ -135,9 +151,16 @@ class LogsAtEpochEnd(pl.LightningModule):
 def test_run_summary_records_every_validation_whichever_hook_logs_it(tmp_path):
     data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[RunSummary(), ckpt],
-                         num_sanity_val_steps=1)  # the sanity check's validation is not recorded
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[RunSummary(), ckpt],
+        num_sanity_val_steps=1,
+    )  # the sanity check's validation is not recorded
     trainer.fit(LogsAtEpochEnd(), data, data)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert [h["epoch"] for h in s["history"]] == [0, 1, 2]
@@ -149,25 +172,42 @@ def test_run_summary_records_every_validation_whichever_hook_logs_it(tmp_path):
     assert [h["val/score"] for h in saved["history"]] == [1.0, 11.0, 21.0]
 
 
+@pytest.mark.slow
 def test_segmentation_summary_history_holds_each_validations_miou(tmp_path):
     """The real task: SemanticSegmenter logs mIoU in its on_validation_epoch_end."""
     pytest.importorskip("mmseg")
-    from test_segmentation import write_cityscapes
 
     from tasks.cli import main
 
     root, out = write_cityscapes(tmp_path / "cs"), str(tmp_path / "out")
-    cli = main([
-        "fit", "--config", str(ROOT / "configs/base/trainer.yaml"),
-        "--config", str(ROOT / "configs/cityscapes/deeplabv3_r50_cityscapes-769x769.yaml"),
-        "--config", str(ROOT / "configs/norms/ssn.yaml"), "--config", str(ROOT / "configs/base/quiet.yaml"),
-        f"--data.init_args.root={root}", "--data.init_args.num_workers=0", "--data.init_args.crop_size=[32, 32]",
-        "--data.init_args.scale=[96, 48]", "--model.init_args.depth=18", "--model.init_args.crop_size=[32, 32]",
-        "--model.init_args.test_crop_size=[32, 32]", "--model.init_args.test_stride=[24, 24]",
-        "--trainer.max_steps=2", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
-        f"--trainer.default_root_dir={out}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={out}", "--export=false",
-    ])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/base/trainer.yaml"),
+            "--config",
+            str(ROOT / "configs/cityscapes/deeplabv3_r50_cityscapes-769x769.yaml"),
+            "--config",
+            str(ROOT / "configs/norms/ssn.yaml"),
+            "--config",
+            str(ROOT / "configs/base/quiet.yaml"),
+            f"--data.init_args.root={root}",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.crop_size=[32, 32]",
+            "--data.init_args.scale=[96, 48]",
+            "--model.init_args.depth=18",
+            "--model.init_args.crop_size=[32, 32]",
+            "--model.init_args.test_crop_size=[32, 32]",
+            "--model.init_args.test_stride=[24, 24]",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=1",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={out}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={out}",
+            "--export=false",
+        ]
+    )
     history = json.loads((tmp_path / "out" / "summary.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 2] and all("val/mIoU" in h for h in history)
     assert history[-1]["val/mIoU"] == pytest.approx(float(cli.trainer.callback_metrics["val/mIoU"]))

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from fault_injection import trial_kill_save  # noqa: E402
+from fault_injection import trial_kill_save
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint_and_leaves_no_orphans(tmp_path):

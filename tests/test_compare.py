@@ -9,7 +9,6 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,16 +17,24 @@ from tasks.cli import command
 from tasks.report import compare, load_records
 from tasks.sweep import build_grid, run_status
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_summary, write_summary
+
 FMNIST = "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"
 DIGITS = "configs/digits/resnet_small_digits-28.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_grid_composes_norm_overlays_and_names_groups_and_tags(tmp_path):
-    runs = build_grid([FMNIST], norms=["bn", "gn", "ssn"], batch_sizes=[2, 8], seeds=[0, 1],
-                      grid=["model.init_args.lr=0.1,0.2"], sets=["trainer.max_epochs=1"], extra=["--export=false"],
-                      out=tmp_path / "sw")
+    runs = build_grid(
+        [FMNIST],
+        norms=["bn", "gn", "ssn"],
+        batch_sizes=[2, 8],
+        seeds=[0, 1],
+        grid=["model.init_args.lr=0.1,0.2"],
+        sets=["trainer.max_epochs=1"],
+        extra=["--export=false"],
+        out=tmp_path / "sw",
+    )
     assert len(runs) == 3 * 2 * 2 * 2 and [r.index for r in runs] == list(range(24))
     gn = next(r for r in runs if r.norm == "gn")
     overlays = ["--config", "configs/norms/gn.yaml", "--config", "configs/fashion_mnist/norms/gn.yaml"]
@@ -35,12 +42,22 @@ def test_grid_composes_norm_overlays_and_names_groups_and_tags(tmp_path):
     assert gn.args[7:9] == overlays[2:]  # the task's own GN overlay (its groups) after the common one
     assert not any(a.startswith("--model.init_args.norm=") for a in gn.args)
     r = runs[0]
-    assert r.name == "resnet_small_fashionmnist-28-bn-b2-lr0.1-s0" and r.group == "resnet_small_fashionmnist-28-bn-b2-lr0.1"
+    assert (
+        r.name == "resnet_small_fashionmnist-28-bn-b2-lr0.1-s0"
+        and r.group == "resnet_small_fashionmnist-28-bn-b2-lr0.1"
+    )
     assert f"--trainer.default_root_dir={tmp_path / 'sw' / r.name}" in r.args
-    assert f"--trainer.logger.init_args.group={r.group}" in r.args and "--trainer.logger.init_args.job_type=bn" in r.args
+    assert (
+        f"--trainer.logger.init_args.group={r.group}" in r.args
+        and "--trainer.logger.init_args.job_type=bn" in r.args
+    )
     assert "--trainer.logger.init_args.tags=[sw, resnet_small_fashionmnist-28, bn, batch2]" in r.args
-    assert r.args[-4:] == ["--data.init_args.batch_size=2", "--seed_everything=0", "--model.init_args.lr=0.1",
-                           "--export=false"]
+    assert r.args[-4:] == [
+        "--data.init_args.batch_size=2",
+        "--seed_everything=0",
+        "--model.init_args.lr=0.1",
+        "--export=false",
+    ]
     # no task overlay for BN on digits: the common one alone
     d = build_grid([DIGITS], norms=["bn"], out=tmp_path / "d")[0]
     assert "configs/norms/bn.yaml" in d.args and "configs/digits/norms/bn.yaml" not in d.args
@@ -49,29 +66,74 @@ def test_grid_composes_norm_overlays_and_names_groups_and_tags(tmp_path):
     s = build_grid([DIGITS], norms=["syncssn"], out=tmp_path / "d")[0]
     assert "--model.init_args.norm=syncssn" in s.args and not any("configs/norms/" in a for a in s.args)
     # the task file alone (no --norms) runs with its own normalizer (here NormTask's default)
-    assert build_grid([DIGITS], out=tmp_path / "d")[0].args[1:5] == ["--config", "configs/base/trainer.yaml",
-                                                                    "--config", DIGITS]
+    assert build_grid([DIGITS], out=tmp_path / "d")[0].args[1:5] == [
+        "--config",
+        "configs/base/trainer.yaml",
+        "--config",
+        DIGITS,
+    ]
 
 
 def test_sweep_writes_slurm_array_and_wandb_sweep_and_dry_runs(tmp_path, capsys):
     out, script, wsweep = tmp_path / "sw", tmp_path / "job.sh", tmp_path / "sweep.yaml"
-    args = ["sweep", "--task", FMNIST, "--norms", "bn", "sn", "ssn", "--batch-sizes", "2", "32", "--seeds", "0", "1",
-            "--out", str(out), "--set", "trainer.max_epochs=1"]
-    assert command([*args, "--slurm", str(script), "--slurm-option=--gres=gpu:1", "--wandb-sweep", str(wsweep),
-                    "--jobs", "4", "--", "--export=false"]) == 0
+    args = [
+        "sweep",
+        "--task",
+        FMNIST,
+        "--norms",
+        "bn",
+        "sn",
+        "ssn",
+        "--batch-sizes",
+        "2",
+        "32",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(out),
+        "--set",
+        "trainer.max_epochs=1",
+    ]
+    assert (
+        command(
+            [
+                *args,
+                "--slurm",
+                str(script),
+                "--slurm-option=--gres=gpu:1",
+                "--wandb-sweep",
+                str(wsweep),
+                "--jobs",
+                "4",
+                "--",
+                "--export=false",
+            ]
+        )
+        == 0
+    )
     text = script.read_text()
     assert "#SBATCH --array=0-11%4\n" in text and "#SBATCH --gres=gpu:1\n" in text
     assert '--index "$SLURM_ARRAY_TASK_ID" -- --export=false' in text and " sweep --out " in text
     assert not list(out.glob("*/"))  # nothing ran
     spec = yaml.safe_load(wsweep.read_text())
     assert spec["method"] == "grid" and spec["parameters"]["index"]["values"] == list(range(12))
-    assert spec["project"] == "ssn-bench" and "${args}" in spec["command"] and spec["command"][-2:] == ["--", "--export=false"]
+    assert (
+        spec["project"] == "ssn-bench"
+        and "${args}" in spec["command"]
+        and spec["command"][-2:] == ["--", "--export=false"]
+    )
     grid = json.loads((out / "grid.json").read_text())
-    assert [g["name"] for g in grid][:2] == ["resnet_small_fashionmnist-28-bn-b2-s0", "resnet_small_fashionmnist-28-bn-b2-s1"]
+    assert [g["name"] for g in grid][:2] == [
+        "resnet_small_fashionmnist-28-bn-b2-s0",
+        "resnet_small_fashionmnist-28-bn-b2-s1",
+    ]
     capsys.readouterr()
     assert command([*args, "--dry-run", "--index", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"5\t{grid[5]['name']}\tnew\t") and "fit --config" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith(f"5\t{grid[5]['name']}\tnew\t") and "fit --config" in lines[0]
+    )
 
 
 def test_run_status_tells_complete_running_interrupted_and_new(tmp_path):
@@ -92,43 +154,45 @@ def test_run_status_tells_complete_running_interrupted_and_new(tmp_path):
     assert run_status(run) == "complete"
 
 
-def _summary(norm: str, bs: int, seed: int, acc: float, *, lr: float = 0.1, latches=None) -> dict:
-    selection = [{"layer": f"net.l{i}", "mean_in": 0.0, "mean_ln": 0.0, "mean_bn": 1.0, "var_in": 0.0, "var_ln": 0.0,
-                  "var_bn": 1.0, "mean_latch": m, "var_latch": v} for i, (m, v) in enumerate(latches or [])]
-    return {
-        "task": "ImageClassifier", "dataset": "FashionMNISTDataModule", "arch": "resnet_small", "norm": norm,
-        "batch_size": bs, "global_batch_size": bs, "seed": seed, "status": "complete", "global_step": 10,
-        "throughput": 100.0 * bs, "peak_memory_mb": 500.0 + seed, "peak_memory_kind": "cpu_max_rss",
-        "metrics": {"test/acc1": acc, "val/acc1": acc - 0.01}, "selection": selection,
-        "config": {"model": {"class_path": "tasks.ImageClassifier", "init_args": {"lr": lr, "norm": norm}}},
-    }
-
-
-def _write(root: Path, name: str, summary: dict) -> None:
-    (root / name).mkdir(parents=True)
-    (root / name / "summary.json").write_text(json.dumps(summary))
-
-
 def test_report_on_runs_with_known_values(tmp_path):
     runs = tmp_path / "runs"
-    accs = {("bn", 2): [0.50, 0.60, 0.70], ("bn", 32): [0.90, 0.92], ("ssn", 2): [0.80, 0.84, 0.82], ("ssn", 32): [0.91]}
-    ssn_latches = {2: [("in", "in"), ("ln", "bn"), ("bn", "bn")], 32: [("bn", "bn"), ("bn", None), ("ln", "bn")]}
+    accs = {
+        ("bn", 2): [0.50, 0.60, 0.70],
+        ("bn", 32): [0.90, 0.92],
+        ("ssn", 2): [0.80, 0.84, 0.82],
+        ("ssn", 32): [0.91],
+    }
+    ssn_latches = {
+        2: [("in", "in"), ("ln", "bn"), ("bn", "bn")],
+        32: [("bn", "bn"), ("bn", None), ("ln", "bn")],
+    }
     for (norm, bs), values in accs.items():
         for seed, acc in enumerate(values):
-            _write(runs, f"{norm}-b{bs}-s{seed}", _summary(norm, bs, seed, acc, latches=ssn_latches[bs] if norm == "ssn" else None))
+            write_summary(
+                runs,
+                f"{norm}-b{bs}-s{seed}",
+                run_summary(norm, bs, seed, acc, latches=ssn_latches[bs] if norm == "ssn" else None),
+            )
     res = compare([runs], tmp_path / "report", metrics=["test/acc1"], title="known")
     rows = {(r["norm"], r["batch_size"]): r for r in res["rows"]}
     assert list(rows) == [("bn", 2), ("bn", 32), ("ssn", 2), ("ssn", 32)]  # normalizer order, then batch
-    assert rows["bn", 2]["test/acc1 mean"] == pytest.approx(0.6) and rows["bn", 2]["test/acc1 std"] == pytest.approx(0.1)
+    assert rows["bn", 2]["test/acc1 mean"] == pytest.approx(0.6) and rows["bn", 2][
+        "test/acc1 std"
+    ] == pytest.approx(0.1)
     assert rows["bn", 32]["test/acc1 std"] == pytest.approx(statistics.stdev([0.90, 0.92]))
     assert rows["ssn", 32]["test/acc1 std"] is None and rows["ssn", 32]["n"] == 1  # one seed: no std
     assert rows["bn", 2]["seeds"] == [0, 1, 2] and rows["bn", 2]["peak_memory_mb"] == 502.0
     assert rows["bn", 2]["throughput"] == 200.0 and rows["bn", 2]["latched_in"] is None  # no SN/SSN layers
     # batch 2: choices IN,IN, LN,BN, BN,BN -> IN 2/6, LN 1/6, BN 3/6; batch 32: one var not latched
-    assert [rows["ssn", 2][f"latched_{s}"] for s in ("in", "ln", "bn")] == pytest.approx([2 / 6, 1 / 6, 3 / 6])
+    assert [rows["ssn", 2][f"latched_{s}"] for s in ("in", "ln", "bn")] == pytest.approx(
+        [2 / 6, 1 / 6, 3 / 6]
+    )
     assert [rows["ssn", 32][f"latched_{s}"] for s in ("in", "ln", "bn")] == pytest.approx([0, 1 / 6, 4 / 6])
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| ImageClassifier | FashionMNISTDataModule | resnet_small | bn | 2 | 2 | 0,1,2 | 0.6000 ± 0.1000 | 200 | 502 | — |" in md
+    assert (
+        "| ImageClassifier | FashionMNISTDataModule | resnet_small | bn | 2 | 2 | 0,1,2 | 0.6000 ± 0.1000 "
+        "| 200 | 502 | — |" in md
+    )
     assert "| ssn | 32 | 32 | 0 | 0.9100 | 3200 | 500 | 0.00 / 0.17 / 0.67 |" in md
     assert "mean IN 1, LN 1, BN 1; var IN 1, LN 0, BN 2" in md  # the SSN selection of batch 2, seed 0
     with open(tmp_path / "report" / "report.csv") as f:
@@ -151,7 +215,10 @@ def test_report_on_runs_with_known_values(tmp_path):
     with pytest.raises(ValueError, match="no run under .* matches norm=gn"):
         compare([runs], tmp_path / "r4", filters=["norm=gn"])
     # the command line: prints the table, writes the files
-    assert command(["compare", str(runs), "--out", str(tmp_path / "r5"), "--no-plots", "--filter", "norm=bn"]) == 0
+    assert (
+        command(["compare", str(runs), "--out", str(tmp_path / "r5"), "--no-plots", "--filter", "norm=bn"])
+        == 0
+    )
     assert "| bn | 32 | 32 | 0,1 | 0.9100 ± 0.0141 |" in (tmp_path / "r5" / "report.md").read_text()
 
 
@@ -163,17 +230,49 @@ def test_sweep_survives_a_killed_run_and_resumes_it_from_its_checkpoint(tmp_path
     runs' own values."""
     base = tmp_path / "trainer.yaml"  # the base trainer with a CSV logger (quicker to start than wandb)
     cfg = yaml.safe_load((ROOT / "configs/base/trainer.yaml").read_text())
-    cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}
+    cfg["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(tmp_path)},
+    }
     base.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "sw"
-    sweep = ["sweep", "--config", str(base), "--task", DIGITS, "--norms", "ssn", "bn", "--out", str(out), "--threads", "1",
-             "--set", "model.init_args.pretrained=null", "--set", "trainer.max_epochs=3",
-             "--set", "trainer.limit_train_batches=4", "--set", "trainer.limit_val_batches=1",
-             "--set", "trainer.num_sanity_val_steps=0", "--set", "trainer.enable_progress_bar=false",
-             "--set", "trainer.enable_model_summary=false", "--", "--export=false"]
+    sweep = [
+        "sweep",
+        "--config",
+        str(base),
+        "--task",
+        DIGITS,
+        "--norms",
+        "ssn",
+        "bn",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--set",
+        "model.init_args.pretrained=null",
+        "--set",
+        "trainer.max_epochs=3",
+        "--set",
+        "trainer.limit_train_batches=4",
+        "--set",
+        "trainer.limit_val_batches=1",
+        "--set",
+        "trainer.num_sanity_val_steps=0",
+        "--set",
+        "trainer.enable_progress_bar=false",
+        "--set",
+        "trainer.enable_model_summary=false",
+        "--",
+        "--export=false",
+    ]
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
-    kill = ["--trainer.callbacks+=sweep_fault.KillAt", "--trainer.callbacks.step=6", "--trainer.callbacks.norm=ssn"]
+    kill = [
+        "--trainer.callbacks+=sweep_fault.KillAt",
+        "--trainer.callbacks.step=6",
+        "--trainer.callbacks.norm=ssn",
+    ]
     assert command([*sweep, *kill]) == 1  # one run failed ...
     first = capsys.readouterr().out
     ssn_dir, bn_dir = out / "resnet_small_digits-28-ssn", out / "resnet_small_digits-28-bn"
@@ -207,18 +306,39 @@ def test_sweep_survives_a_killed_run_and_resumes_it_from_its_checkpoint(tmp_path
 def _experiment(task: str, seed: int, acc: float, *, info: dict, model: dict, root: str) -> dict:
     """A summary as the CLI writes it: identity (also under run_info), resolved config whose output
     paths name the run's own folder, and a resume source for some."""
-    info = {"task": task, "dataset": "D", "norm": "ssn", "batch_size": 8, "global_batch_size": 8, "seed": seed,
-            "world_size": 1, **info}
+    info = {
+        "task": task,
+        "dataset": "D",
+        "norm": "ssn",
+        "batch_size": 8,
+        "global_batch_size": 8,
+        "seed": seed,
+        "world_size": 1,
+        **info,
+    }
     config = {
-        "seed_everything": seed, "ckpt_path": "last" if seed else None,
+        "seed_everything": seed,
+        "ckpt_path": "last" if seed else None,
         "model": {"class_path": f"tasks.{task}", "init_args": {"norm": "ssn", "lr": 0.1, **model}},
         "data": {"class_path": "datamodules.D", "init_args": {"batch_size": 8, "root": "/data"}},
-        "trainer": {"default_root_dir": root, "max_epochs": 2,
-                    "logger": {"class_path": "WandbLogger", "init_args": {"save_dir": root, "name": root[-9:]}},
-                    "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": f"{root}/ckpt"}}]},
+        "trainer": {
+            "default_root_dir": root,
+            "max_epochs": 2,
+            "logger": {"class_path": "WandbLogger", "init_args": {"save_dir": root, "name": root[-9:]}},
+            "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": f"{root}/ckpt"}}],
+        },
     }
-    return {**info, "run_info": info, "status": "complete", "metrics": {"test/mIoU": acc}, "config": config,
-            "selection": [], "throughput": 10.0, "peak_memory_mb": 1.0, "device": f"cuda:{seed}"}
+    return {
+        **info,
+        "run_info": info,
+        "status": "complete",
+        "metrics": {"test/mIoU": acc},
+        "config": config,
+        "selection": [],
+        "throughput": 10.0,
+        "peak_memory_mb": 1.0,
+        "device": f"cuda:{seed}",
+    }
 
 
 def test_default_groups_differ_only_by_seed_and_name_their_keys(tmp_path):
@@ -226,46 +346,75 @@ def test_default_groups_differ_only_by_seed_and_name_their_keys(tmp_path):
     for depth, accs in ((18, [0.40, 0.42]), (50, [0.60, 0.62])):  # DeepLabV3 R18 and R50: no `arch`
         for seed, acc in enumerate(accs):
             name = f"seg-r{depth}-s{seed}"
-            _write(runs, name, _experiment("SemanticSegmenter", seed, acc, info={"arch": None},
-                                           model={"depth": depth}, root=str(runs / name)))
-    for mode, accs in ((None, [0.7, 0.72]), ("keep", [0.8, 0.82]), ("reopen", [0.9, 0.92])):  # scratch, fine-tunes
+            write_summary(
+                runs,
+                name,
+                _experiment(
+                    "SemanticSegmenter",
+                    seed,
+                    acc,
+                    info={"arch": None},
+                    model={"depth": depth},
+                    root=str(runs / name),
+                ),
+            )
+    for mode, accs in (
+        (None, [0.7, 0.72]),
+        ("keep", [0.8, 0.82]),
+        ("reopen", [0.9, 0.92]),
+    ):  # scratch, fine-tunes
         for seed, acc in enumerate(accs):
             name = f"cls-{mode}-s{seed}"
             pretrained = None if mode is None else "/ckpt/src.ckpt"
-            _write(runs, name, _experiment(
-                "ImageClassifier", seed, acc, info={"arch": "resnet18", "pretrained": pretrained,
-                                                    "pretrained_ratios": mode},
-                model={"pretrained": pretrained, "pretrained_ratios": mode or "keep"}, root=str(runs / name)))
+            write_summary(
+                runs,
+                name,
+                _experiment(
+                    "ImageClassifier",
+                    seed,
+                    acc,
+                    info={"arch": "resnet18", "pretrained": pretrained, "pretrained_ratios": mode},
+                    model={"pretrained": pretrained, "pretrained_ratios": mode or "keep"},
+                    root=str(runs / name),
+                ),
+            )
     res = compare([runs], tmp_path / "report", metrics=["test/mIoU"], plots=False)
-    assert [(r["n"], r["seeds"]) for r in res["rows"]] == [(2, [0, 1])] * 5  # every group: two seeds, nothing else
+    assert [(r["n"], r["seeds"]) for r in res["rows"]] == [
+        (2, [0, 1])
+    ] * 5  # every group: two seeds, nothing else
     means = sorted(r["test/mIoU mean"] for r in res["rows"])
     assert means == pytest.approx([0.41, 0.61, 0.71, 0.81, 0.91])
     keys = res["group_by"]
     assert {"task", "model.depth", "pretrained_ratios"} <= set(keys)
-    assert not any(k.startswith(("trainer.", "seed", "ckpt")) or k in ("device", "seed_everything") for k in keys)
+    assert not any(
+        k.startswith(("trainer.", "seed", "ckpt")) or k in ("device", "seed_everything") for k in keys
+    )
     assert "model.pretrained" in res["implied"] and "model.class_path" in res["implied"]
     md = (tmp_path / "report" / "report.md").read_text()
     assert "differ only by their seed, told apart by task, dataset, arch, norm, batch_size" in md
     assert "model.depth" in md.split("\n\n")[2] and "| model.depth |" in md
     # an explicit --group-by that pools experiments says which keys it averages over
     pooled = compare([runs], tmp_path / "r2", metrics=["test/mIoU"], group_by=["task"], plots=False)
-    assert "WARNING: runs of a group also differ in" in pooled["grouping"] and "model.depth" in pooled["grouping"]
+    assert (
+        "WARNING: runs of a group also differ in" in pooled["grouping"]
+        and "model.depth" in pooled["grouping"]
+    )
 
 
 def test_malformed_and_incomplete_summaries_are_named_and_the_rest_compared(tmp_path, capsys):
     runs = tmp_path / "runs"
-    _write(runs, "good-s0", _summary("bn", 2, 0, 0.5))
-    _write(runs, "good-s1", _summary("bn", 2, 1, 0.7))
+    write_summary(runs, "good-s0", run_summary("bn", 2, 0, 0.5))
+    write_summary(runs, "good-s1", run_summary("bn", 2, 1, 0.7))
     bad = {
-        "half": json.dumps(_summary("bn", 2, 2, 0.9))[:200],  # killed while writing (no atomic rename)
+        "half": json.dumps(run_summary("bn", 2, 2, 0.9))[:200],  # killed while writing (no atomic rename)
         "list": "[1, 2]",
         "empty": "",
-        "metric-text": json.dumps({**_summary("bn", 2, 3, 0.9), "metrics": {"test/acc1": "high"}}),
-        "metric-nan": json.dumps({**_summary("bn", 2, 4, 0.9), "metrics": {"test/acc1": float("nan")}}),
-        "config-list": json.dumps({**_summary("bn", 2, 5, 0.9), "config": ["model"]}),
-        "selection-junk": json.dumps({**_summary("bn", 2, 6, 0.9), "selection": [{"layer": 3}]}),
-        "throughput-text": json.dumps({**_summary("bn", 2, 7, 0.9), "throughput": "fast"}),
-        "fitted": json.dumps({**_summary("bn", 2, 8, 0.9), "status": "fitted"}),
+        "metric-text": json.dumps({**run_summary("bn", 2, 3, 0.9), "metrics": {"test/acc1": "high"}}),
+        "metric-nan": json.dumps({**run_summary("bn", 2, 4, 0.9), "metrics": {"test/acc1": float("nan")}}),
+        "config-list": json.dumps({**run_summary("bn", 2, 5, 0.9), "config": ["model"]}),
+        "selection-junk": json.dumps({**run_summary("bn", 2, 6, 0.9), "selection": [{"layer": 3}]}),
+        "throughput-text": json.dumps({**run_summary("bn", 2, 7, 0.9), "throughput": "fast"}),
+        "fitted": json.dumps({**run_summary("bn", 2, 8, 0.9), "status": "fitted"}),
     }
     for name, text in bad.items():
         (runs / name).mkdir(parents=True)
@@ -279,7 +428,9 @@ def test_malformed_and_incomplete_summaries_are_named_and_the_rest_compared(tmp_
     md = (tmp_path / "report" / "report.md").read_text()
     for name in [*bad, "latin1", "never-ran"]:
         assert str(runs / name) in md, name
-    assert "incomplete (status 'fitted')" in md and "'test/acc1' is 'high'" in md and "not a JSON object" in md
+    assert (
+        "incomplete (status 'fitted')" in md and "'test/acc1' is 'high'" in md and "not a JSON object" in md
+    )
     # the incomplete run counts when asked for
     assert compare([runs], tmp_path / "r3", plots=False, include_incomplete=True)["rows"][0]["n"] == 3
     # one summary file, default --out: the report goes beside it
@@ -295,8 +446,8 @@ def test_malformed_and_incomplete_summaries_are_named_and_the_rest_compared(tmp_
 
 def test_typos_in_metric_group_by_and_filter_name_the_valid_keys(tmp_path, capsys):
     runs = tmp_path / "runs"
-    _write(runs, "a", _summary("bn", 2, 0, 0.5))
-    _write(runs, "b", _summary("gn", 2, 0, 0.6))
+    write_summary(runs, "a", run_summary("bn", 2, 0, 0.5))
+    write_summary(runs, "b", run_summary("gn", 2, 0, 0.6))
     with pytest.raises(ValueError, match=r"--metric 'test/acc': no run has it; did you mean test/acc1\?"):
         compare([runs], tmp_path / "r", metrics=["test/acc"], plots=False)
     with pytest.raises(ValueError, match=r"--group-by 'nrom'.*did you mean norm\?.*Valid: .*model\.lr"):

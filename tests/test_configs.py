@@ -27,7 +27,8 @@ import ssn
 from tasks.base import NormTask
 from tasks.cli import SSNCLI
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 FIXTURE = ROOT / "tests" / "data" / "resolved_configs.json"
 EXPECTED = json.loads(FIXTURE.read_text())
 RATIO_KEYS = ("ratio_lr_scale", "ratio_weight_decay", "ratio_grad_clip")

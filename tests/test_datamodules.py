@@ -8,10 +8,11 @@ import struct
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from datamodules import FashionMNISTDataModule, ImageNetDataModule
 from datamodules import fashion_mnist as fm
+
+from helpers import WNIDS, imagenet_fixture
 
 
 def _write_idx(path, array: np.ndarray, gz: bool = True) -> None:
@@ -84,10 +85,7 @@ def test_shift_and_flip_moves_pixels_not_content():
         assert torch.isclose(window, y[i, 0, 14, 14]).any()
 
 
-@pytest.mark.skipif(
-    not (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists(), reason="Debian dataset absent"
-)
-def test_real_fashion_mnist_from_the_debian_package():
+def test_real_fashion_mnist_from_the_debian_package(fmnist_data):
     dm = FashionMNISTDataModule()
     dm.setup("fit")
     dm.setup("test")
@@ -97,28 +95,8 @@ def test_real_fashion_mnist_from_the_debian_package():
 
 
 # --------------------------------------------------------------------------------- ImageNet
-WNIDS = ["n01440764", "n01443537", "n01484850"]
-
-
-def _imagenet_fixture(root, per_class=(4, 2), corrupt=True):
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "val"), per_class, strict=True):
-        for c, wnid in enumerate(WNIDS):
-            d = root / split / wnid
-            d.mkdir(parents=True)
-            for i in range(n):
-                size = (40 + 7 * i, 30 + 5 * c)
-                img = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
-                name = f"{wnid}_{i}.JPEG" if split == "train" else f"ILSVRC2012_val_{c:05d}{i:03d}.JPEG"
-                img.save(d / name, "JPEG")
-    if corrupt:
-        (root / "train" / WNIDS[0] / "broken.JPEG").write_bytes(b"\xff\xd8\xff not really a jpeg")
-        good = (root / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG").read_bytes()
-        (root / "train" / WNIDS[1] / "truncated.JPEG").write_bytes(good[:50])
-
-
 def test_imagenet_layout_transforms_and_skipped_images(tmp_path):
-    _imagenet_fixture(tmp_path)
+    imagenet_fixture(tmp_path)
     dm = ImageNetDataModule(str(tmp_path), batch_size=4, num_workers=0, crop_size=32, resize_size=36)
     assert dm.num_classes == 3 and dm.classes == WNIDS
     dm.setup("fit")
@@ -132,7 +110,7 @@ def test_imagenet_layout_transforms_and_skipped_images(tmp_path):
 
 
 def test_imagenet_skip_count_is_shared_with_workers(tmp_path):
-    _imagenet_fixture(tmp_path)
+    imagenet_fixture(tmp_path)
     dm = ImageNetDataModule(str(tmp_path), batch_size=2, num_workers=2, crop_size=16, resize_size=18)
     dm.setup("fit")
     loader = torch.utils.data.DataLoader(
@@ -148,14 +126,14 @@ def test_imagenet_bad_roots_fail_early_with_the_layout(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no class folders"):
         ImageNetDataModule(str(tmp_path / "empty")).setup("fit")
-    _imagenet_fixture(tmp_path / "extra", corrupt=False)
+    imagenet_fixture(tmp_path / "extra", corrupt=False)
     (tmp_path / "extra" / "val" / "n99999999").mkdir()
     with pytest.raises(ValueError, match="not in train"):
         ImageNetDataModule(str(tmp_path / "extra")).setup("fit")
 
 
 def test_imagenet_skipped_images_count_distinct_files_across_epochs(tmp_path):
-    _imagenet_fixture(tmp_path)
+    imagenet_fixture(tmp_path)
     (tmp_path / "val" / WNIDS[2] / "ILSVRC2012_val_broken.JPEG").write_bytes(b"not a jpeg")
     dm = ImageNetDataModule(str(tmp_path), batch_size=4, num_workers=0, crop_size=16, resize_size=18)
     dm.setup("fit")
@@ -170,7 +148,7 @@ def test_imagenet_skipped_images_count_distinct_files_across_epochs(tmp_path):
 
 
 def test_imagenet_val_may_lack_a_class(tmp_path):
-    _imagenet_fixture(tmp_path, corrupt=False)
+    imagenet_fixture(tmp_path, corrupt=False)
     import shutil
 
     shutil.rmtree(tmp_path / "val" / WNIDS[1])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_tasks import needs_fmnist
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, needs_fmnist
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.timeout(600)
 def test_fault_injection_short_variant_survives_every_fault():

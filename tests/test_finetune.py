@@ -17,8 +17,8 @@ from ssn.transfer import backbone_state, read_checkpoint
 from tasks import ImageClassifier
 from tasks.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = str(ROOT / "configs/base/trainer.yaml")
+from helpers import BASE, QUIET, ROOT, imagenet_fixture, needs_fmnist, their_model, their_state_dict
+
 FMNIST_SSN = [
     "--config",
     str(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"),
@@ -27,11 +27,6 @@ FMNIST_SSN = [
     "--config",
     str(ROOT / "configs/fashion_mnist/norms/ssn.yaml"),
 ]
-QUIET = str(ROOT / "configs/base/quiet.yaml")
-HAVE_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
-needs_fmnist = pytest.mark.skipif(
-    not HAVE_FMNIST, reason="needs dataset-fashion-mnist (make test installs it)"
-)
 
 
 def _args(out: Path, *extra: str) -> list[str]:
@@ -65,6 +60,7 @@ def _switch_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{n}.{k}": getattr(m, k).detach().clone() for n, m in ssn.switch_norms(module) for k in keys}
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_lightning_checkpoint_keep_inherits_everything_and_runs_native(trained, monkeypatch):
     ckpt, _ = trained
@@ -98,6 +94,7 @@ def test_lightning_checkpoint_keep_inherits_everything_and_runs_native(trained, 
     assert len(calls) == len(list(ssn.switch_norms(task.net))) - same
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_reopen_and_reset(trained):
     ckpt, _ = trained
@@ -131,6 +128,7 @@ def test_reopen_and_reset(trained):
     assert reopen.initial_radius == pytest.approx(0.3)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_native_export_restores_the_latches(trained):
     ckpt, export = trained
@@ -192,14 +190,13 @@ def test_torchvision_state_dict_into_ssn_with_other_input_channels(tmp_path):
     torch.testing.assert_close(task.net.layer4[1].conv2.weight, src.layer4[1].conv2.weight, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_authors_checkpoint_evaluates_through_validate(tmp_path):
-    from test_authors import _their_model, _their_state_dict
-    from test_datamodules import _imagenet_fixture
 
-    theirs = _their_model(num_classes=3)
+    theirs = their_model(num_classes=3)
     path = tmp_path / "theirs.pth"
-    torch.save(_their_state_dict(theirs), path)
-    _imagenet_fixture(tmp_path / "imagenet", corrupt=False)
+    torch.save(their_state_dict(theirs), path)
+    imagenet_fixture(tmp_path / "imagenet", corrupt=False)
     import shutil
 
     shutil.rmtree(tmp_path / "imagenet" / "train")  # evaluation needs only val/
@@ -346,6 +343,7 @@ def test_pretrained_file_formats_other_tools_write(tmp_path, monkeypatch):
         read_checkpoint(tmp_path / "model.pt2")
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_reopen_from_a_native_export_is_refused_not_reset(trained):
     _, export = trained
@@ -382,6 +380,7 @@ def test_frozen_norms_keep_their_statistics_and_do_not_latch():
     assert bn1.latched == (None, None) and None not in task.net.layers[0][0].bn1.latched
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_freeze_trains_exports_and_tests_the_export(tmp_path):
     import json
@@ -393,6 +392,7 @@ def test_freeze_trains_exports_and_tests_the_export(tmp_path):
     assert not cli.model.net.conv1.weight.requires_grad
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_a_failure_after_fit_marks_the_summary_failed(tmp_path, monkeypatch):
     import json
@@ -412,6 +412,7 @@ def test_a_failure_after_fit_marks_the_summary_failed(tmp_path, monkeypatch):
     )  # a sweep does not take it as fitted
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_resume_and_validate_do_not_reread_a_moved_pretrained_file(trained, tmp_path):
     ckpt, _ = trained

@@ -8,15 +8,15 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_norm import min_traffic_bytes, roof_fraction  # noqa: E402
+from bench_norm import min_traffic_bytes, roof_fraction
 
 
 def test_bandwidth_accounting():

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import torch
 from mmengine.hooks import Hook
-from test_segmentation import write_cityscapes
 from torch import nn
 
 import ssn
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, write_cityscapes
+
 EXAMPLE = ROOT / "configs/mmseg/deeplabv3_r50_ssn_cityscapes-769x769.py"
 ITERS, SAVE_AT = 6, 3
 # delay 1 iteration, ramp over 3 from 0 to 1: written out, and checked against ssn.radius_at below
@@ -103,6 +103,7 @@ def _ssn_state(model: nn.Module) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- the Runner
+@pytest.mark.slow
 def test_runner_ramps_latches_resumes_and_round_trips_with_pretrained(mm, tmp_path, caplog):
     """One fixture, one uninterrupted run and one resumed from its middle checkpoint (~the time of
     9 training iterations of a ResNet-18 DeepLabV3 at 32x64)."""

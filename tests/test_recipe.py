@@ -6,7 +6,6 @@ ratio-logit gradient norm clipped to 1, lighting noise and the final-5-epochs cr
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,26 +14,39 @@ import yaml
 from datamodules.imagenet import EpochSwitch, ImageNetDataModule, Lighting
 from tasks.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, imagenet_fixture
+
 IMAGENET = ROOT / "configs/imagenet/resnet50_imagenet-224.yaml"
 SSN = [IMAGENET, ROOT / "configs/norms/ssn.yaml", ROOT / "configs/imagenet/norms/ssn.yaml"]  # the SSN recipe
 
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
-    from test_datamodules import _imagenet_fixture
 
     tmp = tmp_path_factory.mktemp("recipe")
-    _imagenet_fixture(tmp / "imagenet", corrupt=False)
-    cli = main([
-        "fit", *(a for c in SSN for a in ("--config", str(c))), "--config", str(ROOT / "configs/base/quiet.yaml"),
-        "--model.init_args.arch=resnet_small",
-        f"--data.init_args.root={tmp / 'imagenet'}", "--data.init_args.crop_size=16", "--data.init_args.resize_size=20",
-        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--trainer.limit_train_batches=1",
-        "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-        f"--trainer.default_root_dir={tmp}",
-        "--trainer.callbacks+=ddp_probe.ScheduleProbe", "--model.init_args.monitor_ratios=false", "--export=false",
-    ])
+    imagenet_fixture(tmp / "imagenet", corrupt=False)
+    cli = main(
+        [
+            "fit",
+            *(a for c in SSN for a in ("--config", str(c))),
+            "--config",
+            str(ROOT / "configs/base/quiet.yaml"),
+            "--model.init_args.arch=resnet_small",
+            f"--data.init_args.root={tmp / 'imagenet'}",
+            "--data.init_args.crop_size=16",
+            "--data.init_args.resize_size=20",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.num_workers=0",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp}",
+            "--trainer.callbacks+=ddp_probe.ScheduleProbe",
+            "--model.init_args.monitor_ratios=false",
+            "--export=false",
+        ]
+    )
     probe = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ScheduleProbe")
     return cli, probe.rows
 
@@ -72,7 +84,9 @@ def test_ratio_gradient_clip_bites(tmp_path):
     """With a clip far below the gradient norm, the clipped norm is exactly the clip."""
     from tasks import ImageClassifier
 
-    model = ImageClassifier(arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", ratio_grad_clip=1e-4)
+    model = ImageClassifier(
+        arch="resnet_small", num_classes=10, in_channels=1, norm="ssn", ratio_grad_clip=1e-4
+    )
     model.log = lambda *a, **k: None
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -87,7 +101,9 @@ def test_lighting_matches_the_authors_color_augmentation():
     torch.manual_seed(0)
     got = Lighting(0.1)(img)
     torch.manual_seed(0)  # their ColorAugmentation, as written in utils/imagenet_dataset.py
-    eig_vec = torch.Tensor([[0.4009, 0.7192, -0.5675], [-0.8140, -0.0045, -0.5808], [0.4203, -0.6948, -0.5836]])
+    eig_vec = torch.Tensor(
+        [[0.4009, 0.7192, -0.5675], [-0.8140, -0.0045, -0.5808], [0.4203, -0.6948, -0.5836]]
+    )
     eig_val = torch.Tensor([[0.2175, 0.0188, 0.0045]])
     alpha = torch.normal(mean=torch.zeros_like(eig_val)) * 0.1
     want = img + torch.mm(eig_val * alpha, eig_vec).view(3, 1, 1)
@@ -95,9 +111,8 @@ def test_lighting_matches_the_authors_color_augmentation():
 
 
 def test_final_crop_switch_and_validate_needs_only_val(tmp_path):
-    from test_datamodules import _imagenet_fixture
 
-    _imagenet_fixture(tmp_path, corrupt=False)
+    imagenet_fixture(tmp_path, corrupt=False)
     dm = ImageNetDataModule(str(tmp_path), num_workers=0, crop_size=16, resize_size=20, final_epochs=5)
     switch = dm._transform(train=True)
     assert isinstance(switch, EpochSwitch)

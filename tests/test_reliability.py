@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tasks import ROOT, _args, needs_fmnist
 
 from tasks.cli import main
+
+from helpers import ROOT, fmnist_args, imagenet_fixture, needs_fmnist
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="--ckpt_path last: no .*checkpoints/last.ckpt"):
-        main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--ckpt_path=last")])
+        main(["fit", *fmnist_args(tmp_path, "bn", "--trainer.max_epochs=1", "--ckpt_path=last")])
 
 
 @pytest.mark.parametrize("content", [b"", b"\x13\x37 not a checkpoint" * 50])
@@ -23,30 +24,32 @@ def test_corrupt_checkpoint_file_is_named(tmp_path, content):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=f"{bad}: (empty file|not a readable PyTorch checkpoint)"):
-        main(["validate", *_args(tmp_path, "bn"), f"--ckpt_path={bad}"])
+        main(["validate", *fmnist_args(tmp_path, "bn"), f"--ckpt_path={bad}"])
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_checkpoint_of_another_normalizer_is_refused_by_name(tmp_path, capsys):
     main(
         [
             "fit",
-            *_args(
+            *fmnist_args(
                 tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--export=false"
             ),
         ]
     )
     # another config in the same folder: `last` is that folder's last.ckpt, which holds BN weights
     with pytest.raises(ValueError, match="trained with norm='bn', the config has norm='ssn'"):
-        main(["validate", *_args(tmp_path, "ssn"), "--ckpt_path=last"])
+        main(["validate", *fmnist_args(tmp_path, "ssn"), "--ckpt_path=last"])
     with pytest.raises(ValueError, match="trained with arch='resnet_small', the config has arch='resnet18'"):
-        main(["fit", *_args(tmp_path, "bn", "--model.init_args.arch=resnet18", "--ckpt_path=last")])
-    main(["validate", *_args(tmp_path, "bn"), "--ckpt_path=last"])  # the matching config loads it
+        main(["fit", *fmnist_args(tmp_path, "bn", "--model.init_args.arch=resnet18", "--ckpt_path=last")])
+    main(["validate", *fmnist_args(tmp_path, "bn"), "--ckpt_path=last"])  # the matching config loads it
     assert "untrained" not in capsys.readouterr().out
-    main(["test", *_args(tmp_path, "bn")])
+    main(["test", *fmnist_args(tmp_path, "bn")])
     assert "test without --ckpt_path: these are the metrics of an untrained" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_diverging_update_stops_before_a_checkpoint_and_names_the_layer(tmp_path):
     with pytest.raises(
@@ -56,7 +59,7 @@ def test_diverging_update_stops_before_a_checkpoint_and_names_the_layer(tmp_path
         main(
             [
                 "fit",
-                *_args(
+                *fmnist_args(
                     tmp_path,
                     "ssn",
                     "--trainer.max_epochs=1",
@@ -69,6 +72,7 @@ def test_diverging_update_stops_before_a_checkpoint_and_names_the_layer(tmp_path
     assert not list((tmp_path / "out").rglob("*.ckpt"))  # nothing non-finite was saved
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_nan_loss_stops_or_skips_the_step(tmp_path, mode):
@@ -77,7 +81,7 @@ def test_nan_loss_stops_or_skips_the_step(tmp_path, mode):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     run = [
         "fit",
-        *_args(
+        *fmnist_args(
             tmp_path,
             "ssn",
             "--trainer.max_epochs=1",
@@ -127,15 +131,14 @@ def test_fashion_mnist_checks_val_size_and_every_split_before_fitting(tmp_path):
 
 def test_negative_batch_size_is_named(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
-        main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--data.batch_size=-4")])
+        main(["fit", *fmnist_args(tmp_path, "bn", "--trainer.max_epochs=1", "--data.batch_size=-4")])
 
 
 def test_imagenet_class_folder_without_images_names_the_folder(tmp_path):
-    from test_datamodules import _imagenet_fixture
 
     from datamodules import ImageNetDataModule
 
-    _imagenet_fixture(tmp_path)
+    imagenet_fixture(tmp_path)
     (tmp_path / "train" / "n09999999").mkdir()
     with pytest.raises(
         FileNotFoundError, match=f"{tmp_path / 'train' / 'n09999999'}: class folder without images"
@@ -143,10 +146,10 @@ def test_imagenet_class_folder_without_images_names_the_folder(tmp_path):
         ImageNetDataModule(str(tmp_path), batch_size=2).setup("fit")
 
 
+@pytest.mark.slow
 def test_every_training_image_unreadable_fails_the_run(tmp_path):
-    from test_datamodules import _imagenet_fixture
 
-    _imagenet_fixture(tmp_path / "imagenet", corrupt=False)
+    imagenet_fixture(tmp_path / "imagenet", corrupt=False)
     for f in (tmp_path / "imagenet" / "train").rglob("*.JPEG"):
         f.write_bytes(b"\xff\xd8\xff garbage")
     out = str(tmp_path / "out")
@@ -212,14 +215,16 @@ def test_a_run_never_writes_beside_its_pretrained_source(tmp_path):
         main(
             [
                 "fit",
-                *_args(tmp_path, "bn", "--trainer.max_epochs=1", f"--model.init_args.pretrained={source}"),
+                *fmnist_args(
+                    tmp_path, "bn", "--trainer.max_epochs=1", f"--model.init_args.pretrained={source}"
+                ),
             ]
         )
     with pytest.raises(ValueError, match="where this run writes"):  # and not its export's folder either
         main(
             [
                 "fit",
-                *_args(
+                *fmnist_args(
                     tmp_path,
                     "bn",
                     f"--model.init_args.pretrained={tmp_path}/out/exported/model.state_dict.pt",
@@ -238,12 +243,13 @@ def test_the_digits_fine_tuning_config_writes_into_its_own_folder():
     assert source.parent not in (root, root / "checkpoints", root / "exported")
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_last_is_always_this_runs_own_checkpoint(tmp_path):
     main(
         [
             "fit",
-            *_args(
+            *fmnist_args(
                 tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--export=false"
             ),
         ]
@@ -251,7 +257,7 @@ def test_last_is_always_this_runs_own_checkpoint(tmp_path):
     main(
         [
             "fit",
-            *_args(
+            *fmnist_args(
                 tmp_path, "bn", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--export=false"
             ),
         ]

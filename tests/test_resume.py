@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 from lightning.fabric.utilities.seed import seed_everything
-from test_tasks import BASE, QUIET, ROOT, fmnist, needs_fmnist
 from torch.utils.data import Dataset
 
 from datamodules.resumable import ResumableLoader
 from tasks.checkpointing import AtomicCheckpointIO
 from tasks.cli import main
+
+from helpers import BASE, QUIET, ROOT, fmnist, needs_fmnist
 
 CKPT_EVERY_STEP = """
 trainer:
@@ -66,6 +67,7 @@ def uninterrupted(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, 
     return _state(full), {k: float(v) for k, v in full.trainer.callback_metrics.items()}
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("kill_at", [3, 5])  # mid-epoch; at the epoch's end (checkpoint before validation)

@@ -17,7 +17,8 @@ from torch import nn
 import ssn
 from ssn.integrations import MmcvOpUnavailable, bridge_mmcv_lite, mm_norm_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, png, scene, write_cityscapes
+
 CONFIGS = [
     Path(f"configs/{c}.yaml")
     for c in (
@@ -38,44 +39,13 @@ def mmseg_ready():
 
 
 # ------------------------------------------------------------------------------- fixtures
-def _png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), array)
-
-
-def _scene(rng: np.random.Generator, h: int, w: int, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """A picture whose colour follows its label map (vertical bands), so the label is learnable."""
-    label = np.zeros((h, w), np.uint8)
-    for i, value in enumerate(labels):
-        label[:, i * w // len(labels) :] = value
-    image = (label[..., None] * np.array([37, 91, 53]) % 256 + rng.integers(0, 20, (h, w, 3))).astype(
-        np.uint8
-    )
-    return image, label
-
-
-def write_cityscapes(root: Path, n: int = 2, h: int = 48, w: int = 96, label_ids: bool = False) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for i in range(n):
-            stem = f"aachen_{i:06d}_000019"
-            image, label = _scene(rng, h, w, [0, 13, 10, 255])  # road, car, sky, ignore
-            _png(root / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png", image)
-            if label_ids:  # the same scene in Cityscapes ids: road 7, car 26, sky 23, unlabeled 0
-                ids = np.select([label == 0, label == 13, label == 10], [7, 26, 23], 0).astype(np.uint8)
-                _png(root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelIds.png", ids)
-            else:
-                _png(root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelTrainIds.png", label)
-    return root
-
-
 def write_ade20k(root: Path, n: int = 2, h: int = 40, w: int = 56) -> Path:
     rng = np.random.default_rng(1)
     for split in ("training", "validation"):
         for i in range(n):
-            image, label = _scene(rng, h, w, [0, 1, 150])  # "other", wall, the last class
-            _png(root / "images" / split / f"ADE_{split[:5]}_{i:08d}.jpg", image)
-            _png(root / "annotations" / split / f"ADE_{split[:5]}_{i:08d}.png", label)
+            image, label = scene(rng, h, w, [0, 1, 150])  # "other", wall, the last class
+            png(root / "images" / split / f"ADE_{split[:5]}_{i:08d}.jpg", image)
+            png(root / "annotations" / split / f"ADE_{split[:5]}_{i:08d}.png", label)
     return root
 
 
@@ -435,7 +405,7 @@ def test_unreadable_files_are_skipped_logged_and_counted_once(tmp_path, caplog):
 def test_label_of_another_size_is_an_error_naming_both(tmp_path):
     root = write_cityscapes(tmp_path / "cs")
     label = next((root / "gtFine/train/aachen").glob("*_labelTrainIds.png"))
-    _png(label, np.zeros((24, 48), np.uint8))
+    png(label, np.zeros((24, 48), np.uint8))
     dm = _tiny_cityscapes(root)
     dm.setup("fit")
     with pytest.raises(ValueError, match=rf"label {label} is 48x24 .* image .*leftImg8bit.png is 96x48"):
@@ -498,6 +468,7 @@ def test_configs_parse_through_the_cli(config, capsys):
     assert "SemanticSegmenter" in out and "max_steps" in out
 
 
+@pytest.mark.slow
 def test_fit_through_the_cli_on_a_cityscapes_fixture(tmp_path):
     from tasks.cli import main
 
@@ -554,12 +525,12 @@ def test_label_values_channels_and_missing_files_are_named(tmp_path):
 
     root = write_cityscapes(tmp_path / "cs")
     labels = sorted((root / "gtFine/train/aachen").glob("*_labelTrainIds.png"))
-    _png(labels[0], np.full((48, 96), 200, np.uint8))  # a trainId past the 19 classes
+    png(labels[0], np.full((48, 96), 200, np.uint8))  # a trainId past the 19 classes
     dm = _tiny_cityscapes(root)
     dm.setup("fit")
     with pytest.raises(ValueError, match=rf"label {labels[0]} holds values \[200\] outside the 19 classes"):
         _read_all(dm)
-    _png(labels[0], np.zeros((48, 96, 3), np.uint8))  # a colour PNG
+    png(labels[0], np.zeros((48, 96, 3), np.uint8))  # a colour PNG
     with pytest.raises(ValueError, match=rf"label {labels[0]} has shape \(48, 96, 3\): expected one channel"):
         _read_all(dm)
     labels[1].unlink()  # a layout error, found before training, not a corrupt file to skip
@@ -567,7 +538,7 @@ def test_label_values_channels_and_missing_files_are_named(tmp_path):
         _tiny_cityscapes(root).setup("fit")
     ade = write_ade20k(tmp_path / "ADEChallengeData2016")
     label = sorted((ade / "annotations/validation").glob("*.png"))[0]
-    _png(label, np.full((40, 56), 180, np.uint8))
+    png(label, np.full((40, 56), 180, np.uint8))
     dm = ADE20KDataModule(str(ade), batch_size=2, num_workers=0, crop_size=(32, 32), scale=(56, 40))
     dm.setup("fit")
     with pytest.raises(

@@ -7,25 +7,16 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import ssn
-from datamodules import fashion_mnist as fm
 from tasks import ImageClassifier
 from tasks.base import lr_factor
 from tasks.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = str(ROOT / "configs/base/trainer.yaml")
-FMNIST = str(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml")
-QUIET = str(ROOT / "configs/base/quiet.yaml")
-HAVE_FMNIST = (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists()
-needs_fmnist = pytest.mark.skipif(
-    not HAVE_FMNIST, reason="needs `apt-get install dataset-fashion-mnist` (make test does it)"
-)
+from helpers import BASE, QUIET, ROOT, fmnist_args, imagenet_fixture, needs_fmnist
 
 
 def test_lr_factor_warmup_cosine_and_step():
@@ -96,39 +87,10 @@ def test_channels_last_switch_changes_the_layout_not_the_result(norm):
         torch.testing.assert_close(pb.grad, pa.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
-def fmnist(norm: str) -> list[str]:
-    """The --config arguments of the Fashion-MNIST task with this normalizer (its composition)."""
-    overlay = ROOT / f"configs/fashion_mnist/norms/{norm}.yaml"
-    return [
-        "--config",
-        FMNIST,
-        "--config",
-        str(ROOT / f"configs/norms/{norm}.yaml"),
-        *(["--config", str(overlay)] if overlay.is_file() else []),
-    ]
-
-
-def _args(tmp_path: Path, norm: str = "ssn", *extra: str) -> list[str]:
-    out = str(tmp_path / "out")
-    return [
-        "--config",
-        BASE,
-        *fmnist(norm),
-        "--config",
-        QUIET,
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}",
-        "--trainer.limit_train_batches=6",
-        "--trainer.limit_val_batches=2",
-        "--trainer.limit_test_batches=2",
-        "--data.batch_size=16",
-        *extra,
-    ]
-
-
+@pytest.mark.slow
 @needs_fmnist
 def test_cli_fit_writes_checkpoint_dashboards_and_export(tmp_path, capsys):
-    cli = main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1")])
+    cli = main(["fit", *fmnist_args(tmp_path, "ssn", "--trainer.max_epochs=1")])
     out = tmp_path / "out"
     assert cli.trainer.global_step == 6 and cli.model.hparams.num_classes == 10  # linked from data
     assert (out / "ssn" / "selection.json").is_file() and list((out / "ssn").glob("heatmap-epoch*.png"))
@@ -146,13 +108,14 @@ def test_cli_fit_writes_checkpoint_dashboards_and_export(tmp_path, capsys):
     assert len(accs) == 2 and accs[0] == accs[1]  # exporting changed nothing
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_cli_resume_continues_from_last_checkpoint(tmp_path):
-    main(["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false")])
+    main(["fit", *fmnist_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false")])
     first = next((tmp_path / "out" / "checkpoints").glob("last.ckpt"))
     assert torch.load(first, weights_only=False)["global_step"] == 6
     cli = main(
-        ["fit", *_args(tmp_path, "ssn", "--trainer.max_epochs=2", "--export=false", "--ckpt_path=last")]
+        ["fit", *fmnist_args(tmp_path, "ssn", "--trainer.max_epochs=2", "--export=false", "--ckpt_path=last")]
     )
     assert cli.trainer.global_step == 12 and cli.trainer.current_epoch == 2
     assert cli.trainer.ckpt_path == str(first)  # it really resumed (not a silent fresh start)
@@ -161,19 +124,21 @@ def test_cli_resume_continues_from_last_checkpoint(tmp_path):
     assert (sched.delay_steps, sched.ramp_steps) == (round(6 * 0.2), round(6 * 0.5))
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_cli_validate_and_test_subcommands(tmp_path):
-    main(["fit", *_args(tmp_path, "bn", "--trainer.max_epochs=1", "--export=false")])
+    main(["fit", *fmnist_args(tmp_path, "bn", "--trainer.max_epochs=1", "--export=false")])
     ckpt = next((tmp_path / "out").rglob("last.ckpt"))
-    main(["validate", *_args(tmp_path, "bn"), f"--ckpt_path={ckpt}"])
-    main(["test", *_args(tmp_path, "bn"), f"--ckpt_path={ckpt}"])
+    main(["validate", *fmnist_args(tmp_path, "bn"), f"--ckpt_path={ckpt}"])
+    main(["test", *fmnist_args(tmp_path, "bn"), f"--ckpt_path={ckpt}"])
 
 
 def test_cli_rejects_unknown_normalizer(tmp_path):
     with pytest.raises((KeyError, ValueError), match="valid names: bn, syncbn"):
-        main(["fit", *_args(tmp_path, "ssn", "--model.init_args.norm=batchnorm")])
+        main(["fit", *fmnist_args(tmp_path, "ssn", "--model.init_args.norm=batchnorm")])
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.timeout(300)
 def test_short_real_training_learns_fashion_mnist(tmp_path):
@@ -182,7 +147,7 @@ def test_short_real_training_learns_fashion_mnist(tmp_path):
     cli = main(
         [
             "fit",
-            *_args(
+            *fmnist_args(
                 tmp_path,
                 "ssn",
                 "--trainer.max_epochs=1",
@@ -199,6 +164,7 @@ def test_short_real_training_learns_fashion_mnist(tmp_path):
     assert all(all(m.latched) for _, m in ssn.switch_norms(cli.model))
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("norm", ["ssn", "syncssn"])
@@ -211,7 +177,7 @@ def test_ddp_two_cpu_processes_sync_by_name_and_scale_lr(tmp_path, norm):
         "-m",
         "tasks.cli",
         "fit",
-        *_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false"),
+        *fmnist_args(tmp_path, "ssn", "--trainer.max_epochs=1", "--export=false"),
         f"--model.init_args.norm={norm}",
         "--config",
         str(ROOT / "configs/base/ddp.yaml"),
@@ -239,10 +205,10 @@ def test_ddp_two_cpu_processes_sync_by_name_and_scale_lr(tmp_path, norm):
         assert torch.equal(last[0], last[1])
 
 
+@pytest.mark.slow
 def test_cli_imagenet_config_on_a_fixture_in_the_real_layout(tmp_path):
-    from test_datamodules import _imagenet_fixture
 
-    _imagenet_fixture(tmp_path / "imagenet")
+    imagenet_fixture(tmp_path / "imagenet")
     out = str(tmp_path / "out")
     cli = main(
         [
@@ -274,13 +240,14 @@ def test_cli_imagenet_config_on_a_fixture_in_the_real_layout(tmp_path):
     assert cli.datamodule.skipped_images >= 1
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_step_schedule_epoch_length_when_max_steps_caps_the_run(tmp_path):
     """Epochs of 3 steps: milestone epoch 2 is step 6, whatever max_epochs says (-1: unbounded)."""
     cli = main(
         [
             "fit",
-            *_args(
+            *fmnist_args(
                 tmp_path,
                 "bn",
                 "--trainer.max_epochs=-1",

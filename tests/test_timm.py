@@ -274,15 +274,12 @@ def test_image_classifier_takes_a_timm_arch_and_its_state_dict(tmp_path):
         ImageClassifier(arch="timm/ghostnet_050", num_classes=10, norm="ssn")
 
 
-def test_cli_fit_with_a_timm_arch_on_fashion_mnist(tmp_path):
-    from pathlib import Path
+@pytest.mark.slow
+def test_cli_fit_with_a_timm_arch_on_fashion_mnist(tmp_path, repo_root, fmnist_data):
 
-    from datamodules import fashion_mnist as fm
     from tasks.cli import main
 
-    if not (fm.DEBIAN_ROOT / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("needs `apt-get install dataset-fashion-mnist` (make test does it)")
-    root, out = Path(__file__).resolve().parents[1], str(tmp_path / "out")
+    root, out = repo_root, str(tmp_path / "out")
     cli = main(
         [
             "fit",

@@ -6,10 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,51 +15,14 @@ import torch.multiprocessing as mp
 import ssn
 from datamodules.kinetics import MEAN, STD, KineticsDataModule
 
+from helpers import LEVELS, csv_fixture, folder_fixture
+
 SMALL = dict(frames=4, sampling_rate=2, fps=30, crop_size=32, train_short_side=(36, 40), val_short_side=36)
-
-
-def write_video(path: Path, level: int, frames: int = 12, size: tuple[int, int] = (48, 64)) -> None:
-    """A real H.264 mp4 whose frames are all grey ``level`` plus faint noise (so the decoded clip
-    tells which video it came from)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(level)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.height, stream.width = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(frames):
-            pixels = np.clip(level + rng.integers(-2, 3, (*size, 3)), 0, 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def level_of(clip: torch.Tensor) -> int:
     """The grey level a normalised clip was decoded from."""
     return round(((clip.mean() * STD[0] + MEAN[0]) * 255).item())
-
-
-LEVELS = [30 + 20 * i for i in range(10)]  # video i of the fixture
-
-
-def folder_fixture(root: Path, per_class: int = 3, classes: tuple[str, ...] = ("archery", "bowling")) -> None:
-    i = 0
-    for split in ("train", "val"):
-        for c in classes:
-            for k in range(per_class):
-                write_video(root / split / c / f"{c}_{k}.mp4", LEVELS[i % len(LEVELS)])
-                i += 1
-
-
-def csv_fixture(root: Path, n: int = 10) -> None:
-    """``train.csv`` / ``val.csv`` with ``<path> <label>`` lines; video i has grey level LEVELS[i]."""
-    lines = []
-    for i in range(n):
-        write_video(root / "videos" / f"v{i}.mp4", LEVELS[i])
-        lines.append(f"videos/v{i}.mp4 {i % 3}")
-    (root / "train.csv").write_text("\n".join(lines) + "\n")
-    (root / "val.csv").write_text("\n".join(lines[:4]) + "\n")
 
 
 def test_class_folders_train_val_and_multiview_test(tmp_path):

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from test_video_data import csv_fixture
 
 import ssn
 from tasks.cli import main
 from tasks.video import VideoClassifier, build_slow_resnet
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = str(ROOT / "configs/base/trainer.yaml")
+from helpers import BASE, ROOT, csv_fixture
 
 
 def test_norms_by_name_everywhere_and_slow_r50_shape():
@@ -70,6 +66,7 @@ def test_kinetics_configs_parse(norm, capsys):
     assert "lr_batch_size: 512" in printed and "nesterov: true" in printed
 
 
+@pytest.mark.slow
 def test_cli_fit_val_and_multiview_test_on_real_clips(tmp_path):
     csv_fixture(tmp_path / "clips", n=8)
     out = tmp_path / "out"

@@ -14,7 +14,6 @@ import pytest
 pytest.importorskip("wandb_workspaces")
 
 import wandb
-from test_compare import _summary, _write
 from wandb_workspaces.workspaces import internal
 
 from tasks.cli import command
@@ -30,7 +29,7 @@ from tasks.workspace import (
     write_workspace,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_summary, write_summary
 
 
 def _runs(root: Path, lrs=(0.1,)) -> Path:
@@ -39,7 +38,7 @@ def _runs(root: Path, lrs=(0.1,)) -> Path:
         for norm in ("bn", "ssn"):
             for bs in (2, 32):
                 for seed in (0, 1):
-                    s = _summary(
+                    s = run_summary(
                         norm,
                         bs,
                         seed,
@@ -52,7 +51,7 @@ def _runs(root: Path, lrs=(0.1,)) -> Path:
                         {"epoch": 0, "step": 5, "val/acc1": 0.4},
                         {"epoch": 1, "step": 10, "val/acc1": 0.5},
                     ]
-                    _write(root, f"{norm}-b{bs}-lr{lr}-s{seed}", s)
+                    write_summary(root, f"{norm}-b{bs}-lr{lr}-s{seed}", s)
     return root
 
 
