@@ -22,6 +22,7 @@ from .stats import selected_stat
 from .surgery import convert_norm, export_norm, switch_norms
 from .timm_norm import SparseSwitchNormAct2d, SwitchNormAct2d, register_timm
 from .training import average_running_stats, param_groups, set_radius, update_latches
+from .virtual import VirtualBatchNorm1d, VirtualBatchNorm2d, VirtualBatchNorm3d
 
 __all__ = [
     "LatchedNorm",
@@ -42,6 +43,9 @@ __all__ = [
     "SwitchNorm3d",
     "SwitchNormAct2d",
     "SwitchNormBase",
+    "VirtualBatchNorm1d",
+    "VirtualBatchNorm2d",
+    "VirtualBatchNorm3d",
     "bridge_pytorchvideo",
     "average_running_stats",
     "convert_norm",

@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .registry import NORM_NAMES, norm_spec
+from .registry import NORM_NAMES, NormSpec, norm_spec
+from .virtual import VIRTUAL_BN, check_virtual_devices
 
 __all__ = ["NORM_NAMES", "create_norm", "get_norm_layer"]
 
@@ -22,6 +23,29 @@ __all__ = ["NORM_NAMES", "create_norm", "get_norm_layer"]
 def _check_dim(dim: int) -> None:
     if dim not in (1, 2, 3):
         raise ValueError(f"dim must be 1, 2 or 3 (spatial dimensions), got {dim!r}")
+
+
+def _virtual_devices(spec: NormSpec, dim: int, kw: dict[str, Any]) -> type[nn.Module] | None:
+    """Resolve ``kw``'s ``virtual_devices`` for ``spec`` (``ssn.virtual``): the layer class that
+    replaces the name's (``bn`` -> ``VirtualBatchNorm``), or None; removes it where it means nothing.
+
+    NOTE: one setting serves every normalizer of a study (``norm_kwargs: {virtual_devices: 8}``):
+    the per-sample ones (``gn``, ``in``, ``ln``) have no batch statistics and ignore it.
+    """
+    if "virtual_devices" not in kw:
+        return None
+    groups = check_virtual_devices(kw["virtual_devices"])
+    if groups > 1 and spec.sync:
+        raise ValueError(
+            f"{spec.name}: virtual_devices={groups} takes per-device statistics, {spec.name} all-reduces "
+            f"them; use {spec.local!r}"
+        )
+    if spec.switch:
+        return None  # the SN/SSN layers take it
+    if groups > 1 and spec.running_stats:
+        return VIRTUAL_BN[dim]  # which takes it
+    del kw["virtual_devices"]
+    return None
 
 
 def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Module:
@@ -35,7 +59,9 @@ def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Mod
             (N, C, T, H, W).
         **kw: passed to the layer: ``eps``, ``momentum``, ``affine``; ``groups`` for ``gn``
             (default 32); ``radius`` for ``sn``/``ssn``. GroupNorm-based ``gn`` and ``ln`` keep no
-            running statistics and ignore ``momentum``.
+            running statistics and ignore ``momentum``. ``virtual_devices=G``: per-device batch
+            statistics over G batch groups (``ssn.virtual``; ``bn`` builds ``VirtualBatchNorm``,
+            ``gn``/``in``/``ln`` ignore it, the ``sync`` names refuse it).
 
     Raises:
         KeyError: an unknown name (the message lists the valid ones).
@@ -43,6 +69,8 @@ def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Mod
     """
     spec = norm_spec(name)
     _check_dim(dim)
+    kw = dict(kw)
+    virtual = _virtual_devices(spec, dim, kw)
     if not spec.layers:  # the nn.GroupNorm forms: groups first
         kw.pop("momentum", None)
         groups = spec.groups or kw.pop("groups", 32)
@@ -53,7 +81,7 @@ def create_norm(name: str, num_features: int, dim: int = 2, **kw: Any) -> nn.Mod
         )
     # NOTE: the name's keywords: a user's ``affine`` wins over ``in``'s default, ``sync`` is the name's
     kw = {**spec.defaults, **kw, **({"sync": True} if spec.sync and spec.switch else {})}
-    return spec.layers[dim](num_features, **kw)
+    return (virtual or spec.layers[dim])(num_features, **kw)
 
 
 def _named_norm(num_features: int, *, name: str, dim: int = 2, **kw: Any) -> nn.Module:
@@ -79,8 +107,10 @@ def get_norm_layer(
         _check_dim(dim)
         if not spec.layers:
             return functools.partial(_named_norm, name=spec.name, dim=dim, **defaults)
+        defaults = dict(defaults)
+        virtual = _virtual_devices(spec, dim, defaults)
         defaults = {**spec.defaults, **defaults}
-        cls: Callable[..., nn.Module] = spec.layers[dim]
+        cls: Callable[..., nn.Module] = virtual or spec.layers[dim]
         _register_timm_if_loaded()
         return functools.partial(cls, **defaults) if defaults else cls
     if callable(name):

@@ -246,15 +246,17 @@ class _SwitchNormFn(torch.autograd.Function):
         eps: float,
         correction: int,
         group: ProcessGroup | None,
+        groups: int = 1,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(y, batch_mean, batch_var, count)``; ``ratios`` is ``(2, 3)``: mean and variance
         ratios over IN, LN, BN. The batch statistics (biased, over ``count`` elements per channel,
-        a CPU tensor so reading it syncs nothing) are empty with running statistics."""
+        a CPU tensor so reading it syncs nothing) are empty with running statistics; with
+        ``groups`` virtual devices they are ``(G, C)``, each device's, over its ``count``."""
         # NOTE: statistics in float32 at least (fp16/bf16 inputs under autocast).
         xs = float32_at_least(x)
         m = math.prod(xs.shape[2:])
         planes = _plane_moments(xs, correction)
-        c, count = _mixture_coeffs(planes, ratios, weight, bias, bn_mean, bn_var, eps, m, group)
+        c, count = _mixture_coeffs(planes, ratios, weight, bias, bn_mean, bn_var, eps, m, group, groups)
         y = _plane_affine(xs, c.scale, c.shift)
         # NOTE: the input is saved as it came (fp16/bf16 under autocast) and widened again in the
         # backward: saving the float32 copy would double the activation memory of the network.
@@ -265,7 +267,7 @@ class _SwitchNormFn(torch.autograd.Function):
         if c.dev_bn is None:
             batch_mean = batch_var = planes.new_empty(0)
         else:
-            batch_mean, batch_var = c.bn[0, 0], c.bn[1, 0]
+            batch_mean, batch_var = c.bn[0, ..., 0, :], c.bn[1, ..., 0, :]  # (C,), or (G, C)
         n = torch.tensor(count)
         ctx.mark_non_differentiable(batch_mean, batch_var, n)
         return y.to(x.dtype), batch_mean, batch_var, n
@@ -298,6 +300,7 @@ class _SwitchNormFn(torch.autograd.Function):
             g_ratios.to(ratios.dtype) if need[1] else None,
             g_w.to(weight.dtype) if need[2] and g_w is not None else None,
             g_b.to(ctx.bias_dtype) if need[3] else None,
+            None,
             None,
             None,
             None,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from . import traceable
 from .fused import _dof, _SwitchNormFn
 from .stats import BN, IN, STATS, _check_input, _update_running, float32_at_least
+from .virtual import check_virtual_devices, device_batch
 
 __all__ = ["LatchedNorm"]
 
@@ -38,6 +39,7 @@ class LatchedNorm(nn.Module):
         momentum: float | None = 0.1,
         affine: bool = True,
         in_var_correction: int = 0,
+        virtual_devices: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -48,6 +50,8 @@ class LatchedNorm(nn.Module):
         self.num_features, self.spatial_dims = num_features, spatial_dims
         self.eps, self.momentum, self.affine = eps, momentum, affine
         self.in_var_correction = in_var_correction
+        # NOTE: per-device batch statistics over G batch groups in training (``ssn.virtual``)
+        self.virtual_devices = check_virtual_devices(virtual_devices)
         dd: dict[str, Any] = {
             "device": device,
             "dtype": dtype,
@@ -73,10 +77,13 @@ class LatchedNorm(nn.Module):
             return self._eval(x)
         ratios = torch.eye(len(STATS), device=x.device)[[self.mean_stat, self.var_stat]]
         rest = (self.weight, self.bias, None, None, self.eps, self.in_var_correction)
+        groups = self.virtual_devices
+        if groups > 1:
+            device_batch(x.shape[0], groups, type(self).__name__)
         if torch.compiler.is_compiling():  # plain ops: one graph (see ssn/traceable.py)
-            y, batch_mean, batch_var, count = traceable.mixture(x, ratios[0], ratios[1], *rest)
+            y, batch_mean, batch_var, count = traceable.mixture(x, ratios[0], ratios[1], *rest, groups)
         else:
-            y, batch_mean, batch_var, count = _SwitchNormFn.apply(x, ratios, *rest, None)
+            y, batch_mean, batch_var, count = _SwitchNormFn.apply(x, ratios, *rest, None, groups)
         assert batch_mean is not None and batch_var is not None  # training: the batch's statistics
         _update_running(self, batch_mean, batch_var, float(count))
         return y
@@ -107,6 +114,5 @@ class LatchedNorm(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, mean={STATS[self.mean_stat]}, var={STATS[self.var_stat]}, eps={self.eps}"
-        )
+        s = f"{self.num_features}, mean={STATS[self.mean_stat]}, var={STATS[self.var_stat]}, eps={self.eps}"
+        return s + (f", virtual_devices={self.virtual_devices}" if self.virtual_devices > 1 else "")

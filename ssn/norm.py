@@ -39,6 +39,7 @@ from .stats import (  # noqa: F401  (BN, IN, LN re-exported: ssn.norm.BN)
     _update_running,
     float32_at_least,
 )
+from .virtual import check_virtual_devices, device_batch, grouped_batch_norm
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -85,6 +86,7 @@ class SwitchNormBase(nn.Module):
         sync: bool = False,
         process_group: ProcessGroup | None = None,
         in_var_correction: int = 0,
+        virtual_devices: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -100,6 +102,9 @@ class SwitchNormBase(nn.Module):
                 None) in training, like ``nn.SyncBatchNorm``; a no-op without a process group.
             in_var_correction: 0 for the biased instance variance of ``InstanceNorm`` (default),
                 1 for the unbiased one of the authors' released layers (imported checkpoints).
+            virtual_devices: G > 1 splits a training batch into G equal groups and takes the BN
+                statistics of each, as G processes with per-device layers would (``ssn.virtual``);
+                the running statistics are the average of the G devices'. Not with ``sync``.
             device, dtype: where and in which floating type parameters and buffers are created,
                 PyTorch's factory keywords (``nn.BatchNorm2d`` takes them; timm passes them).
         """
@@ -119,6 +124,12 @@ class SwitchNormBase(nn.Module):
             )
         if in_var_correction not in (0, 1):
             raise ValueError(f"in_var_correction must be 0 or 1, got {in_var_correction!r}")
+        if check_virtual_devices(virtual_devices) > 1 and sync:
+            raise ValueError(
+                f"virtual_devices={virtual_devices} takes per-device statistics; sync=True all-reduces "
+                "them: choose one"
+            )
+        self.virtual_devices = virtual_devices
         self.num_features = num_features
         self.sync = sync
         self.process_group = process_group
@@ -296,7 +307,7 @@ class SwitchNormBase(nn.Module):
         if stat == IN:
             return math.prod(x.shape[2:]) > 1
         if stat == BN:
-            return x.numel() // x.shape[1] > 1
+            return x.numel() // x.shape[1] // self.virtual_devices > 1  # per (virtual) device
         return x.numel() > 1  # LN: group_norm refuses a single value
 
     def _tie_unused(self) -> Tensor | None:
@@ -327,6 +338,17 @@ class SwitchNormBase(nn.Module):
         if stat == BN:
             if self.training:
                 self.num_batches_tracked.add_(1)
+                if self.virtual_devices > 1:
+                    return grouped_batch_norm(
+                        x,
+                        self.running_mean,
+                        self.running_var,
+                        weight,
+                        bias,
+                        _batch_momentum(self),
+                        self.eps,
+                        self.virtual_devices,
+                    )
             return F.batch_norm(
                 x,
                 self.running_mean,
@@ -346,6 +368,9 @@ class SwitchNormBase(nn.Module):
         bn_mean = None if training else self.running_mean
         bn_var = None if training else self.running_var
         group = self._sync_group()
+        groups = self.virtual_devices if training else 1
+        if groups > 1:
+            device_batch(x.shape[0], groups, type(self).__name__)
         if torch.compiler.is_compiling() and group is None:
             # NOTE: plain ops the compiler traces into one graph (the fused Function would break it)
             y, batch_mean, batch_var, count = traceable.mixture(
@@ -358,6 +383,7 @@ class SwitchNormBase(nn.Module):
                 bn_var,
                 self.eps,
                 self.in_var_correction,
+                groups,
             )
         else:
             y, batch_mean, batch_var, count = _SwitchNormFn.apply(
@@ -370,6 +396,7 @@ class SwitchNormBase(nn.Module):
                 self.eps,
                 self.in_var_correction,
                 group,
+                groups,
             )
         if training:
             assert batch_mean is not None and batch_var is not None  # training: the batch's statistics
@@ -456,6 +483,8 @@ class SwitchNormBase(nn.Module):
             s += ", sync=True"
         if self.in_var_correction:
             s += ", in_var_correction=1"
+        if self.virtual_devices > 1:
+            s += f", virtual_devices={self.virtual_devices}"
         if getattr(self, "projection", "exact") != "exact":
             s += f", projection={self.projection}"
         ml, vl = self.latched

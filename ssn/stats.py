@@ -67,11 +67,25 @@ class _Coeffs(NamedTuple):
     rstd: Tensor  # (N, C)
     planes: Tensor  # (2, N, C): IN mean and variance
     ln: Tensor  # (2, N, 1): LN mean and variance
-    bn: Tensor  # (2, 1, C): BN mean and variance (the batch's or the running ones)
+    # (2, 1, C): BN mean and variance (the batch's or the running ones); (2, G, 1, C) per virtual device
+    bn: Tensor
     dev_ln: Tensor  # mu_in - mu_ln
     dev_bn: Tensor | None  # mu_in - mu_bn (batch statistics only)
     bn_share: float  # d mu_bn / d mu_in[n, c]: this plane's share of the pooled BN statistics (0: running)
     group: ProcessGroup | None  # process group the BN statistics are synchronised over, or None
+    groups: int  # virtual devices the batch statistics are pooled per (1: the whole batch; running: 1)
+
+
+def _grouped(t: Tensor, groups: int) -> Tensor:
+    """``(..., N, C)`` as ``(..., G, N/G, C)``: the batch dim split per virtual device (a view); ``t``
+    itself for one group, so the single-device arithmetic is untouched."""
+    return t if groups == 1 else t.unflatten(-2, (groups, -1))
+
+
+def _bn_ratio(r: Tensor, bn: Tensor) -> Tensor:
+    """The ``(2, 1, ...)`` BN ratio column ``r`` shaped to broadcast against ``bn`` (``(2, 1, C)``,
+    or ``(2, G, 1, C)`` per virtual device)."""
+    return r.view((2,) + (1,) * (bn.dim() - 1))
 
 
 def _pool(planes: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -81,14 +95,21 @@ def _pool(planes: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return torch.stack([mu, var]), dev
 
 
-def _batch_pool(planes: Tensor, m: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor, float]:
+def _batch_pool(
+    planes: Tensor, m: int, group: ProcessGroup | None, groups: int = 1
+) -> tuple[Tensor, Tensor, float]:
     """BN statistics ``(2, 1, C)`` from the planes, their deviations and the element count;
-    all-reduced over ``group`` (SyncBatchNorm-style) when one is given.
+    all-reduced over ``group`` (SyncBatchNorm-style) when one is given; per virtual device,
+    ``(2, G, 1, C)`` over each device's ``N/G`` samples, when ``groups`` > 1.
 
     Two small all-reduces (sum of means, then sum of centred second moments around the global
     mean) keep the pooled variance free of the E[x^2] - E[x]^2 cancellation.
     """
     n = planes.shape[1]
+    if groups > 1:  # (2, G, N/G, C): each device's samples pooled alone
+        assert group is None, "virtual devices pool per device: no process group"
+        bn, dev = _pool(_grouped(planes, groups), 1)
+        return bn, dev.flatten(0, 1), float(n // groups * m)
     if group is None:
         bn, dev = _pool(planes, 0)
         return bn, dev, float(n * m)
@@ -115,22 +136,27 @@ def _mixture_coeffs(
     eps: float,
     m: int,
     group: ProcessGroup | None,
+    groups: int = 1,
 ) -> tuple[_Coeffs, float]:
-    """The per-plane affine map of the mixture, and the BN element count (0 with running stats).
+    """The per-plane affine map of the mixture, and the BN element count (0 with running stats;
+    per device with virtual devices).
 
     Args:
         planes: ``(2, N, C)`` per-plane means and variances.
         ratios: ``(2, 3)``: the mean and the variance ratios, IN, LN, BN.
+        groups: virtual devices the batch statistics are pooled per (``ssn.virtual``).
     """
     ln, dev_ln = _pool(planes, 1)
     if bn_mean is None or bn_var is None:
-        bn, dev_bn, count = _batch_pool(planes, m, group)
+        bn, dev_bn, count = _batch_pool(planes, m, group, groups)
     else:
         bn, dev_bn, count = torch.stack([bn_mean, bn_var]).to(planes.dtype)[:, None], None, 0.0
+        groups = 1  # the running statistics are the same for every sample
     # NOTE: few ops on the (N, C) tensors (at 7x7 maps as large as a tenth of the activation, and
     # each one a dispatch): the mean and the variance are mixed together, (3, 2, 1, 1) ratios.
     r = ratios.to(planes.dtype).t()[..., None, None]
-    mix = torch.mul(planes, r[IN]).addcmul_(ln, r[LN]).addcmul_(bn, r[BN])
+    mix = torch.mul(planes, r[IN]).addcmul_(ln, r[LN])
+    _grouped(mix, groups).addcmul_(bn, _bn_ratio(r[BN], bn))  # (in place through the view)
     rstd = mix[1].add_(eps).rsqrt()
     scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
     shift = (
@@ -139,7 +165,7 @@ def _mixture_coeffs(
         else torch.addcmul(bias.to(scale.dtype), mix[0], scale, value=-1)
     )
     share = m / count if count else 0.0
-    return _Coeffs(scale, shift, mix, rstd, planes, ln, bn, dev_ln, dev_bn, share, group), count
+    return _Coeffs(scale, shift, mix, rstd, planes, ln, bn, dev_ln, dev_bn, share, group, groups), count
 
 
 def _mixture_coeffs_backward(
@@ -164,7 +190,8 @@ def _mixture_coeffs_backward(
     g_mix = torch.empty_like(c.planes)
     torch.mul(g_shift, c.scale, out=g_mix[0]).neg_()
     torch.mul(g_sc, c.scale, out=g_mix[1]).div_(ve).mul_(-0.5)
-    g_n, g_c = g_mix.sum(2, keepdim=True), g_mix.sum(1, keepdim=True)  # what reaches LN and BN
+    # what reaches LN and BN (per virtual device: each device's samples)
+    g_n, g_c = g_mix.sum(2, keepdim=True), _grouped(g_mix, c.groups).sum(-2, keepdim=True)
     flat = lambda t: t.flatten(1)  # noqa: E731
     g_ratios = torch.stack(
         [
@@ -181,14 +208,14 @@ def _mixture_coeffs_backward(
     g_planes = torch.mul(g_mix, r[IN]).add_(g_ln)
     g_planes[0].addcmul_(c.dev_ln, g_ln[1], value=2)
     if c.dev_bn is not None:
-        g_bn = g_c * r[BN]
+        g_bn = g_c * _bn_ratio(r[BN], g_c)
         if c.group is not None:
             import torch.distributed as dist
 
             dist.all_reduce(g_bn, group=c.group)  # the pooled statistics depend on every rank's planes
         g_bn = g_bn.mul_(c.bn_share)
-        g_planes.add_(g_bn)
-        g_planes[0].addcmul_(c.dev_bn, g_bn[1], value=2)
+        _grouped(g_planes, c.groups).add_(g_bn)
+        _grouped(g_planes[0], c.groups).addcmul_(_grouped(c.dev_bn, c.groups), g_bn[1], value=2)
     return g_planes, g_ratios, g_weight, g_shift.sum(0)
 
 
@@ -213,6 +240,10 @@ def _batch_momentum(module: _RunningStats) -> float:
 def _update_running(module: _RunningStats, mean: Tensor, var: Tensor, count: float) -> None:
     """Running BN statistics after a training batch with biased pooled ``var`` over ``count``.
 
+    ``mean`` and ``var`` are ``(C,)``, or ``(G, C)`` per virtual device (``count`` then per device):
+    each device's copy of the buffers is updated with its own statistics and the copies averaged,
+    as :func:`ssn.average_running_stats` averages real devices' buffers.
+
     NOTE: like BatchNorm, the running variance is the unbiased one; a single value per channel
     (1x1 maps at batch 1) has no unbiased estimate, so it is kept biased. With the authors'
     unbiased instance variance the pooled variance is stored as is, as their code does.
@@ -223,7 +254,11 @@ def _update_running(module: _RunningStats, mean: Tensor, var: Tensor, count: flo
     # NOTE: averaged in float32 at least, as BatchNorm does: a half-precision layer's batch
     # variance may exceed 65504 while the running average (weight ``m``) stays representable.
     for buf, new in ((module.running_mean, mean), (module.running_var, var * unbias)):
-        if buf.dtype in _WIDE:
+        if new.dim() == 2:  # per virtual device: (G, C) copies, averaged in float64
+            wide = buf.dtype in _WIDE
+            per = (buf if wide else buf.float()).lerp(new.to(buf.dtype if wide else torch.float32), m)
+            buf.copy_(per.to(buf.dtype).to(torch.float64).mean(0))
+        elif buf.dtype in _WIDE:
             buf.lerp_(new.to(buf.dtype), m)
         else:
             buf.copy_(buf.float().lerp_(new.float(), m))
