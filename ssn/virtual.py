@@ -10,6 +10,15 @@ as usual, and per-sample statistics (IN, LN, GN) are unaffected.
 Here: the checks, the grouped native batch norm (``bn`` and latched SSN layers) and
 :class:`VirtualBatchNorm1d`/``2d``/``3d`` (what ``create_norm('bn', C, virtual_devices=G)``
 builds). The SN/SSN mixture pools its BN statistics per group in ``ssn.stats``.
+
+Cost (CPU, 16x64x28x28, G = 8, forward + backward, a loaded 2-core VM): the SN/SSN mixture costs one
+call (the grouping is on the (N, C) statistics only; G separate calls cost ~3x); the native BN path
+1.1-1.4x G separate calls (the chunks' outputs and input gradients are joined by one copy each).
+
+NOTE: the running statistics are those of devices that keep their own buffers and average them
+before evaluation (``ssn.average_running_stats``). Under ``DistributedDataParallel``'s default
+``broadcast_buffers=True`` real devices instead restart every step from rank 0's buffers; outputs
+and gradients in training are the same either way.
 """
 
 from __future__ import annotations

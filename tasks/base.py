@@ -90,6 +90,9 @@ class NormTask(pl.LightningModule):
             Per-device layers average their running statistics over the processes before each
             validation and each checkpoint, so every rank evaluates and saves the same model.
         norm_kwargs: extra arguments of the norm layers (e.g. ``{"groups": 32}`` for ``gn``).
+            ``{"virtual_devices": G}`` splits each device's batch into G groups with their own BN
+            statistics, as G devices with per-device layers (``ssn.virtual``: the paper's "8 GPUs x
+            2 images" on one process); ``gn``/``in``/``ln`` ignore it, the ``sync*`` names refuse it.
         lr: learning rate for a global batch of ``lr_batch_size``; scaled linearly with the real
             global batch (per-device batch x devices x nodes x gradient accumulation).
         lr_batch_size: the reference batch of ``lr`` (the paper: 0.1 for 256).
@@ -190,7 +193,8 @@ class NormTask(pl.LightningModule):
         super().__init__()
         # NOTE: collects the subclass's arguments too (Lightning walks the __init__ frames).
         self.save_hyperparameters()
-        ssn.get_norm_layer(norm)  # an unknown name fails now, with the valid ones listed
+        # an unknown name, a bad virtual_devices (or one with a sync* name) fail now
+        ssn.get_norm_layer(norm, **{k: v for k, v in (norm_kwargs or {}).items() if k == "virtual_devices"})
         Pretrained.from_hparams(
             self.hparams
         )  # checks the ratio mode now; the file is read in configure_model
@@ -217,6 +221,11 @@ class NormTask(pl.LightningModule):
 
     def norm_layer(self, dim: int = 2):
         return ssn.get_norm_layer(self.norm, dim=dim, **self.norm_kwargs)
+
+    @property
+    def virtual_devices(self) -> int:
+        """Virtual devices per process (``norm_kwargs``' ``virtual_devices``; 1 without)."""
+        return int(self.norm_kwargs.get("virtual_devices", 1))
 
     @property
     def sync_stats(self) -> bool:
@@ -483,13 +492,17 @@ class NormTask(pl.LightningModule):
     def run_info(self) -> dict[str, Any]:
         """What dashboards and ``ssn-bench compare`` group and compare runs by."""
         dm = self.trainer.datamodule
+        batch = getattr(dm, "batch_size", None)
         return {
             "task": type(self).__name__,
             "dataset": type(dm).__name__ if dm is not None else None,
             "arch": getattr(self.hparams, "arch", None),
             "norm": self.norm,
             "sync_stats": self.sync_stats,
-            "batch_size": getattr(dm, "batch_size", None),
+            "batch_size": batch,
+            # the batch each (virtual) device's BN statistics come from: the paper's per-GPU batch
+            "virtual_devices": self.virtual_devices,
+            "device_batch_size": batch // self.virtual_devices if isinstance(batch, int) else None,
             "global_batch_size": self.global_batch_size(),
             "effective_lr": self.effective_lr(),
             "seed": int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None,

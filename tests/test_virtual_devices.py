@@ -294,3 +294,27 @@ def test_two_gloo_processes_equal_one_process_with_two_virtual_devices(tmp_path)
                 assert set(got) == set(want)
                 for key in want:
                     torch.testing.assert_close(got[key], want[key], msg=f"{norm} step {step} rank {r}: {key}")
+
+
+def test_a_task_builds_its_norms_with_virtual_devices() -> None:
+    """``norm_kwargs: {virtual_devices: G}`` (YAML) reaches every norm layer; sync names refuse it."""
+    from tasks import ImageClassifier
+
+    for norm, cls in (("bn", ssn.VirtualBatchNorm2d), ("ssn", ssn.SparseSwitchNorm2d)):
+        task = ImageClassifier(
+            arch="resnet_small", num_classes=3, in_channels=1, norm=norm, norm_kwargs={"virtual_devices": 2}
+        )
+        layers = [m for m in task.modules() if isinstance(m, cls)]
+        assert layers and all(m.virtual_devices == 2 for m in layers)
+        assert task.virtual_devices == 2
+        task(torch.randn(4, 1, 12, 12))
+        with pytest.raises(ValueError, match="batch of 3 samples does not split into 2"):
+            task(torch.randn(3, 1, 12, 12))
+    with pytest.raises(ValueError, match="per-device"):
+        ImageClassifier(
+            arch="resnet_small",
+            num_classes=3,
+            in_channels=1,
+            norm="syncssn",
+            norm_kwargs={"virtual_devices": 2},
+        )
