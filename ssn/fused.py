@@ -19,10 +19,8 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 # NOTE: the blocked loops' temporaries: 256 KB in float32, so a block and its temporary stay in
-# a core's L2 instead of spilling to L3 and evicting what the next convolution reads (ResNet-50
-# at batch 8: 1.05-1.07x BN against 1.08-1.11x with 4 MB blocks in one set of runs; later
-# interleaved runs did not separate the two from this VM's noise); at most _MAX_BLOCKS per call,
-# so large activations do not pay the per-op cost of hundreds of blocks.
+# a core's L2 instead of spilling to L3 and evicting what the next convolution reads; at most
+# _MAX_BLOCKS per call, so large activations do not pay the per-op cost of hundreds of blocks.
 _BLOCK_ELEMS = 1 << 16
 _MAX_BLOCKS = 32
 
