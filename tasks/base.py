@@ -140,8 +140,8 @@ class NormTask(pl.LightningModule):
             the latches are decided between steps, and a new latch recompiles its layer's path.
         channels_last: keep the network's weights and its input in the channels-last memory
             format (``channels_last`` for 2-D networks, ``channels_last_3d`` for 3-D), where the
-            CPU's and the GPU's convolutions are faster (the small ResNet's CPU training step:
-            ``benchmarks/bench_e2e.py --models resnet_small``). Results are unchanged.
+            CPU's convolutions are faster for the small ResNet (its training step:
+            ``benchmarks/bench_e2e.py --models resnet_small --channels-last``). Results are unchanged.
         nonfinite: what a NaN/Inf loss or gradient does: ``stop`` the run (default) or ``skip`` the
             step (no update; counted in ``train/skipped_nonfinite``). Either way the message names
             the step and the first layer where it appeared, and nothing non-finite reaches a
