@@ -43,7 +43,8 @@ settings.load_profile("ci")
 # Paths, the Fashion-MNIST task's arguments and the small datasets live in tests/helpers.py
 # (importable: ``from helpers import ROOT, fmnist_args, needs_fmnist``); the fixtures below wrap
 # them for tests that take them as arguments. Markers (pyproject.toml): ``slow`` for the tests
-# that train through the CLI (``pytest -m "not slow"`` is the quick loop), ``cuda``.
+# that train end to end or run a whole benchmark script (``pytest -m "not slow"`` is the quick
+# loop), ``cuda``.
 
 
 @pytest.fixture(scope="session")

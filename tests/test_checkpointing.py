@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -12,6 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from fault_injection import trial_kill_save
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_the_previous_checkpoint_and_leaves_no_orphans(tmp_path):
     # ok: the previous checkpoint (step 1, its tensor intact) loads after the kill, the killed
     # save's partial file lay beside it, and the next save leaves only last.ckpt (step 3)

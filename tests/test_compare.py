@@ -222,6 +222,7 @@ def test_report_on_runs_with_known_values(tmp_path):
     assert "| bn | 32 | 32 | 0,1 | 0.9100 ± 0.0141 |" in (tmp_path / "r5" / "report.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sweep_survives_a_killed_run_and_resumes_it_from_its_checkpoint(tmp_path, capsys, monkeypatch):
     """Real runs (digits, 4 steps per epoch, 3 epochs), each its own process: the SSN run is

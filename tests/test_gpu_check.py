@@ -27,6 +27,7 @@ def test_bandwidth_accounting():
     assert roof_fraction(2.0, 1.0, train=True) == 1.25
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu():
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(
