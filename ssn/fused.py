@@ -124,7 +124,7 @@ def _plane_moments(x: Tensor, correction: int = 0) -> Tensor:
 
 def _plane_sums(x: Tensor, unit: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Per-(n, c) ``sum(x)`` and ``sum(x * x)`` over the spatial dims of a contiguous ``x``, ``(N, C)``
-    each, in one read: the raw moments (no backward; see ``_plane_moments_eval`` for when they
+    each, in one read: the raw moments (no backward; see ``_plane_sums_eval`` for when they
     serve).
 
     NOTE: the native batch-norm backward with zero mean and unit inverse std returns both sums of
@@ -147,11 +147,10 @@ def _plane_sums(x: Tensor, unit: tuple[Tensor, Tensor] | None = None) -> tuple[T
 # beyond (0.46 at r = 1000 on a 28x28 map); so raw moments serve only the planes with mu^2 <= var.
 
 
-def _plane_moments_eval(
-    x: Tensor, correction: int = 0, unit: tuple[Tensor, Tensor] | None = None
-) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and variance ``(N, C)`` (biased unless ``correction`` is 1), as exact as
-    ``_plane_moments``, for evaluation (no backward), in one read where the data allows.
+def _plane_sums_eval(x: Tensor, unit: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) ``sum(x)`` and centred ``sum((x - mu)^2)``, ``(N, C)`` each, as exact as the
+    two-pass moments, for evaluation (no backward), in one read where the data allows. (Sums, not
+    means: the caller folds the 1/M and the degrees of freedom into its own constants.)
 
     NOTE: on the CPU the raw sums (one read: ``_plane_sums``, or two reductions over a channels-last
     input's (N, M, C) view) serve every plane whose mean is within one standard deviation of zero
@@ -160,29 +159,24 @@ def _plane_moments_eval(
     contiguous input's, so a layer pays for exactness in proportion to the planes that need it;
     otherwise the whole input. CUDA: ``_plane_moments`` (one exact var_mean kernel).
     """
+    m = math.prod(x.shape[2:])
     flat = _flat(x)
     xv = None if flat is not None else _nhwc(x)
     if not _cache_blocked(x) or (flat is None and xv is None):
-        mu, var = _plane_moments(x, correction)
-        return mu, var
-    m = math.prod(x.shape[2:])
+        return tuple(_plane_moments(x).mul_(m))  # type: ignore[return-value]
     s1, s2 = _plane_sums(x, unit) if xv is None else (xv.sum(1), xv.square().sum(1))
-    mu = s1.mul_(1 / m)  # (fresh outputs of the sums: modified in place)
-    var = s2.mul_(1 / m).addcmul_(mu, mu, value=-1)
-    # var < mu^2 (an all-zero plane passes: its raw moments are exact)
-    margin = torch.addcmul(var, mu, mu, value=-1)
+    ss = s2.addcmul_(s1, s1, value=-1 / m)  # (a fresh output of the sums: modified in place)
+    # var < mu^2, i.e. ss < s1^2 / M (an all-zero plane passes: its raw moments are exact)
+    margin = torch.addcmul(ss, s1, s1, value=-1 / m)
     if float(margin.min()) < 0:  # NOTE: a host read, which costs no sync on the CPU
         bad = margin.view(-1).lt_(0).nonzero().view(-1)
-        if flat is None or 2 * bad.numel() > mu.numel():
-            mu, var = _plane_moments(x, correction)
-            return mu, var
+        if flat is None or 2 * bad.numel() > s1.numel():
+            return tuple(_plane_moments(x).mul_(m))  # type: ignore[return-value]
         rows = flat[0].index_select(0, bad)
-        mu_bad = rows.mean(1, keepdim=True)
-        mu.view(-1).index_copy_(0, bad, mu_bad.view(-1))
-        var.view(-1).index_copy_(0, bad, rows.sub_(mu_bad).square_().mean(1))
-    if correction:
-        var.mul_(m / _dof(m, correction))
-    return mu, var
+        s1_bad = rows.sum(1, keepdim=True)
+        s1.view(-1).index_copy_(0, bad, s1_bad.view(-1))
+        ss.view(-1).index_copy_(0, bad, rows.sub_(s1_bad, alpha=1 / m).square_().sum(1))
+    return s1, ss
 
 
 def _dof(m: int, correction: int) -> int:

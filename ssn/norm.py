@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import traceable
 from .functional import PROJECTIONS, authors_sparsestmax, max_radius, sparsestmax
-from .fused import _plane_affine, _plane_moments_eval, _SwitchNormFn
+from .fused import _dof, _plane_affine, _plane_sums_eval, _SwitchNormFn
 from .latched import LatchedNorm
 from .stats import (  # noqa: F401  (BN, IN, LN re-exported: ssn.norm.BN)
     BN,
@@ -447,7 +447,7 @@ class SwitchNormBase(nn.Module):
     def _folded_eval(self, x: Tensor) -> Tensor:
         """Dense evaluation: the ratios and the BN terms are constants, folded once (per eval(),
         refolded when a parameter or buffer changes); per call only the per-plane moments (one
-        pass over ``x`` where they do not cancel, ``fused._plane_moments_eval``), a few (N, C) ops
+        pass over ``x`` where they do not cancel, ``fused._plane_sums_eval``), a few (N, C) ops
         and one affine pass.
         """
         xs = float32_at_least(x)
@@ -457,15 +457,19 @@ class SwitchNormBase(nn.Module):
         fold = self._fold[1]
         (m_in, m_ln), (v_in, v_ln) = fold["ratios"]
         weight, bias, zeros, ones = self._folded_affine(fold, x.shape[0], xs.dtype)
-        mu_in, var_in = _plane_moments_eval(xs, self.in_var_correction, (zeros, ones))
-        # LN pooled from the planes as in training (``stats._moments``: the mean of the variances
-        # plus the variance of the means, from the deviations), with the 1/C folded into the ratios
-        ch = x.shape[1]
-        mu_ln = mu_in.sum(1, keepdim=True)
-        dev = torch.sub(mu_in, mu_ln, alpha=1 / ch)
-        var_ln = torch.addcmul(var_in, dev, dev).sum(1, keepdim=True)
-        mean = torch.add(fold["bn"][0], mu_ln, alpha=m_ln / ch).add_(mu_in, alpha=m_in)
-        var = torch.add(fold["bn"][1], var_ln, alpha=v_ln / ch).add_(var_in, alpha=v_in)
+        s1, ss = _plane_sums_eval(xs, (zeros, ones))
+        # NOTE: from the sums, with the 1/M, the degrees of freedom and the 1/C of the LN pooling
+        # folded into the scalars: mu_in = s1 / M, var_in = k ss (k = 1 / dof); LN pooled as in
+        # training (``stats._moments``: the mean of the variances plus the variance of the means,
+        # from the deviations), mean_c(var_in + (mu_in - mu_ln)^2) = k / C sum_c(ss + d^2 / (k M^2))
+        # with d = M (mu_in - mu_ln).
+        ch, m = x.shape[1], math.prod(x.shape[2:])
+        k = 1 / _dof(m, self.in_var_correction)
+        s_ln = s1.sum(1, keepdim=True)
+        d = torch.sub(s1, s_ln, alpha=1 / ch)
+        var_ln = torch.addcmul(ss, d, d, value=1 / (k * m * m)).sum(1, keepdim=True)
+        mean = torch.add(fold["bn"][0], s_ln, alpha=m_ln / (ch * m)).add_(s1, alpha=m_in / m)
+        var = torch.add(fold["bn"][1], var_ln, alpha=v_ln * k / ch).add_(ss, alpha=v_in * k)
         if not xs.is_contiguous():  # e.g. channels_last: broadcast ops keep the layout
             scale = var.rsqrt_().mul_(weight.view_as(var))
             return _plane_affine(xs, scale, torch.addcmul(bias.view_as(scale), mean, scale, value=-1)).to(
