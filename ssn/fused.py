@@ -163,7 +163,8 @@ def _plane_sums_eval(x: Tensor, unit: tuple[Tensor, Tensor] | None = None) -> tu
     flat = _flat(x)
     xv = None if flat is not None else _nhwc(x)
     if not _cache_blocked(x) or (flat is None and xv is None):
-        return tuple(_plane_moments(x).mul_(m))  # type: ignore[return-value]
+        total, centred = _plane_moments(x).mul_(m)  # (mean, variance) * M
+        return total, centred
     s1, s2 = _plane_sums(x, unit) if xv is None else (xv.sum(1), xv.square().sum(1))
     ss = s2.addcmul_(s1, s1, value=-1 / m)  # (a fresh output of the sums: modified in place)
     # var < mu^2, i.e. ss < s1^2 / M (an all-zero plane passes: its raw moments are exact)
@@ -171,7 +172,8 @@ def _plane_sums_eval(x: Tensor, unit: tuple[Tensor, Tensor] | None = None) -> tu
     if float(margin.min()) < 0:  # NOTE: a host read, which costs no sync on the CPU
         bad = margin.view(-1).lt_(0).nonzero().view(-1)
         if flat is None or 2 * bad.numel() > s1.numel():
-            return tuple(_plane_moments(x).mul_(m))  # type: ignore[return-value]
+            total, centred = _plane_moments(x).mul_(m)
+            return total, centred
         rows = flat[0].index_select(0, bad)
         s1_bad = rows.sum(1, keepdim=True)
         s1.view(-1).index_copy_(0, bad, s1_bad.view(-1))
