@@ -11,7 +11,8 @@ so every panel shows one line or bar per report group with the seeds' spread. It
   parallel-coordinates plot normalizer -> batch -> metric, and the report's own plot);
 * the SSN selection per layer: each run's ``ssn/selection`` table and ``ssn/heatmap``, the layers
   latched, and the report's selection plot;
-* throughput and memory: the report's table (``compare/table``: samples/s, peak MiB per group).
+* throughput and memory: each run's ``summary/throughput`` and ``summary/peak_memory_mb`` per group,
+  and the report's table (``compare/table``) when the report logged one.
 
 Offline (the default) nothing is sent: :func:`write_workspace` writes the definition (the
 workspace's wandb view, as ``wandb-workspaces`` serialises it) to ``workspace.json`` in the report
@@ -52,6 +53,8 @@ RUN_KEYS = {
     "ssn/selection": ("tasks/callbacks/ratio_monitor.py",),  # SN/SSN runs: a table, when fitting ends
     "ssn/heatmap": ("tasks/callbacks/ratio_monitor.py",),  # an image at each validation
     "ssn/latched_layers": ("tasks/callbacks/ratio_monitor.py",),  # a summary value
+    "summary/throughput": ("tasks/callbacks/run_summary.py",),  # summary values, when fitting ends
+    "summary/peak_memory_mb": ("tasks/callbacks/run_summary.py",),
 }
 # What the report's own run logs (``compare --wandb``, :func:`tasks.report.log_to_wandb`).
 COMPARE_KEYS = ("compare/table", "compare/metric_vs_batch", "compare/selection")
@@ -108,7 +111,7 @@ def logged_keys(records: list[dict[str, Any]]) -> set[str]:
     """The keys the runs log to wandb: their metrics (less the summary's own ``best/`` and
     ``exported/``), their validation history's keys, :data:`RUN_KEYS` (the SSN ones for runs with
     SN/SSN layers)."""
-    keys = {"train/loss"}
+    keys = {"train/loss", "summary/throughput", "summary/peak_memory_mb"}
     for r in records:
         keys |= {k for k in r.get("_metrics", ()) if not k.startswith(("best/", "exported/"))}
         keys |= {k for h in r.get("history") or () for k in h if k not in ("epoch", "step")}
@@ -256,24 +259,21 @@ def build_workspace(
                 )
             )
         sections.append(ws.Section(name="SSN selection per layer", is_open=True, panels=panels))
+    panels = [
+        wr.BarPlot(
+            title="training samples/s per group (mean ± std)", metrics=["summary/throughput"], **grouped
+        ),
+        wr.BarPlot(
+            title="peak memory (MB) per group (mean ± std)", metrics=["summary/peak_memory_mb"], **grouped
+        ),
+        wr.MarkdownPanel(
+            markdown="samples/s: training throughput over all devices (training batches only); "
+            "peak memory: the CUDA allocator's peak, or the process RSS on a CPU."
+        ),
+    ]
     if compare_run:
-        sections.append(
-            ws.Section(
-                name="throughput and memory",
-                is_open=True,
-                panels=[
-                    wr.WeavePanelSummaryTable(table_name="compare/table"),
-                    wr.MarkdownPanel(
-                        markdown="samples/s: training throughput over all devices (training batches only); "
-                        "peak MiB: the peak memory (CUDA allocator or process RSS), max over the group."
-                    ),
-                ],
-            )
-        )
-    else:
-        notes.append(
-            "throughput and memory come from the report's run (compare --wandb): not shown without it"
-        )
+        panels.insert(0, wr.WeavePanelSummaryTable(table_name="compare/table"))
+    sections.append(ws.Section(name="throughput and memory", is_open=True, panels=panels))
     workspace = ws.Workspace(
         entity=entity,
         project=project,

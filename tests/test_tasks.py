@@ -99,6 +99,10 @@ def test_cli_fit_writes_checkpoint_dashboards_and_export(tmp_path, capsys):
     assert list(out.rglob("last.ckpt"))
     program = torch.export.load(out / "exported" / "model.pt2").module()
     assert program(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    summary = json.loads((out / "summary.json").read_text())
+    wandb_summary = dict(cli.trainer.logger.experiment.summary)  # what a workspace compares per group
+    assert wandb_summary["summary/throughput"] == summary["throughput"] > 0
+    assert wandb_summary["summary/peak_memory_mb"] == summary["peak_memory_mb"]
     cli.trainer.logger.experiment.finish()  # NOTE: wandb writes its run file asynchronously until finished
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))  # an offline wandb run, uploadable with wandb sync

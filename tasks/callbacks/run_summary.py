@@ -144,3 +144,22 @@ class RunSummary(pl.Callback):
         summary = self.summary(trainer, pl_module)
         if trainer.is_global_zero:
             write_text_atomic(self._path, json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
+            _to_wandb(trainer, summary)
+
+
+# The run's measurements that a wandb workspace compares per group (tasks/workspace.py).
+WANDB_SUMMARY = {"throughput": "summary/throughput", "peak_memory_mb": "summary/peak_memory_mb"}
+
+
+def _to_wandb(trainer: pl.Trainer, summary: dict[str, Any]) -> None:
+    """Put the throughput and the peak memory in the wandb run's summary (offline runs too)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    values = {
+        key: summary[field]
+        for field, key in WANDB_SUMMARY.items()
+        if isinstance(summary.get(field), (int, float))
+    }
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and values:
+            logger.experiment.summary.update(values)
