@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AUTHORS_RADIUS_END", "radius_at"]
+__all__ = ["AUTHORS_RADIUS_END", "radius_at", "ramp_end"]
 
 # The released ImageNet script (switchablenorms/Sparse_SwitchNorm, train_imagenet.py) sets the
 # radius to ``step / total_steps``: linear from 0 to 1.0 over the whole run. With three statistics
@@ -23,3 +23,20 @@ def radius_at(step: int, ramp_steps: int, start: float, end: float, delay: int =
     if ramp_steps <= 0:
         return end
     return start + (end - start) * min(1.0, (step - delay) / ramp_steps)
+
+
+def ramp_end(start: float | None, end: float | None, ramp_fraction: float, delay_fraction: float) -> float:
+    """The ramp's end radius (the authors' when ``end`` is None), after checking a schedule given as
+    fractions of the run: ``0 < ramp_fraction``, ``0 <= delay_fraction``, their sum ``<= 1``, and
+    ``0 <= start <= end``. What the Lightning callback and the mmengine hook both take."""
+    if not (
+        0.0 < ramp_fraction <= 1.0 and 0.0 <= delay_fraction < 1.0 and delay_fraction + ramp_fraction <= 1.0
+    ):
+        raise ValueError(
+            f"need 0 < ramp_fraction <= 1, 0 <= delay_fraction and their sum <= 1, "
+            f"got ramp_fraction={ramp_fraction}, delay_fraction={delay_fraction}"
+        )
+    stop = AUTHORS_RADIUS_END if end is None else float(end)
+    if start is not None and not 0.0 <= start <= stop:
+        raise ValueError(f"need 0 <= start <= end, got start={start}, end={stop}")
+    return stop

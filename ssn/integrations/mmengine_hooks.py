@@ -28,7 +28,7 @@ from torch import nn
 
 from ..latched import LatchedNorm
 from ..norm import SparseSwitchNormBase, SwitchNormBase
-from ..schedule import AUTHORS_RADIUS_END, radius_at
+from ..schedule import radius_at, ramp_end
 from ..surgery import switch_norms
 from ..training import average_running_stats, set_radius, update_latches
 from .mmcv_lite import bridge_mmcv_lite
@@ -151,18 +151,7 @@ class SSNRadiusHook(Hook):
         norm_eval: bool = True,
         log_interval: int = 1,
     ) -> None:
-        if not (
-            0.0 < ramp_fraction <= 1.0
-            and 0.0 <= delay_fraction < 1.0
-            and delay_fraction + ramp_fraction <= 1.0
-        ):
-            raise ValueError(
-                f"need 0 < ramp_fraction <= 1, 0 <= delay_fraction and their sum <= 1, "
-                f"got ramp_fraction={ramp_fraction}, delay_fraction={delay_fraction}"
-            )
-        self.end = AUTHORS_RADIUS_END if end is None else float(end)
-        if start is not None and not 0.0 <= start <= self.end:
-            raise ValueError(f"need 0 <= start <= end, got start={start}, end={self.end}")
+        self.end = ramp_end(start, end, ramp_fraction, delay_fraction)
         if ratio_grad_clip is not None and not ratio_grad_clip > 0:
             raise ValueError(f"ratio_grad_clip must be > 0 or None, got {ratio_grad_clip!r}")
         if log_interval < 1:

@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 import ssn
-from ssn.schedule import AUTHORS_RADIUS_END, radius_at
+from ssn.schedule import radius_at, ramp_end
 
 __all__ = ["RadiusSchedule"]
 
@@ -41,18 +41,7 @@ class RadiusSchedule(pl.Callback):
         ramp_fraction: float = 1.0,
         delay_fraction: float = 0.0,
     ) -> None:
-        if (
-            not 0.0 < ramp_fraction <= 1.0
-            or not 0.0 <= delay_fraction < 1.0
-            or delay_fraction + ramp_fraction > 1.0
-        ):
-            raise ValueError(
-                f"need 0 < ramp_fraction <= 1, 0 <= delay_fraction and their sum <= 1, "
-                f"got ramp_fraction={ramp_fraction}, delay_fraction={delay_fraction}"
-            )
-        self.end = AUTHORS_RADIUS_END if end is None else float(end)
-        if start is not None and not 0.0 <= start <= self.end:
-            raise ValueError(f"need 0 <= start <= end, got start={start}, end={self.end}")
+        self.end = ramp_end(start, end, ramp_fraction, delay_fraction)
         self.start_from_module = start is None
         self.start = 0.0 if start is None else float(start)
         self.ramp_fraction, self.delay_fraction = ramp_fraction, delay_fraction
