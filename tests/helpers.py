@@ -273,3 +273,21 @@ def write_summary(root: Path, name: str, summary: dict) -> None:
     """``summary`` as ``root/name/summary.json`` (a run folder of a sweep)."""
     (root / name).mkdir(parents=True)
     (root / name / "summary.json").write_text(json.dumps(summary))
+
+
+def reference(x, mean_ratio, var_ratio, weight, bias, eps, running=None):
+    """The SN formula written out with plain reductions (biased variances, like the native layers), in
+    the input's dtype (float64 in the tests): the reference of tests/test_norm.py and tests/test_cuda.py."""
+    sp = tuple(range(2, x.dim()))
+    mu_in, var_in = x.mean(sp, keepdim=True), x.var(sp, unbiased=False, keepdim=True)
+    ln = (1,) + sp
+    mu_ln, var_ln = x.mean(ln, keepdim=True), x.var(ln, unbiased=False, keepdim=True)
+    shape = (1, -1) + (1,) * len(sp)
+    if running is None:
+        bn = (0,) + sp
+        mu_bn, var_bn = x.mean(bn, keepdim=True), x.var(bn, unbiased=False, keepdim=True)
+    else:
+        mu_bn, var_bn = running[0].view(shape), running[1].view(shape)
+    mean = mean_ratio[0] * mu_in + mean_ratio[1] * mu_ln + mean_ratio[2] * mu_bn
+    var = var_ratio[0] * var_in + var_ratio[1] * var_ln + var_ratio[2] * var_bn
+    return (x - mean) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape)

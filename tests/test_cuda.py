@@ -29,6 +29,8 @@ from torch import nn
 
 import ssn
 
+from helpers import reference
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -40,23 +42,6 @@ SHAPES = {1: (4, 6, 9), 2: (4, 6, 5, 7), 3: (3, 6, 3, 4, 5)}
 # gradients summed over a few hundred elements.
 TOL = dict(atol=2e-4, rtol=2e-4)
 LATCHES = [None, ("bn", "bn"), ("in", "in"), ("ln", "ln"), ("bn", "in"), ("ln", "bn"), ("in", None)]
-
-
-def reference(x, mean_ratio, var_ratio, weight, bias, eps, running=None):
-    """The SN formula with plain reductions (biased variances, like the native layers), float64."""
-    sp = tuple(range(2, x.dim()))
-    mu_in, var_in = x.mean(sp, keepdim=True), x.var(sp, unbiased=False, keepdim=True)
-    ln = (1,) + sp
-    mu_ln, var_ln = x.mean(ln, keepdim=True), x.var(ln, unbiased=False, keepdim=True)
-    shape = (1, -1) + (1,) * len(sp)
-    if running is None:
-        bn = (0,) + sp
-        mu_bn, var_bn = x.mean(bn, keepdim=True), x.var(bn, unbiased=False, keepdim=True)
-    else:
-        mu_bn, var_bn = running[0].view(shape), running[1].view(shape)
-    mean = mean_ratio[0] * mu_in + mean_ratio[1] * mu_ln + mean_ratio[2] * mu_bn
-    var = var_ratio[0] * var_in + var_ratio[1] * var_ln + var_ratio[2] * var_bn
-    return (x - mean) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape)
 
 
 def _layer(kind: str, dim: int, latch: tuple[str | None, str | None] | None, seed: int = 0) -> nn.Module:
