@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from datamodules import fashion_mnist as fm
+from tasks.sweep import config_args, norm_overlays
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "configs/base/trainer.yaml")  # the trainer every run composes first
@@ -27,19 +28,16 @@ needs_fmnist = pytest.mark.skipif(
 
 def fmnist(norm: str) -> list[str]:
     """The --config arguments of the Fashion-MNIST task with this normalizer (its composition)."""
-    overlay = ROOT / f"configs/fashion_mnist/norms/{norm}.yaml"
-    return [
-        "--config",
-        FMNIST,
-        "--config",
-        str(ROOT / f"configs/norms/{norm}.yaml"),
-        *(["--config", str(overlay)] if overlay.is_file() else []),
-    ]
+    return [a for f in (FMNIST, *norm_overlays(FMNIST, norm)) for a in ("--config", f)]
 
 
 def fmnist_args(tmp_path: Path, norm: str = "ssn", *extra: str) -> list[str]:
     """A short quiet Fashion-MNIST run writing under ``tmp_path/out`` (6 training batches of 16)."""
-    out = str(tmp_path / "out")
+    return fmnist_run_args(tmp_path / "out", norm, *extra)
+
+
+def fmnist_run_args(out: Path, norm: str = "ssn", *extra: str) -> list[str]:
+    """:func:`fmnist_args` writing under ``out``."""
     return [
         "--config",
         BASE,
@@ -52,6 +50,25 @@ def fmnist_args(tmp_path: Path, norm: str = "ssn", *extra: str) -> list[str]:
         "--trainer.limit_val_batches=2",
         "--trainer.limit_test_batches=2",
         "--data.batch_size=16",
+        *extra,
+    ]
+
+
+def cityscapes_args(root: Path, out: Path, norm: str = "ssn", *extra: str) -> list[str]:
+    """A two-step quiet DeepLabV3-R18 run on :func:`write_cityscapes`'s fixture, writing under ``out``."""
+    return [
+        *config_args(ROOT / "configs/cityscapes/deeplabv3_r50_cityscapes-769x769.yaml", norm),
+        f"--data.init_args.root={root}",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.crop_size=[32, 32]",
+        "--data.init_args.scale=[96, 48]",
+        "--model.init_args.depth=18",
+        "--model.init_args.crop_size=[32, 32]",
+        "--model.init_args.test_crop_size=[32, 32]",
+        "--model.init_args.test_stride=[24, 24]",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={out}",
         *extra,
     ]
 

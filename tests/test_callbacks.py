@@ -16,7 +16,7 @@ import ssn
 from ssn.schedule import radius_at
 from tasks.callbacks import RadiusSchedule, RunSummary
 
-from helpers import ROOT, write_cityscapes
+from helpers import cityscapes_args, write_cityscapes
 
 STEPS_PER_EPOCH = 6
 
@@ -183,26 +183,7 @@ def test_segmentation_summary_history_holds_each_validations_miou(tmp_path):
     cli = main(
         [
             "fit",
-            "--config",
-            str(ROOT / "configs/base/trainer.yaml"),
-            "--config",
-            str(ROOT / "configs/cityscapes/deeplabv3_r50_cityscapes-769x769.yaml"),
-            "--config",
-            str(ROOT / "configs/norms/ssn.yaml"),
-            "--config",
-            str(ROOT / "configs/base/quiet.yaml"),
-            f"--data.init_args.root={root}",
-            "--data.init_args.num_workers=0",
-            "--data.init_args.crop_size=[32, 32]",
-            "--data.init_args.scale=[96, 48]",
-            "--model.init_args.depth=18",
-            "--model.init_args.crop_size=[32, 32]",
-            "--model.init_args.test_crop_size=[32, 32]",
-            "--model.init_args.test_stride=[24, 24]",
-            "--trainer.max_steps=2",
-            "--trainer.val_check_interval=1",
-            "--trainer.limit_val_batches=1",
-            f"--trainer.default_root_dir={out}",
+            *cityscapes_args(root, out, "ssn", "--trainer.val_check_interval=1"),
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
             f"--trainer.logger.save_dir={out}",
             "--export=false",

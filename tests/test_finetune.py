@@ -17,34 +17,20 @@ from ssn.transfer import backbone_state, read_checkpoint
 from tasks import ImageClassifier
 from tasks.cli import main
 
-from helpers import BASE, QUIET, ROOT, imagenet_fixture, needs_fmnist, their_model, their_state_dict
-
-FMNIST_SSN = [
-    "--config",
-    str(ROOT / "configs/fashion_mnist/resnet_small_fashionmnist-28.yaml"),
-    "--config",
-    str(ROOT / "configs/norms/ssn.yaml"),
-    "--config",
-    str(ROOT / "configs/fashion_mnist/norms/ssn.yaml"),
-]
+from helpers import (
+    BASE,
+    QUIET,
+    ROOT,
+    fmnist_run_args,
+    imagenet_fixture,
+    needs_fmnist,
+    their_model,
+    their_state_dict,
+)
 
 
 def _args(out: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        BASE,
-        *FMNIST_SSN,
-        "--config",
-        QUIET,
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}",
-        "--trainer.limit_train_batches=6",
-        "--trainer.limit_val_batches=2",
-        "--trainer.limit_test_batches=2",
-        "--data.batch_size=16",
-        "--trainer.max_epochs=1",
-        *extra,
-    ]
+    return fmnist_run_args(out, "ssn", "--trainer.max_epochs=1", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from torch import nn
 import ssn
 from ssn.integrations import MmcvOpUnavailable, bridge_mmcv_lite, mm_norm_cfg
 
-from helpers import ROOT, png, scene, write_cityscapes
+from helpers import ROOT, cityscapes_args, png, scene, write_cityscapes
 
 CONFIGS = [
     Path(f"configs/{c}.yaml")
@@ -477,25 +477,7 @@ def test_fit_through_the_cli_on_a_cityscapes_fixture(tmp_path):
     cli = main(
         [
             "fit",
-            "--config",
-            str(ROOT / "configs/base/trainer.yaml"),
-            "--config",
-            str(ROOT / "configs/cityscapes/deeplabv3_r50_cityscapes-769x769.yaml"),
-            *SSN,
-            "--config",
-            str(ROOT / "configs/base/quiet.yaml"),
-            f"--data.init_args.root={root}",
-            "--data.init_args.num_workers=0",
-            "--data.init_args.crop_size=[32, 32]",
-            "--data.init_args.scale=[96, 48]",
-            "--model.init_args.depth=18",
-            "--model.init_args.crop_size=[32, 32]",
-            "--model.init_args.test_crop_size=[32, 32]",
-            "--model.init_args.test_stride=[24, 24]",
-            "--trainer.max_steps=2",
-            "--trainer.val_check_interval=2",
-            "--trainer.limit_val_batches=1",
-            f"--trainer.default_root_dir={out}",
+            *cityscapes_args(root, out, "ssn", "--trainer.val_check_interval=2"),
             f"--trainer.logger.init_args.save_dir={out}",
             "--export=false",
         ]
