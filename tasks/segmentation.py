@@ -244,8 +244,10 @@ class SemanticSegmenter(NormTask):
         super().on_fit_start()
         # NOTE: ASPP's image-pool branch normalises a 1x1 map: batch statistics over one sample
         # have one value per channel, which torch's BatchNorm refuses (deep in the first step).
-        values = self.trainer.datamodule.batch_size * (self.trainer.world_size if self.sync_stats else 1)
-        if self.norm in ("bn", "syncbn") and values < 2:
+        # (per device: one process's batch split over its virtual devices; synchronised: all of them)
+        values = self.trainer.datamodule.batch_size // self.virtual_devices
+        values *= self.trainer.world_size if self.sync_stats else 1
+        if ssn.NORMS[self.norm.lower()].local == "bn" and values < 2:
             raise ValueError(
                 f"norm {self.norm!r} at {values} sample per batch statistic: the ASPP image-pool branch "
                 "(model.decode_head.image_pool, a 1x1 map) needs at least 2 values per channel; use "

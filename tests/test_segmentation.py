@@ -563,6 +563,9 @@ def test_bn_at_batch_1_names_the_aspp_image_pool_and_the_fix(tmp_path):
     dm.batch_size = 1
     with pytest.raises(ValueError, match=r"norm 'bn' at 1 sample .*decode_head.image_pool.* batch_size >= 2"):
         _fit_in_process(tmp_path, dm, norm="bn")
+    dm.batch_size = 2  # two virtual devices of one sample each
+    with pytest.raises(ValueError, match=r"norm 'bn' at 1 sample .*decode_head.image_pool"):
+        _fit_in_process(tmp_path, dm, norm="bn", norm_kwargs={"virtual_devices": 2})
 
 
 def test_segmentation_options_out_of_range_are_named(tmp_path):
