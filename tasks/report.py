@@ -208,7 +208,16 @@ def _canon(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-DEFAULT_GROUP = ("task", "dataset", "arch", "norm", "batch_size", "global_batch_size")
+# device_batch_size: the batch each (virtual) device's batch statistics come from, the paper's axis
+DEFAULT_GROUP = ("task", "dataset", "arch", "norm", "device_batch_size", "batch_size", "global_batch_size")
+BATCH_KEYS = ("device_batch_size", "batch_size", "global_batch_size", "virtual_devices")
+
+
+def device_batch(r: dict[str, Any]) -> Any:
+    """The per-device batch of a run or row: ``device_batch_size`` (summaries since virtual
+    devices), else ``batch_size`` (one device per process)."""
+    value = r.get("device_batch_size")
+    return r.get("batch_size") if value is None else value
 
 
 def group_keys(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -363,6 +372,17 @@ def _plt() -> Any:
     return plt
 
 
+def _batch_axis(ax: Any, rows: list[dict[str, Any]]) -> None:
+    ax.set_xscale("log", base=2)
+    xs = sorted({device_batch(r) for r in rows})
+    ax.set_xticks(xs, [str(x) for x in xs])
+    devices = sorted({r.get("virtual_devices") or 1 for r in rows})
+    ax.set_xlabel(
+        "per-device batch size"
+        + (f" ({devices[0]} virtual devices)" if devices != [1] and len(devices) == 1 else "")
+    )
+
+
 def plot_metric_vs_batch(
     rows: list[dict[str, Any]],
     metric: str,
@@ -373,7 +393,7 @@ def plot_metric_vs_batch(
     """Metric (mean ± std over seeds) against the per-device batch (log scale), one line per
     normalizer, one panel per value of the ``panels`` keys (the other group keys: one experiment
     per line). False when no row has a batch size."""
-    rows = [r for r in rows if r.get("batch_size") is not None and r.get(f"{metric} mean") is not None]
+    rows = [r for r in rows if device_batch(r) is not None and r.get(f"{metric} mean") is not None]
     if not rows:
         return False
     plt = _plt()
@@ -389,15 +409,12 @@ def plot_metric_vs_batch(
     for ax, panel in zip(axes[0], names, strict=True):
         sub = [r for r in rows if panel_of(r) == panel]
         for norm in sorted({r.get("norm") for r in sub}, key=_sort_key):
-            line = sorted((r for r in sub if r.get("norm") == norm), key=lambda r: r["batch_size"])
-            xs = [r["batch_size"] for r in line]
+            line = sorted((r for r in sub if r.get("norm") == norm), key=device_batch)
+            xs = [device_batch(r) for r in line]
             ys = [r[f"{metric} mean"] for r in line]
             es = [r[f"{metric} std"] or 0.0 for r in line]
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=str(norm).upper())
-        ax.set_xscale("log", base=2)
-        xs = sorted({r["batch_size"] for r in sub})
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("per-device batch size")
+        _batch_axis(ax, sub)
         ax.set_ylabel(metric)
         label = " / ".join(p for p in panel if p != "—")
         ax.set_title(label if len(names) > 1 else title or label, fontsize=9)
@@ -416,9 +433,7 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
     runs = [r for r in records if r["selection"] and "ssn" in str(r.get("norm", "")).lower()]
     if not runs:
         return False
-    runs.sort(
-        key=lambda r: (_sort_key(r.get("task")), _sort_key(r.get("batch_size")), _sort_key(r.get("seed")))
-    )
+    runs.sort(key=lambda r: (_sort_key(r.get("task")), _sort_key(device_batch(r)), _sort_key(r.get("seed"))))
     plt = _plt()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -437,7 +452,7 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
                 if not row[f"{kind}_latch"]:
                     ax.text(j, i, "?", ha="center", va="center", fontsize=7, color="white")
         ax.imshow(grid, cmap=ListedColormap(colours), vmin=-0.5, vmax=2.5, aspect="auto")
-        labels = [f"b{r.get('batch_size')} s{r.get('seed')}" for r in runs]
+        labels = [f"b{device_batch(r)} s{r.get('seed')}" for r in runs]
         if len({r.get("task") for r in runs}) > 1:
             labels = [f"{r.get('arch')} {lab}" for r, lab in zip(runs, labels, strict=True)]
         ax.set_xticks(range(len(runs)), labels, rotation=90, fontsize=7)
@@ -452,6 +467,46 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
     )
     fig.suptitle("SSN selection per layer (? = not latched: argmax)", fontsize=9, x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_selection_vs_batch(
+    rows: list[dict[str, Any]], path: Path, title: str = "", panels: Sequence[str] = ()
+) -> bool:
+    """The share of SSN's choices (layers' means and variances) latched to IN, LN and BN against
+    the per-device batch (mean over seeds), one panel per value of the ``panels`` keys. False
+    when fewer than two SSN rows have a latched share."""
+    rows = [
+        r
+        for r in rows
+        if "ssn" in str(r.get("norm", "")).lower()
+        and device_batch(r) is not None
+        and r.get("latched_bn") is not None
+    ]
+    if len(rows) < 2:
+        return False
+    plt = _plt()
+    names = sorted({tuple(_fmt(r.get(k)) for k in panels) for r in rows})
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    colours = {"in": "#4c72b0", "ln": "#dd8452", "bn": "#55a868"}
+    for ax, panel in zip(axes[0], names, strict=True):
+        sub = [r for r in rows if tuple(_fmt(r.get(k)) for k in panels) == panel]
+        for norm in sorted({r.get("norm") for r in sub}, key=_sort_key):
+            line = sorted((r for r in sub if r.get("norm") == norm), key=device_batch)
+            for st in STATS:
+                label = st.upper() + (f" ({norm})" if len({r.get("norm") for r in sub}) > 1 else "")
+                xs, ys = [device_batch(r) for r in line], [r[f"latched_{st}"] for r in line]
+                ax.plot(xs, ys, marker="o", color=colours[st], label=label)
+        _batch_axis(ax, sub)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("share of choices latched to")
+        label = " / ".join(p for p in panel if p != "—")
+        ax.set_title(label or title or "SSN selection against per-device batch", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -569,9 +624,11 @@ def compare(
         run_cols,
     )
     if plots:
-        panels = [k for k in group_by if k not in ("norm", "batch_size", "global_batch_size")]
+        panels = [k for k in group_by if k not in ("norm", *BATCH_KEYS)]
         if plot_metric_vs_batch(rows, metrics[0], out / "metric_vs_batch.png", title, panels=panels):
             files["metric_vs_batch"] = out / "metric_vs_batch.png"
+        if plot_selection_vs_batch(rows, out / "selection_vs_batch.png", title, panels=panels):
+            files["selection_vs_batch"] = out / "selection_vs_batch.png"
         if plot_selection(records, out / "selection.png"):
             files["selection"] = out / "selection.png"
     kinds = sorted({str(r.get("peak_memory_kind")) for r in records if r.get("peak_memory_kind")})
@@ -595,7 +652,9 @@ def compare(
             "",
         ]
     md += [markdown_table(rows, group_by, metrics), ""]
-    sel = selection_summary(records, [k for k in group_by if k in ("task", "arch", "batch_size")])
+    sel = selection_summary(
+        records, [k for k in group_by if k in ("task", "arch", "device_batch_size", "batch_size")]
+    )
     if sel:
         md += [
             "## SSN selection per run (layers from input to output; (x): not latched, argmax)",
@@ -603,7 +662,7 @@ def compare(
             sel,
             "",
         ]
-    for key in ("metric_vs_batch", "selection"):
+    for key in ("metric_vs_batch", "selection_vs_batch", "selection"):
         if key in files:
             md += [f"![{key}]({files[key].name})", ""]
     write_text_atomic(files["markdown"], "\n".join(md))
@@ -632,7 +691,7 @@ def log_to_wandb(
     logged = {"entity": run.entity, "project": run.project, "name": run.name}
     data = [[json.dumps(r[c]) if isinstance(r[c], list) else r[c] for c in cols] for r in rows]
     payload: dict[str, Any] = {"compare/table": wandb.Table(columns=cols, data=data)}
-    for key in ("metric_vs_batch", "selection"):
+    for key in ("metric_vs_batch", "selection_vs_batch", "selection"):
         if key in result["files"]:
             payload[f"compare/{key}"] = wandb.Image(str(result["files"][key]))
     run.log(payload)

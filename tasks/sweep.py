@@ -61,6 +61,7 @@ class GridRun:
     values: dict[str, str]
     dir: Path
     args: list[str] = field(default_factory=list)
+    virtual_devices: int | None = None
 
     def command(self, resume: bool = False) -> list[str]:
         return [sys.executable, "-m", "tasks.cli", *self.args, *(["--ckpt_path", "last"] if resume else [])]
@@ -167,6 +168,7 @@ def build_grid(
     extra: Sequence[str] = (),
     out: str | Path = "outputs/sweep",
     sweep_name: str | None = None,
+    virtual_devices: int | None = None,
 ) -> list[GridRun]:
     """The runs of a sweep, in a fixed order (task, normalizer, batch size, seed, then the
     ``grid`` keys): the same arguments always give the same indices (SLURM array tasks rely on it).
@@ -182,7 +184,13 @@ def build_grid(
         extra: raw ``ssn-bench fit`` arguments appended to every run (not part of its identity).
         out: the sweep folder; each run writes into ``out/<name>``.
         sweep_name: tag of every run (default: the folder's name).
+        virtual_devices: G virtual devices per process (``norm_kwargs.virtual_devices``): each
+            batch size of ``batch_sizes`` is then per (virtual) device, the loader's batch is G
+            times it, and the run's name says both (``-b2x8``: 8 devices of 2 images).
     """
+    if virtual_devices is not None and virtual_devices < 1:
+        raise ValueError(f"--virtual-devices must be at least 1, got {virtual_devices}")
+    g = virtual_devices or 1
     unknown = [n for n in norms or [] if n not in NORM_NAMES]
     if unknown:
         raise ValueError(f"--norms {' '.join(unknown)}: unknown normalizer; known: {', '.join(NORM_NAMES)}")
@@ -197,7 +205,9 @@ def build_grid(
         configs = [*base, *task_configs]
         chosen = {k: v for (k, _), v in zip(axes, values, strict=True)}
         suffix = "".join(f"-{_safe(k.split('.')[-1])}{_safe(v)}" for k, v in chosen.items())
-        group = f"{label}-{norm_name}" + (f"-b{bs}" if bs is not None else "") + suffix
+        devices = f"x{g}" if virtual_devices else ""
+        batch_tag = f"-b{bs}{devices}" if bs is not None else (f"-{devices}" if devices else "")
+        group = f"{label}-{norm_name}{batch_tag}{suffix}"
         name = group + (f"-s{seed}" if seed is not None else "")
         run_dir = out / name
         args = ["fit"]
@@ -216,14 +226,20 @@ def build_grid(
             ]
         if override:
             args += [f"--model.init_args.norm={norm_name}"]
+        if virtual_devices:
+            args += [f"--model.init_args.norm_kwargs.virtual_devices={virtual_devices}"]
         args += [f"--{k}={v}" for k, v in _pairs(sets, "--set")]
         if bs is not None:
-            args += [f"--data.init_args.batch_size={bs}"]
+            args += [f"--data.init_args.batch_size={bs * g}"]
         if seed is not None:
             args += [f"--seed_everything={seed}"]
         args += [f"--{k}={v}" for k, v in chosen.items()]
         args += list(extra)
-        runs.append(GridRun(len(runs), name, group, label, norm_name, bs, seed, chosen, run_dir, args))
+        runs.append(
+            GridRun(
+                len(runs), name, group, label, norm_name, bs, seed, chosen, run_dir, args, virtual_devices
+            )
+        )
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError("two grid entries have the same name (a task file given twice?)")
@@ -331,6 +347,7 @@ def _argv(ns: argparse.Namespace, *, index: bool = False) -> list[str]:
         ("--norms", ns.norms),
         ("--batch-sizes", ns.batch_sizes),
         ("--seeds", ns.seeds),
+        ("--virtual-devices", [ns.virtual_devices] if ns.virtual_devices else None),
     ):
         if values:
             args += [flag, *map(str, values)]
@@ -411,6 +428,13 @@ def sweep_main(argv: Sequence[str]) -> int:
     p.add_argument("--batch-sizes", nargs="+", type=int, help="per-device batch sizes (lr scales linearly)")
     p.add_argument("--seeds", nargs="+", type=int, help="seed_everything values")
     p.add_argument(
+        "--virtual-devices",
+        type=int,
+        metavar="G",
+        help="G virtual devices per process (the paper's per-GPU statistics on one process): "
+        "--batch-sizes are then per device, each run's batch is G times it",
+    )
+    p.add_argument(
         "--grid", action="append", default=[], metavar="KEY=V1,V2", help="more axes: any config key"
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
@@ -443,6 +467,7 @@ def sweep_main(argv: Sequence[str]) -> int:
             extra=extra,
             out=ns.out,
             sweep_name=ns.name,
+            virtual_devices=ns.virtual_devices,
         )
         if ns.index is not None:
             bad = [i for i in ns.index if not 0 <= i < len(runs)]
@@ -463,6 +488,7 @@ def sweep_main(argv: Sequence[str]) -> int:
             "task": r.task,
             "norm": r.norm,
             "batch_size": r.batch_size,
+            "virtual_devices": r.virtual_devices,
             "seed": r.seed,
             "values": r.values,
             "dir": str(r.dir),

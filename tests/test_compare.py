@@ -475,3 +475,73 @@ def test_sweep_checks_norms_and_keys_before_the_first_run(tmp_path, capsys):
     assert "unrecognized arguments: --trainer.max_epochz=1" in capsys.readouterr().err
     assert not out.exists()  # nothing written, nothing started
     assert command([*base, "--norms", "bn", "--grid", "model.init_args.lr=0.1,0.2"]) == 0
+
+
+def test_virtual_devices_make_batch_sizes_per_device(tmp_path, capsys):
+    # the paper's "8 GPUs x 2 images" on one process: the loader's batch is 16, each norm layer
+    # computes statistics per group of 2, and the run's name says both
+    runs = build_grid(
+        [FMNIST], norms=["gn", "ssn"], batch_sizes=[2, 32], out=tmp_path / "sw", virtual_devices=8
+    )
+    assert [r.name for r in runs] == [
+        "resnet_small_fashionmnist-28-gn-b2x8",
+        "resnet_small_fashionmnist-28-gn-b32x8",
+        "resnet_small_fashionmnist-28-ssn-b2x8",
+        "resnet_small_fashionmnist-28-ssn-b32x8",
+    ]
+    ssn2 = runs[2]
+    assert "--model.init_args.norm_kwargs.virtual_devices=8" in ssn2.args
+    assert (
+        "--data.init_args.batch_size=16" in ssn2.args and ssn2.batch_size == 2 and ssn2.virtual_devices == 8
+    )
+    assert "--data.init_args.batch_size=256" in runs[1].args
+    # without batch sizes the device count still names the run
+    assert build_grid([FMNIST], norms=["bn"], out=tmp_path / "sw", virtual_devices=4)[0].name.endswith(
+        "-bn-x4"
+    )
+    with pytest.raises(ValueError, match="--virtual-devices must be at least 1, got 0"):
+        build_grid([FMNIST], norms=["bn"], out=tmp_path / "sw", virtual_devices=0)
+    # the command line: the key parses (GN's groups are kept beside it), the grid lists G, the
+    # SLURM script re-invokes each entry with the same G
+    out, script = tmp_path / "cli", tmp_path / "job.sh"
+    args = ["sweep", "--task", FMNIST, "--norms", "gn", "ssn", "--batch-sizes", "2", "--virtual-devices", "8"]
+    assert command([*args, "--out", str(out), "--slurm", str(script)]) == 0
+    assert " --virtual-devices 8 " in script.read_text()
+    grid = json.loads((out / "grid.json").read_text())
+    assert [(g["batch_size"], g["virtual_devices"]) for g in grid] == [(2, 8), (2, 8)]
+    from tasks.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*runs[0].args, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["norm_kwargs"] == {"groups": 8, "virtual_devices": 8}
+    assert printed["data"]["init_args"]["batch_size"] == 16
+
+
+def test_report_plots_against_the_per_device_batch(tmp_path):
+    # 8 virtual devices: the loader's batch is 8x the per-device one; the table, the plots and the
+    # selection are by the per-device batch
+    runs = tmp_path / "runs"
+    latches = {2: [("in", "in"), ("ln", "ln")], 32: [("bn", "bn"), ("bn", "in")]}
+    for norm in ("bn", "ssn"):
+        for dev in (2, 32):
+            for seed in (0, 1):
+                s = run_summary(norm, 8 * dev, seed, 0.8 + dev / 1000 + seed / 100, latches=latches[dev])
+                s.update(device_batch_size=dev, virtual_devices=8, global_batch_size=8 * dev)
+                write_summary(runs, f"{norm}-b{dev}x8-s{seed}", s)
+    res = compare([runs], tmp_path / "report")
+    assert res["group_by"][:6] == ["task", "dataset", "arch", "norm", "device_batch_size", "batch_size"]
+    rows = {(r["norm"], r["device_batch_size"]): r for r in res["rows"]}
+    assert list(rows) == [("bn", 2), ("bn", 32), ("ssn", 2), ("ssn", 32)]
+    assert rows["ssn", 2]["batch_size"] == 16 and rows["ssn", 2]["test/acc1 mean"] == pytest.approx(0.807)
+    assert [rows["ssn", 32][f"latched_{s}"] for s in ("in", "ln", "bn")] == pytest.approx([1 / 4, 0, 3 / 4])
+    for name in ("metric_vs_batch.png", "selection_vs_batch.png", "selection.png"):
+        assert (tmp_path / "report" / name).read_bytes().startswith(PNG)
+        assert f"]({name})" in res["markdown"]
+    assert "device_batch_size=2 batch_size=16 seed=0: mean IN 1, LN 1, BN 0" in res["markdown"]
+    # the per-device batch is the plots' x axis
+    from tasks.report import device_batch
+
+    assert [device_batch(r) for r in res["rows"]] == [2, 32, 2, 32]
+    assert device_batch({"batch_size": 64}) == 64  # a summary from before virtual devices
