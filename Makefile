@@ -50,10 +50,10 @@ bench: setup
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
-# The small-batch study (docs/comparison.md): BN/GN/SN/SSN x per-device batch 2-32 x seeds, a
-# resumable sweep, then the compare report into docs/img/small-batch/. SEEDS="0 1" for fewer.
+# The small-batch study (docs/comparison.md): BN/GN/SN/SSN x 8 virtual devices of 2, 8, 32 images x
+# seeds, a resumable sweep, then the compare report into docs/img/small-batch/. SEEDS="0 1" for fewer.
 study: setup data
-	benchmarks/small_batch_study.sh $(SEEDS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" benchmarks/small_batch_study.sh $(SEEDS)
 
 lock: setup
 	{ head -2 requirements/lock.txt; $(PY) -m pip freeze --all --exclude-editable | grep -v "^pip=="; } > requirements/lock.new && mv requirements/lock.new requirements/lock.txt

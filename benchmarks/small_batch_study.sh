@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/sweeps/small-batch-8x}
 REPORT=${REPORT:-docs/img/small-batch}
-EPOCHS=${EPOCHS:-3}
+EPOCHS=${EPOCHS:-6}
 DEVICES=${DEVICES:-8}
 BATCHES=${BATCHES:-"2 8 32"}
 JOBS=${JOBS:-2}

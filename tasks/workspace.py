@@ -57,7 +57,12 @@ RUN_KEYS = {
     "summary/peak_memory_mb": ("tasks/callbacks/run_summary.py",),
 }
 # What the report's own run logs (``compare --wandb``, :func:`tasks.report.log_to_wandb`).
-COMPARE_KEYS = ("compare/table", "compare/metric_vs_batch", "compare/selection")
+COMPARE_KEYS = (
+    "compare/table",
+    "compare/metric_vs_batch",
+    "compare/selection_vs_batch",
+    "compare/selection",
+)
 SSN_KEYS = ("ssn/selection", "ssn/heatmap", "ssn/latched_layers")
 
 
@@ -212,11 +217,13 @@ def build_workspace(
         ),
     ]
     against_batch = []
-    if "batch_size" in groupby:
+    # the per-device batch (the loader's batch over the virtual devices) where the runs record it
+    batch = next((k for k in ("device_batch_size", "batch_size") if k in groupby), None)
+    if batch is not None:
         against_batch = [
             wr.ScatterPlot(
                 title=f"final {key} against per-device batch (runs; colour: group)",
-                x=wr.Config("batch_size"),
+                x=wr.Config(batch),
                 y=wr.SummaryMetric(key),
                 log_x=True,
             ),
@@ -224,7 +231,7 @@ def build_workspace(
                 title=f"normalizer -> per-device batch -> final {key}",
                 columns=[
                     wr.ParallelCoordinatesPlotColumn(metric=wr.Config(mapped["norm"] or "norm")),
-                    wr.ParallelCoordinatesPlotColumn(metric=wr.Config("batch_size"), log=True),
+                    wr.ParallelCoordinatesPlotColumn(metric=wr.Config(batch), log=True),
                     wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(key)),
                 ],
             ),
@@ -256,6 +263,12 @@ def build_workspace(
             panels.append(
                 wr.MediaBrowser(
                     title="the report: selection per layer, every SSN run", media_keys=["compare/selection"]
+                )
+            )
+            panels.append(
+                wr.MediaBrowser(
+                    title="the report: SSN's choices latched to IN, LN, BN against per-device batch",
+                    media_keys=["compare/selection_vs_batch"],
                 )
             )
         sections.append(ws.Section(name="SSN selection per layer", is_open=True, panels=panels))

@@ -32,8 +32,9 @@ from tasks.workspace import (
 from helpers import ROOT, run_summary, write_summary
 
 
-def _runs(root: Path, lrs=(0.1,)) -> Path:
-    """BN and SSN at per-device batch 2 and 32, two seeds each (and each learning rate)."""
+def _runs(root: Path, lrs=(0.1,), devices: int | None = None) -> Path:
+    """BN and SSN at per-device batch 2 and 32, two seeds each (and each learning rate); with
+    ``devices``, that many virtual devices of that batch each."""
     for lr in lrs:
         for norm in ("bn", "ssn"):
             for bs in (2, 32):
@@ -47,6 +48,9 @@ def _runs(root: Path, lrs=(0.1,)) -> Path:
                         latches=[("bn", "bn"), ("in", None)] if norm == "ssn" else None,
                     )
                     s["metrics"]["best/val/acc1"] = 0.5
+                    if devices:
+                        s.update(batch_size=bs * devices, global_batch_size=bs * devices)
+                        s.update(virtual_devices=devices, device_batch_size=bs)
                     s["history"] = [
                         {"epoch": 0, "step": 5, "val/acc1": 0.4},
                         {"epoch": 1, "step": 10, "val/acc1": 0.5},
@@ -128,6 +132,18 @@ def test_workspace_maps_config_keys_and_a_filtered_report(tmp_path):
     assert "JobType" not in workspace.runset_settings.filters
     view = workspace._to_model().model_dump(mode="json", by_alias=True, exclude_none=True)
     assert panel_keys(view) <= logged_keys(res["records"]) and not panel_keys(view) & set(COMPARE_KEYS)
+
+
+def test_workspace_plots_against_the_per_device_batch_of_virtual_devices(tmp_path):
+    runs = _runs(tmp_path / "runs", devices=8)
+    res = compare([runs], tmp_path / "report", plots=False)
+    workspace, grouping = build_workspace(res, "test/acc1", compare_run="compare report")
+    assert grouping["groupby"] == ["norm", "device_batch_size"]  # the loader's batch splits nothing more
+    assert 'Config("device_batch_size") in [2, 32]' in workspace.runset_settings.filters
+    assert 'Config("batch_size") in [16, 256]' in workspace.runset_settings.filters
+    panels = _panels(workspace._to_model().model_dump(mode="json", by_alias=True, exclude_none=True))
+    scatter = next(p["config"] for p in panels if p["viewType"] == "Scatter Plot")
+    assert scatter["xAxis"] == "config:device_batch_size.value"
 
 
 class _ServiceApi:
