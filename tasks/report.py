@@ -299,6 +299,9 @@ def aggregate(
         for st in STATS:
             vals = [r[f"latched_{st}"] for r in rs if r.get(f"latched_{st}") is not None]
             row[f"latched_{st}"] = statistics.fmean(vals) if vals else None
+        if "virtual_devices" not in row:  # the plots' axis label says how the per-device batch came about
+            devices = {r.get("virtual_devices") for r in rs}
+            row["virtual_devices"] = devices.pop() if len(devices) == 1 else None
         row["runs"] = [r["run"] for r in rs]
         rows.append(row)
     return rows
@@ -461,12 +464,12 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
     axes[0].set_ylabel("layer (input -> output)")
     fig.legend(
         handles=[Patch(color=c, label=s.upper()) for c, s in zip(colours, STATS, strict=True)],
-        loc="upper right",
+        loc="lower center",
         ncol=3,
         fontsize=7,
     )
-    fig.suptitle("SSN selection per layer (? = not latched: argmax)", fontsize=9, x=0.4)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.suptitle("SSN selection per layer (? = not latched: argmax)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

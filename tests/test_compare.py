@@ -535,6 +535,7 @@ def test_report_plots_against_the_per_device_batch(tmp_path):
     rows = {(r["norm"], r["device_batch_size"]): r for r in res["rows"]}
     assert list(rows) == [("bn", 2), ("bn", 32), ("ssn", 2), ("ssn", 32)]
     assert rows["ssn", 2]["batch_size"] == 16 and rows["ssn", 2]["test/acc1 mean"] == pytest.approx(0.807)
+    assert rows["ssn", 2]["virtual_devices"] == 8  # every run of the group: the plots' axis says so
     assert [rows["ssn", 32][f"latched_{s}"] for s in ("in", "ln", "bn")] == pytest.approx([1 / 4, 0, 3 / 4])
     for name in ("metric_vs_batch.png", "selection_vs_batch.png", "selection.png"):
         assert (tmp_path / "report" / name).read_bytes().startswith(PNG)
