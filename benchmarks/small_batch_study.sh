@@ -25,6 +25,6 @@ for seed in $SEEDS; do  # seed-major: a whole seed before the next one
     --set trainer.num_sanity_val_steps=0 --set trainer.enable_progress_bar=false \
     --set trainer.enable_model_summary=false || true  # failures are reported, the rest goes on
 done
-ssn-bench compare "$OUT" --out "$REPORT" --metric test/acc1 \
+ssn-bench compare "$OUT" --out "$REPORT" --metric test/acc1 exported/test/acc1 \
   --group-by norm device_batch_size global_batch_size \
   --title "Small-batch study: Fashion-MNIST, small ResNet, $DEVICES virtual devices, $EPOCHS epochs"
