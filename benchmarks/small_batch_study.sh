@@ -27,4 +27,4 @@ for seed in $SEEDS; do  # seed-major: a whole seed before the next one
 done
 ssn-bench compare "$OUT" --out "$REPORT" --metric test/acc1 exported/test/acc1 \
   --group-by norm device_batch_size global_batch_size \
-  --title "Small-batch study: Fashion-MNIST, small ResNet, $DEVICES virtual devices, $EPOCHS epochs"
+  --title "Small-batch study: Fashion-MNIST, $DEVICES virtual devices, $EPOCHS epochs"
