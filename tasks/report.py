@@ -211,6 +211,8 @@ def _canon(value: Any) -> str:
 # device_batch_size: the batch each (virtual) device's batch statistics come from, the paper's axis
 DEFAULT_GROUP = ("task", "dataset", "arch", "norm", "device_batch_size", "batch_size", "global_batch_size")
 BATCH_KEYS = ("device_batch_size", "batch_size", "global_batch_size", "virtual_devices")
+# The report's figures (``<name>.png``), in the order report.md shows them and wandb logs them.
+FIGURES = ("metric_vs_batch", "selection_vs_batch", "selection")
 
 
 def device_batch(r: dict[str, Any]) -> Any:
@@ -375,6 +377,17 @@ def _plt() -> Any:
     return plt
 
 
+def _is_ssn(r: dict[str, Any]) -> bool:
+    return "ssn" in str(r.get("norm", "")).lower()
+
+
+def _panel_of(r: dict[str, Any], panels: Sequence[str]) -> tuple[str, ...]:
+    """A plot panel's label parts: each ``panels`` value (``key=value`` for config keys)."""
+    return tuple(
+        f"{k}={_fmt(r.get(k))}" if "." in k or k.startswith("pretrained") else _fmt(r.get(k)) for k in panels
+    )
+
+
 def _batch_axis(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.set_xscale("log", base=2)
     xs = sorted({device_batch(r) for r in rows})
@@ -401,16 +414,10 @@ def plot_metric_vs_batch(
         return False
     plt = _plt()
 
-    def panel_of(r: dict[str, Any]) -> tuple[str, ...]:
-        return tuple(
-            f"{k}={_fmt(r.get(k))}" if "." in k or k.startswith("pretrained") else _fmt(r.get(k))
-            for k in panels
-        )
-
-    names = sorted({panel_of(r) for r in rows})
+    names = sorted({_panel_of(r, panels) for r in rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     for ax, panel in zip(axes[0], names, strict=True):
-        sub = [r for r in rows if panel_of(r) == panel]
+        sub = [r for r in rows if _panel_of(r, panels) == panel]
         for norm in sorted({r.get("norm") for r in sub}, key=_sort_key):
             line = sorted((r for r in sub if r.get("norm") == norm), key=device_batch)
             xs = [device_batch(r) for r in line]
@@ -433,7 +440,7 @@ def plot_selection(records: list[dict[str, Any]], path: Path) -> bool:
     """Which statistic each layer of each SSN run chose, by depth (rows: layers in network order;
     columns: runs by batch size and seed; left the mean, right the variance). A faded cell is not
     latched (its current argmax). False when no run has SSN layers."""
-    runs = [r for r in records if r["selection"] and "ssn" in str(r.get("norm", "")).lower()]
+    runs = [r for r in records if r["selection"] and _is_ssn(r)]
     if not runs:
         return False
     runs.sort(key=lambda r: (_sort_key(r.get("task")), _sort_key(device_batch(r)), _sort_key(r.get("seed"))))
@@ -481,27 +488,22 @@ def plot_selection_vs_batch(
     """The share of SSN's choices (layers' means and variances) latched to IN, LN and BN against
     the per-device batch (mean over seeds), one panel per value of the ``panels`` keys. False
     when fewer than two SSN rows have a latched share."""
-    rows = [
-        r
-        for r in rows
-        if "ssn" in str(r.get("norm", "")).lower()
-        and device_batch(r) is not None
-        and r.get("latched_bn") is not None
-    ]
+    rows = [r for r in rows if _is_ssn(r) and device_batch(r) is not None and r.get("latched_bn") is not None]
     if len(rows) < 2:
         return False
     plt = _plt()
-    names = sorted({tuple(_fmt(r.get(k)) for k in panels) for r in rows})
+    names = sorted({_panel_of(r, panels) for r in rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     colours = {"in": "#4c72b0", "ln": "#dd8452", "bn": "#55a868"}
     for ax, panel in zip(axes[0], names, strict=True):
-        sub = [r for r in rows if tuple(_fmt(r.get(k)) for k in panels) == panel]
-        for norm in sorted({r.get("norm") for r in sub}, key=_sort_key):
+        sub = [r for r in rows if _panel_of(r, panels) == panel]
+        norms = sorted({r.get("norm") for r in sub}, key=_sort_key)
+        for norm in norms:
             line = sorted((r for r in sub if r.get("norm") == norm), key=device_batch)
+            xs = [device_batch(r) for r in line]
             for st in STATS:
-                label = st.upper() + (f" ({norm})" if len({r.get("norm") for r in sub}) > 1 else "")
-                xs, ys = [device_batch(r) for r in line], [r[f"latched_{st}"] for r in line]
-                ax.plot(xs, ys, marker="o", color=colours[st], label=label)
+                label = st.upper() + (f" ({norm})" if len(norms) > 1 else "")
+                ax.plot(xs, [r[f"latched_{st}"] for r in line], marker="o", color=colours[st], label=label)
         _batch_axis(ax, sub)
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("share of choices latched to")
@@ -519,7 +521,7 @@ def selection_summary(records: list[dict[str, Any]], group_by: Sequence[str]) ->
     """Per group of SSN runs: the counts of each statistic over the layers (mean; var) and the
     per-layer choices of each run."""
     lines = []
-    runs = [r for r in records if r["selection"] and "ssn" in str(r.get("norm", "")).lower()]
+    runs = [r for r in records if r["selection"] and _is_ssn(r)]
     runs.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in (*group_by, "seed")))
     for r in runs:
         sel = r["selection"]
@@ -665,7 +667,7 @@ def compare(
             sel,
             "",
         ]
-    for key in ("metric_vs_batch", "selection_vs_batch", "selection"):
+    for key in FIGURES:
         if key in files:
             md += [f"![{key}]({files[key].name})", ""]
     write_text_atomic(files["markdown"], "\n".join(md))
@@ -694,7 +696,7 @@ def log_to_wandb(
     logged = {"entity": run.entity, "project": run.project, "name": run.name}
     data = [[json.dumps(r[c]) if isinstance(r[c], list) else r[c] for c in cols] for r in rows]
     payload: dict[str, Any] = {"compare/table": wandb.Table(columns=cols, data=data)}
-    for key in ("metric_vs_batch", "selection_vs_batch", "selection"):
+    for key in FIGURES:
         if key in result["files"]:
             payload[f"compare/{key}"] = wandb.Image(str(result["files"][key]))
     run.log(payload)

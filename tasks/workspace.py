@@ -30,6 +30,8 @@ from typing import Any
 
 from ssn import NORM_ORDER
 
+from .report import FIGURES
+
 __all__ = [
     "COMPARE_KEYS",
     "RUN_KEYS",
@@ -57,12 +59,7 @@ RUN_KEYS = {
     "summary/peak_memory_mb": ("tasks/callbacks/run_summary.py",),
 }
 # What the report's own run logs (``compare --wandb``, :func:`tasks.report.log_to_wandb`).
-COMPARE_KEYS = (
-    "compare/table",
-    "compare/metric_vs_batch",
-    "compare/selection_vs_batch",
-    "compare/selection",
-)
+COMPARE_KEYS = ("compare/table", *(f"compare/{name}" for name in FIGURES))
 SSN_KEYS = ("ssn/selection", "ssn/heatmap", "ssn/latched_layers")
 
 
