@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssn import NORM_NAMES
+from ssn import NORM_NAMES, get_norm_layer
 
 from .summary import summary_status
 
@@ -194,6 +194,9 @@ def build_grid(
     unknown = [n for n in norms or [] if n not in NORM_NAMES]
     if unknown:
         raise ValueError(f"--norms {' '.join(unknown)}: unknown normalizer; known: {', '.join(NORM_NAMES)}")
+    if virtual_devices:
+        for n in norms or []:  # NormTask's own check (a sync* name refuses them), before any run
+            get_norm_layer(n, virtual_devices=virtual_devices)
     out = Path(out)
     sweep_name = sweep_name or out.name
     axes = [(k, v.split(",")) for k, v in _pairs(grid, "--grid")]

@@ -501,6 +501,8 @@ def test_virtual_devices_make_batch_sizes_per_device(tmp_path, capsys):
     )
     with pytest.raises(ValueError, match="--virtual-devices must be at least 1, got 0"):
         build_grid([FMNIST], norms=["bn"], out=tmp_path / "sw", virtual_devices=0)
+    with pytest.raises(ValueError, match="syncssn: virtual_devices=8 takes per-device statistics"):
+        build_grid([FMNIST], norms=["ssn", "syncssn"], out=tmp_path / "sw", virtual_devices=8)
     # the command line: the key parses (GN's groups are kept beside it), the grid lists G, the
     # SLURM script re-invokes each entry with the same G
     out, script = tmp_path / "cli", tmp_path / "job.sh"
